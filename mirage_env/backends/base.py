@@ -1,0 +1,138 @@
+"""The small protocol every world model implements.
+
+A world model generates a *segment* of frames for a batch of worlds at once.
+Everything crosses this boundary as tensors with a leading world dimension B
+and a latent-frame dimension T:
+
+    latents         (B, T, C, h, w)   float32, the generator's own latent space
+    depth           (B, T, h, w)      z-depth at latent resolution, +inf = sky/none
+    memory_latents  (B, T, C, h, w)   the memory projected onto the target cameras
+    memory_mask     (B, T, h, w)      bool, where memory had something to say
+    frames          (B, T * temporal_factor', H, W, 3) uint8, decoded on demand
+
+Poses are camera-to-world (B, T, 4, 4) float64 (see mirage_env.geometry).
+Randomness comes from one ``torch.Generator`` per world, so world i of a batch
+produces exactly what a batch of one with the same generator state produces.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from ..geometry import Camera
+
+
+@dataclass(frozen=True)
+class LatentSpec:
+    """Shape of a world model's latent space."""
+
+    channels: int
+    spatial_factor: int
+    temporal_factor: int = 1
+
+    def latent_camera(self, camera: Camera) -> Camera:
+        """The image camera at latent resolution."""
+        if camera.width % self.spatial_factor or camera.height % self.spatial_factor:
+            raise ValueError(
+                f"image size {camera.width}x{camera.height} is not divisible by the latent "
+                f"spatial factor {self.spatial_factor}; use sides that are multiples of it"
+            )
+        return camera.scaled(1.0 / self.spatial_factor)
+
+
+@dataclass
+class SegmentRequest:
+    """What the world loop asks of a world model for the next segment.
+
+    Attributes:
+        poses: (B, T, 4, 4) float64 camera-to-world pose of each latent frame to generate.
+        memory_latents: (B, T, C, h, w) memory projected onto those cameras (zeros where no hit).
+        memory_mask: (B, T, h, w) bool hit mask of that projection.
+        memory_depth: (B, T, h, w) depth of the projected memory (+inf where no hit).
+        previous: the previous segment of the same worlds (for continuity), or None.
+        generators: one torch.Generator per world; the only source of randomness.
+        use_memory: False in ablations: the model must ignore the memory inputs.
+    """
+
+    poses: torch.Tensor
+    memory_latents: torch.Tensor
+    memory_mask: torch.Tensor
+    memory_depth: torch.Tensor
+    generators: list[torch.Generator]
+    previous: "Segment | None" = None
+    use_memory: bool = True
+    conditioning: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def batch_size(self) -> int:
+        return self.poses.shape[0]
+
+
+@dataclass
+class Segment:
+    """What a world model returns for one segment.
+
+    Attributes:
+        latents: (B, T, C, h, w) float32 generated latents.
+        depth: (B, T, h, w) z-depth at latent resolution (+inf for sky / nothing).
+        poses: (B, T, 4, 4) pose each latent frame is lifted with.
+        keep: optional (B, T, h, w) bool, what the model itself knows must not persist
+            (e.g. a segmentation of moving objects); None = no opinion.
+        frames: optional (B, T_frames, H, W, 3) uint8, filled when the model already
+            decoded them (or by ``WorldModel.decode``).
+        info: extra per-model tensors (e.g. ground-truth masks of the procedural world).
+    """
+
+    latents: torch.Tensor
+    depth: torch.Tensor
+    poses: torch.Tensor
+    keep: torch.Tensor | None = None
+    frames: torch.Tensor | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def select(self, index) -> "Segment":
+        """The sub-batch of worlds ``index`` (a list/tensor of world indices)."""
+        pick = lambda t: None if t is None else t[index]  # noqa: E731
+        return Segment(
+            latents=self.latents[index],
+            depth=self.depth[index],
+            poses=self.poses[index],
+            keep=pick(self.keep),
+            frames=pick(self.frames),
+            info={k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.info.items()},
+        )
+
+
+@runtime_checkable
+class WorldModel(Protocol):
+    """A generator of posed latent video, conditioned on projected memory."""
+
+    latent: LatentSpec
+    camera: Camera  # image-resolution intrinsics of the frames it makes
+
+    def start(
+        self,
+        poses: torch.Tensor,
+        generators: list[torch.Generator],
+        conditioning: list[dict[str, Any]] | None = None,
+    ) -> Segment:
+        """First segment of B new worlds seen from ``poses`` (B, T, 4, 4).
+
+        ``conditioning[i]`` may carry ``image`` (HxWx3 uint8) and ``prompt`` (str) for world i.
+        """
+        ...
+
+    def generate(self, request: SegmentRequest) -> Segment:
+        """The next segment, conditioned on the projected memory."""
+        ...
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(B, T, C, h, w) latents -> (B, T_frames, H, W, 3) uint8 frames."""
+        ...
+
+    def config(self) -> dict[str, Any]:
+        """JSON-serialisable settings that rebuild this model (saved with a world)."""
+        ...

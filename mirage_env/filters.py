@@ -1,0 +1,166 @@
+"""What may enter memory: keep-masks at latent resolution, composable.
+
+Every filter maps what the world loop knows about a generated segment to a
+bool keep-mask (B, T, h, w); ``compose`` ANDs them. Filters are model-free: they
+use depth, the memory's own prediction and the cameras, so they work for any
+world model. A user-supplied mask (for example from a segmentation model) plugs
+in as one more filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Protocol
+
+import torch
+
+from .geometry import Camera, invert_pose, unproject
+
+__all__ = [
+    "FilterInputs",
+    "KeepFilter",
+    "valid_depth",
+    "consistent_with_memory",
+    "consistent_across_frames",
+    "user_mask",
+    "compose",
+    "default_filters",
+]
+
+
+@dataclass
+class FilterInputs:
+    """What a filter may look at, all at latent resolution.
+
+    Attributes:
+        depth: (B, T, h, w) z-depth of the generated segment (+inf = sky).
+        poses: (B, T, 4, 4) camera-to-world poses of those latent frames.
+        camera: intrinsics of the latent grid.
+        predicted_depth: (B, T, h, w) depth memory predicted before generation (+inf = no hit).
+        predicted_mask: (B, T, h, w) where memory had a prediction.
+        model_keep: (B, T, h, w) the world model's own keep-mask, or None.
+    """
+
+    depth: torch.Tensor
+    poses: torch.Tensor
+    camera: Camera
+    predicted_depth: torch.Tensor | None = None
+    predicted_mask: torch.Tensor | None = None
+    model_keep: torch.Tensor | None = None
+
+
+class KeepFilter(Protocol):
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor: ...
+
+
+def valid_depth(max_depth: float = float("inf"), min_depth: float = 1e-3) -> KeepFilter:
+    """Drop sky (+inf), invalid and far depth: far samples are coarse and unreliable."""
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        depth = inputs.depth
+        return torch.isfinite(depth) & (depth > min_depth) & (depth <= max_depth)
+
+    return keep
+
+
+def consistent_with_memory(relative_tolerance: float = 0.1) -> KeepFilter:
+    """Drop pixels whose depth disagrees with what memory predicted there.
+
+    A thing that moved into view stands in front of where memory has the static
+    world; writing it would leave a ghost. Pixels memory knows nothing about pass.
+    """
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        if inputs.predicted_depth is None or inputs.predicted_mask is None:
+            return torch.ones_like(inputs.depth, dtype=torch.bool)
+        predicted = inputs.predicted_depth
+        agree = (inputs.depth - predicted).abs() <= relative_tolerance * predicted
+        return ~inputs.predicted_mask | agree
+
+    return keep
+
+
+def consistent_across_frames(relative_tolerance: float = 0.1) -> KeepFilter:
+    """Drop pixels whose 3D point is contradicted by a neighbouring frame of the segment.
+
+    Each frame's points are projected into the previous and next frame; where one
+    lands inside that frame and its depth there disagrees with the depth that frame
+    observed, the content moved between the two frames. Catches moving things on
+    first sight, before memory knows the place. Needs segments of 2+ frames.
+    """
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        depth, poses, camera = inputs.depth, inputs.poses, inputs.camera
+        batch, frames, h, w = depth.shape
+        result = torch.ones_like(depth, dtype=torch.bool)
+        if frames < 2:
+            return result
+        finite = torch.isfinite(depth)
+        points = unproject(depth.masked_fill(~finite, 1.0), camera, poses.to(depth.device, torch.float64).float())
+        for shift in (-1, 1):  # loop over two neighbours, not over pixels
+            source = slice(max(0, -shift), frames - max(0, shift))
+            target = slice(max(0, shift), frames - max(0, -shift))
+            w2c = invert_pose(poses[:, target].to(depth.device, torch.float64)).float()
+            src_points = points[:, source].reshape(batch, -1, h * w, 3)
+            local = src_points @ w2c[:, :, :3, :3].transpose(-1, -2) + w2c[:, :, None, :3, 3]
+            z = local[..., 2]
+            u = camera.fx * local[..., 0] / z.clamp_min(1e-6) + camera.cx
+            v = camera.fy * local[..., 1] / z.clamp_min(1e-6) + camera.cy
+            column, row = u.floor().long(), v.floor().long()
+            inside = (z > 1e-6) & (column >= 0) & (column < w) & (row >= 0) & (row < h)
+            target_depth = depth[:, target].reshape(batch, -1, h * w)
+            flat = (row.clamp(0, h - 1) * w + column.clamp(0, w - 1))
+            observed = torch.gather(target_depth, 2, flat)
+            disagree = inside & ((observed - z).abs() > relative_tolerance * z)
+            result[:, source] &= ~disagree.reshape(batch, -1, h, w) | ~finite[:, source]
+        return result
+
+    return keep
+
+
+def user_mask(function: Callable[[FilterInputs], torch.Tensor]) -> KeepFilter:
+    """Wrap a user's mask function (e.g. a segmentation model: True = may persist)."""
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        mask = torch.as_tensor(function(inputs), device=inputs.depth.device)
+        if mask.shape != inputs.depth.shape or mask.dtype != torch.bool:
+            raise ValueError(
+                f"a user keep-mask must be a bool tensor of shape {tuple(inputs.depth.shape)}, "
+                f"got {mask.dtype} {tuple(mask.shape)}"
+            )
+        return mask
+
+    return keep
+
+
+def model_mask() -> KeepFilter:
+    """The world model's own opinion (Segment.keep), where it has one."""
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        if inputs.model_keep is None:
+            return torch.ones_like(inputs.depth, dtype=torch.bool)
+        return inputs.model_keep.bool()
+
+    return keep
+
+
+def compose(*filters: KeepFilter) -> KeepFilter:
+    """A filter that keeps what every one of ``filters`` keeps."""
+
+    def keep(inputs: FilterInputs) -> torch.Tensor:
+        result = torch.ones_like(inputs.depth, dtype=torch.bool)
+        for f in filters:
+            result &= f(inputs)
+        return result
+
+    return keep
+
+
+def default_filters(max_depth: float = float("inf"), relative_tolerance: float = 0.1) -> KeepFilter:
+    """Valid depth, agreement with memory and with neighbouring frames, and the model's mask."""
+    return compose(
+        valid_depth(max_depth),
+        consistent_with_memory(relative_tolerance),
+        consistent_across_frames(relative_tolerance),
+        model_mask(),
+    )

@@ -1,0 +1,756 @@
+"""Latent spatial memory: the generator's own latent features pinned to 3D points.
+
+Layout (voxel hashing with bricks, as in Niessner et al. 2013):
+
+- Space is cut into voxels of ``voxel_size``; voxels are grouped into cubic
+  *bricks* of ``brick_size`` voxels per side. Each voxel holds at most one entry:
+  a C-dim feature (fp16 by default), the 3D point it was lifted to, and the
+  depth it was observed at.
+- Bricks are allocated on first write and found through an open-addressing
+  hash table over (world, brick coordinates), so a write touches only the
+  bricks its points fall in and costs the same with 1e3 or 1e6 stored entries.
+- A read culls bricks against the target cameras' frusta (one vectorised test
+  over brick centres, which are few: one per brick_size^3 voxels), projects the
+  entries of the visible bricks only, and z-buffers them at latent resolution.
+
+Policies, stated once:
+
+- Merge: an entry that falls in an occupied voxel replaces it ("latest wins"),
+  or with ``merge="closest"`` only when it was observed from at most
+  ``(1 + closest_tolerance)`` times the stored depth, so a close, detailed view
+  is not overwritten by a distant blurry one. Within one write, the entry
+  observed from nearest wins (ties: the later frame).
+- Z-buffer: per latent pixel the nearest surface wins; among points within
+  ``surface_tolerance`` (relative depth) of the nearest, the one whose projection
+  is closest to the pixel centre wins, so a camera that returns to a pose reads
+  back exactly the samples it wrote there.
+- Capacity: at most ``max_bricks_per_world`` bricks per world; when a write
+  needs more, the least recently written bricks of that world are evicted.
+
+Several independent worlds share one memory (``num_worlds``), so a batch of
+worlds is read and written in one call. Every operation is a tensor op on the
+memory's device; there is no Python loop over points.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .geometry import Camera, check_pose, invert_pose, unproject
+
+__all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError"]
+
+FORMAT_NAME = "mirage_env.LatentSpatialMemory"
+FORMAT_VERSION = 1
+
+_EMPTY = -1
+_AXIS_BITS = 16
+_AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
+_WORLD_BITS = 63 - 3 * _AXIS_BITS
+
+
+class MemoryFileError(ValueError):
+    """A saved memory or world file is missing, truncated, tampered with or of another version."""
+
+
+@dataclass
+class MemoryRead:
+    """The memory projected onto target cameras at latent resolution.
+
+    Attributes:
+        latents: (..., C, h, w) float32 features of the winning entries (0 where no hit).
+        mask: (..., h, w) bool, True where memory has something to say.
+        depth: (..., h, w) z-depth of the winning entries (+inf where no hit).
+    """
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    depth: torch.Tensor
+
+    def __iter__(self):
+        return iter((self.latents, self.mask, self.depth))
+
+
+class _BrickTable:
+    """Open-addressing hash table from int64 brick keys to brick slots, vectorised."""
+
+    def __init__(self, capacity: int, device: torch.device):
+        size = 1 << max(4, math.ceil(math.log2(max(2 * capacity, 16))))
+        self.mask = size - 1
+        self.keys = torch.full((size,), _EMPTY, dtype=torch.int64, device=device)
+        self.values = torch.full((size,), _EMPTY, dtype=torch.int64, device=device)
+        self.count = 0
+
+    @staticmethod
+    def _hash(keys: torch.Tensor) -> torch.Tensor:
+        # Fibonacci hashing; int64 multiplication wraps, which is what we want.
+        mixed = keys * -7046029254386353131
+        return mixed ^ (mixed >> 29)
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slots of ``keys`` (N,), -1 where absent."""
+        result = torch.full_like(keys, _EMPTY)
+        if keys.numel() == 0:
+            return result
+        home = self._hash(keys)
+        pending = torch.arange(keys.numel(), device=keys.device)
+        probe = 0
+        while pending.numel() > 0:
+            slot = (home[pending] + probe) & self.mask
+            found_keys = self.keys[slot]
+            hit = found_keys == keys[pending]
+            result[pending[hit]] = self.values[slot[hit]]
+            pending = pending[~hit & (found_keys != _EMPTY)]
+            probe += 1
+        return result
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Insert distinct keys that are not yet present."""
+        if keys.numel() == 0:
+            return
+        if 2 * (self.count + keys.numel()) > self.mask + 1:
+            raise RuntimeError("brick table over half full; rebuild it larger first")
+        home = self._hash(keys)
+        pending = torch.arange(keys.numel(), device=keys.device)
+        probe = 0
+        while pending.numel() > 0:
+            slot = (home[pending] + probe) & self.mask
+            free = self.keys[slot] == _EMPTY
+            candidates, candidate_slots = pending[free], slot[free]
+            # Several keys may want the same free slot: the highest index wins, deterministically.
+            wanted, which = torch.unique(candidate_slots, return_inverse=True)
+            claim = torch.full((wanted.numel(),), _EMPTY, dtype=torch.int64, device=keys.device)
+            claim.scatter_reduce_(0, which, candidates, reduce="amax")
+            won = claim[which] == candidates
+            self.keys[candidate_slots[won]] = keys[candidates[won]]
+            self.values[candidate_slots[won]] = values[candidates[won]]
+            placed = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+            placed[candidates[won]] = True
+            pending = pending[~placed[pending]]
+            probe += 1
+        self.count += keys.numel()
+
+
+class LatentSpatialMemory:
+    """A persistent store of latent features pinned to world points.
+
+    Args:
+        channels: C, the latent channels of the world model.
+        voxel_size: edge of a voxel in world units; one entry per voxel.
+        num_worlds: independent worlds stored side by side (a batch of envs).
+        brick_size: voxels per brick side.
+        max_bricks_per_world: capacity bound per world (LRU eviction beyond it).
+        merge: "latest" or "closest" (see module docstring).
+        feature_dtype: storage dtype of features (fp16 by default).
+        max_read_depth: entries farther than this from a camera are not read.
+        surface_tolerance: relative depth band treated as one surface in the z-buffer.
+        device: where every tensor lives.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        voxel_size: float = 0.1,
+        num_worlds: int = 1,
+        brick_size: int = 4,
+        max_bricks_per_world: int = 1 << 16,
+        merge: str = "latest",
+        closest_tolerance: float = 0.1,
+        feature_dtype: torch.dtype = torch.float16,
+        max_read_depth: float = 1e4,
+        surface_tolerance: float = 0.05,
+        device: str | torch.device = "cpu",
+    ):
+        if channels <= 0:
+            raise ValueError(f"channels must be positive, got {channels}")
+        if not voxel_size > 0 or not math.isfinite(voxel_size):
+            raise ValueError(f"voxel_size must be a positive number, got {voxel_size}")
+        if merge not in ("latest", "closest"):
+            raise ValueError(f"merge must be 'latest' or 'closest', got {merge!r}")
+        if num_worlds < 1 or num_worlds >= (1 << _WORLD_BITS):
+            raise ValueError(f"num_worlds must be in [1, {1 << _WORLD_BITS}), got {num_worlds}")
+        if brick_size < 1:
+            raise ValueError(f"brick_size must be >= 1, got {brick_size}")
+        self.channels = channels
+        self.voxel_size = float(voxel_size)
+        self.num_worlds = num_worlds
+        self.brick_size = brick_size
+        self.max_bricks_per_world = int(max_bricks_per_world)
+        self.merge = merge
+        self.closest_tolerance = float(closest_tolerance)
+        self.feature_dtype = feature_dtype
+        self.max_read_depth = float(max_read_depth)
+        self.surface_tolerance = float(surface_tolerance)
+        self.device = torch.device(device)
+        self._voxels_per_brick = brick_size**3
+        self._allocate(initial_bricks=64)
+
+    # ------------------------------------------------------------------ storage
+
+    def _allocate(self, initial_bricks: int) -> None:
+        n, v, dev = initial_bricks, self._voxels_per_brick, self.device
+        self.features = torch.zeros(n, v, self.channels, dtype=self.feature_dtype, device=dev)
+        self.points = torch.zeros(n, v, 3, dtype=torch.float32, device=dev)
+        self.observed_depth = torch.zeros(n, v, dtype=torch.float32, device=dev)
+        self.occupied = torch.zeros(n, v, dtype=torch.bool, device=dev)
+        self.brick_keys = torch.full((n,), _EMPTY, dtype=torch.int64, device=dev)
+        self.brick_world = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.brick_last_write = torch.zeros(n, dtype=torch.int64, device=dev)
+        self.bricks_in_use = 0  # high-water mark of used slots; free ones below it are in _free
+        self._free = torch.zeros(0, dtype=torch.int64, device=dev)
+        self._bricks_per_world = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
+        self._entries_per_world = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
+        self.step = 0
+        self._table = _BrickTable(n, dev)
+
+    def _grow(self, needed: int) -> None:
+        capacity = self.brick_keys.numel()
+        if needed <= capacity:
+            return
+        new_capacity = max(needed, 2 * capacity)
+        extra = new_capacity - capacity
+
+        def extend(tensor, fill):
+            pad = torch.full((extra, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=tensor.device)
+            return torch.cat([tensor, pad])
+
+        self.features = extend(self.features, 0)
+        self.points = extend(self.points, 0)
+        self.observed_depth = extend(self.observed_depth, 0)
+        self.occupied = extend(self.occupied, False)
+        self.brick_keys = extend(self.brick_keys, _EMPTY)
+        self.brick_world = extend(self.brick_world, 0)
+        self.brick_last_write = extend(self.brick_last_write, 0)
+        self._rebuild_table()
+
+    def _rebuild_table(self, capacity: int | None = None) -> None:
+        """Re-insert every live brick into a fresh table for ``capacity`` bricks (default: storage size)."""
+        self._table = _BrickTable(capacity or self.brick_keys.numel(), self.device)
+        live = torch.nonzero(self.brick_keys != _EMPTY).flatten()
+        self._table.insert(self.brick_keys[live], live)
+
+    def _brick_key(self, world: torch.Tensor, brick: torch.Tensor) -> torch.Tensor:
+        shifted = brick + _AXIS_OFFSET
+        if (shifted < 0).any() or (shifted >= (1 << _AXIS_BITS)).any():
+            limit = _AXIS_OFFSET * self.brick_size * self.voxel_size
+            raise ValueError(
+                f"a point lies farther than {limit:g} world units from the origin; the memory "
+                f"addresses +-{limit:g} with voxel_size={self.voxel_size}: use a larger voxel_size "
+                f"or keep the scene closer to the first camera"
+            )
+        return (
+            (world << (3 * _AXIS_BITS))
+            | (shifted[:, 0] << (2 * _AXIS_BITS))
+            | (shifted[:, 1] << _AXIS_BITS)
+            | shifted[:, 2]
+        )
+
+    def _brick_centres(self, slots: torch.Tensor) -> torch.Tensor:
+        keys = self.brick_keys[slots]
+        mask = (1 << _AXIS_BITS) - 1
+        coords = torch.stack([(keys >> (2 * _AXIS_BITS)) & mask, (keys >> _AXIS_BITS) & mask, keys & mask], dim=-1)
+        brick_edge = self.brick_size * self.voxel_size
+        return (coords - _AXIS_OFFSET).to(torch.float32) * brick_edge + 0.5 * brick_edge
+
+    # ------------------------------------------------------------------ shapes
+
+    def _as_batch(self, poses: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+        """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore."""
+        poses = check_pose(poses, "poses")
+        lead = tuple(poses.shape[:-2])
+        if len(lead) == 0:
+            poses = poses[None, None]
+        elif len(lead) == 1:
+            poses = poses[None]
+        elif len(lead) != 2:
+            raise ValueError(f"poses must have shape (4,4), (T,4,4) or (B,T,4,4), got {tuple(poses.shape)}")
+        return poses, lead
+
+    def _world_index(self, worlds, batch: int) -> torch.Tensor:
+        if worlds is None:
+            if batch != self.num_worlds:
+                raise ValueError(
+                    f"got a batch of {batch} worlds for a memory of num_worlds={self.num_worlds}; "
+                    f"pass worlds=[...] to say which worlds the batch is"
+                )
+            return torch.arange(batch, device=self.device)
+        worlds = torch.as_tensor(worlds, dtype=torch.int64, device=self.device).reshape(-1)
+        if worlds.numel() != batch:
+            raise ValueError(f"worlds has {worlds.numel()} entries for a batch of {batch}")
+        if (worlds < 0).any() or (worlds >= self.num_worlds).any():
+            raise ValueError(f"worlds must lie in [0, {self.num_worlds}), got {worlds.tolist()}")
+        return worlds
+
+    # ------------------------------------------------------------------ write
+
+    @torch.no_grad()
+    def write(
+        self,
+        latents: torch.Tensor,
+        depth: torch.Tensor,
+        camera: Camera,
+        poses: torch.Tensor,
+        keep: torch.Tensor | None = None,
+        worlds=None,
+    ) -> int:
+        """Lift every latent pixel to a world point and store its feature.
+
+        Args:
+            latents: (C, h, w), (T, C, h, w) or (B, T, C, h, w) features.
+            depth: z-depth (matching leading shape), at latent resolution (h, w) or at
+                image resolution (H, W) = (h, w) * f, then median-pooled per latent pixel.
+            camera: intrinsics of the *latent* grid (``camera.scaled(1/f)``) or of the
+                image when depth is given at image resolution (then the latent camera is derived).
+            poses: camera-to-world pose of each latent frame, (4,4), (T,4,4) or (B,T,4,4).
+            keep: optional bool mask at latent resolution; False entries are not written.
+            worlds: which worlds of the memory the batch addresses (default: all, in order).
+
+        Returns:
+            The number of entries written (after filtering).
+        """
+        poses, lead = self._as_batch(poses)
+        batch, frames = poses.shape[:2]
+        expected_lead = lead
+        if tuple(latents.shape[: len(lead)]) != expected_lead or latents.dim() != len(lead) + 3:
+            raise ValueError(
+                f"latents must have shape {(*expected_lead, 'C', 'h', 'w')} to match poses {tuple(poses.shape)}, "
+                f"got {tuple(latents.shape)}"
+            )
+        latents = latents.reshape(batch, frames, *latents.shape[-3:])
+        if latents.shape[2] != self.channels:
+            raise ValueError(f"latents have {latents.shape[2]} channels, this memory stores {self.channels}")
+        h, w = latents.shape[-2:]
+        depth = torch.as_tensor(depth, device=self.device).reshape(batch, frames, *depth.shape[-2:]).to(torch.float32)
+        if torch.isnan(depth).any():
+            raise ValueError("depth contains NaN; mark missing depth as +inf (it is then not written)")
+        if depth.shape[-2:] != (h, w):
+            factor_h, factor_w = depth.shape[-2] // h, depth.shape[-1] // w
+            if factor_h != factor_w or factor_h * h != depth.shape[-2] or factor_w * w != depth.shape[-1]:
+                raise ValueError(
+                    f"depth of size {tuple(depth.shape[-2:])} is neither the latent size {(h, w)} "
+                    f"nor an integer multiple of it"
+                )
+            depth = pool_depth(depth, factor_h)
+        if (camera.height, camera.width) != (h, w):
+            camera = camera.scaled(h / camera.height)
+        world_index = self._world_index(worlds, batch)
+
+        valid = torch.isfinite(depth) & (depth > 0)
+        if keep is not None:
+            keep = torch.as_tensor(keep, device=self.device)
+            if keep.numel() != valid.numel():
+                raise ValueError(f"keep must match the latent grid {(batch, frames, h, w)}, got {tuple(keep.shape)}")
+            valid &= keep.reshape(valid.shape).bool()
+        flat_valid = valid.reshape(-1)
+        index = torch.nonzero(flat_valid).flatten()
+        self.step += 1
+        if index.numel() == 0:
+            return 0
+
+        points = unproject(depth.masked_fill(~valid, 1.0), camera, poses.to(self.device, torch.float64))
+        points = points.to(torch.float32).reshape(-1, 3)[index]
+        features = latents.permute(0, 1, 3, 4, 2).reshape(-1, self.channels)[index.to(latents.device)].to(self.device)
+        observed = depth.reshape(-1)[index]
+        entry_world = world_index.repeat_interleave(frames * h * w)[index]
+        entry_frame = torch.arange(frames, device=self.device).repeat_interleave(h * w).repeat(batch)[index]
+
+        voxel = torch.floor(points / self.voxel_size).to(torch.int64)
+        brick = torch.div(voxel, self.brick_size, rounding_mode="floor")
+        local = voxel - brick * self.brick_size
+        local_index = (local[:, 0] * self.brick_size + local[:, 1]) * self.brick_size + local[:, 2]
+        keys = self._brick_key(entry_world, brick)
+
+        slots = self._slots_for(keys, entry_world)
+        voxel_id = slots * self._voxels_per_brick + local_index
+
+        # Within one write, the entry seen from nearest wins a voxel (ties: the later frame, then index).
+        # Order entries so the preferred one of each voxel comes last: depth descending,
+        # equal depths by frame ascending.
+        by_frame = torch.argsort(entry_frame, stable=True)
+        order = by_frame[torch.argsort(-observed[by_frame], stable=True)]
+        distinct, ranked_voxels = torch.unique(voxel_id[order], return_inverse=True)
+        position = torch.arange(order.numel(), device=self.device)
+        last = torch.full((distinct.numel(),), -1, dtype=torch.int64, device=self.device)
+        last.scatter_reduce_(0, ranked_voxels, position, reduce="amax")
+        winners = order[last]
+
+        flat_slots = voxel_id[winners]
+        brick_slot = torch.div(flat_slots, self._voxels_per_brick, rounding_mode="floor")
+        voxel_slot = flat_slots - brick_slot * self._voxels_per_brick
+        was_occupied = self.occupied[brick_slot, voxel_slot]
+        if self.merge == "closest":
+            stored = self.observed_depth[brick_slot, voxel_slot]
+            accept = ~was_occupied | (observed[winners] <= stored * (1 + self.closest_tolerance))
+            winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
+            was_occupied = was_occupied[accept]
+        self._entries_per_world += torch.bincount(entry_world[winners][~was_occupied], minlength=self.num_worlds)
+        self.features[brick_slot, voxel_slot] = features[winners].to(self.feature_dtype)
+        self.points[brick_slot, voxel_slot] = points[winners]
+        self.observed_depth[brick_slot, voxel_slot] = observed[winners]
+        self.occupied[brick_slot, voxel_slot] = True
+        self.brick_last_write[slots] = self.step
+        return int(winners.numel())
+
+    def _slots_for(self, keys: torch.Tensor, entry_world: torch.Tensor) -> torch.Tensor:
+        """Brick slot of every key, allocating (and evicting) bricks as needed."""
+        unique_keys, inverse = torch.unique(keys, return_inverse=True)
+        found = self._table.lookup(unique_keys)
+        missing = found < 0
+        if missing.any():
+            new_keys = unique_keys[missing]
+            new_worlds = new_keys >> (3 * _AXIS_BITS)
+            self._evict_for(new_worlds)
+            new_slots = self._take_free_slots(new_keys.numel())
+            self.brick_keys[new_slots] = new_keys
+            self.brick_world[new_slots] = new_worlds
+            self.occupied[new_slots] = False
+            self._bricks_per_world += torch.bincount(new_worlds, minlength=self.num_worlds)
+            self._table.insert(new_keys, new_slots)
+            found[missing] = new_slots
+        return found[inverse]
+
+    def _take_free_slots(self, count: int) -> torch.Tensor:
+        reused = self._free[:count]
+        self._free = self._free[count:]
+        fresh = count - reused.numel()
+        if fresh > 0:
+            start = self.bricks_in_use
+            self._grow(start + fresh)
+            if 2 * (self._table.count + count) > self._table.mask + 1:
+                self._rebuild_table(2 * (start + fresh))
+            self.bricks_in_use += fresh
+            reused = torch.cat([reused, torch.arange(start, start + fresh, device=self.device)])
+        elif 2 * (self._table.count + count) > self._table.mask + 1:
+            self._rebuild_table(2 * self.bricks_in_use)
+        return reused
+
+    def _evict_for(self, new_worlds: torch.Tensor) -> None:
+        incoming = torch.bincount(new_worlds, minlength=self.num_worlds)
+        excess = self._bricks_per_world + incoming - self.max_bricks_per_world
+        if not (excess > 0).any():
+            return
+        live = self.brick_keys[: self.bricks_in_use] != _EMPTY
+        victims = []
+        for world in torch.nonzero(excess > 0).flatten().tolist():  # loop over worlds, not points
+            candidates = torch.nonzero(live & (self.brick_world[: self.bricks_in_use] == world)).flatten()
+            count = min(int(excess[world]), candidates.numel())
+            age_order = torch.argsort(self.brick_last_write[candidates], stable=True)
+            victims.append(candidates[age_order[:count]])
+        self._release(torch.cat(victims))
+
+    def _release(self, slots: torch.Tensor) -> None:
+        if slots.numel() == 0:
+            return
+        self._bricks_per_world -= torch.bincount(self.brick_world[slots], minlength=self.num_worlds)
+        self._entries_per_world -= torch.zeros_like(self._entries_per_world).scatter_add_(
+            0, self.brick_world[slots], self.occupied[slots].sum(1))
+        self.brick_keys[slots] = _EMPTY
+        self.occupied[slots] = False
+        self._free = torch.cat([self._free, slots.sort().values])
+        self._rebuild_table()
+
+    def clear(self, worlds=None) -> None:
+        """Forget everything stored for ``worlds`` (default: all worlds)."""
+        if worlds is None:
+            self._allocate(initial_bricks=self.brick_keys.numel())
+            return
+        worlds = torch.as_tensor(worlds, dtype=torch.int64, device=self.device).reshape(-1)
+        worlds = self._world_index(worlds, worlds.numel())
+        in_use = self.brick_keys[: self.bricks_in_use] != _EMPTY
+        belongs = torch.isin(self.brick_world[: self.bricks_in_use], worlds)
+        self._release(torch.nonzero(in_use & belongs).flatten())
+
+    # ------------------------------------------------------------------ read
+
+    @torch.no_grad()
+    def read(self, camera: Camera, poses: torch.Tensor, worlds=None) -> MemoryRead:
+        """Project the memory onto target cameras at latent resolution.
+
+        Args:
+            camera: intrinsics of the latent grid (h, w).
+            poses: (4,4), (T,4,4) or (B,T,4,4) camera-to-world target poses.
+            worlds: which worlds of the memory the batch addresses (default: all, in order).
+
+        Returns:
+            MemoryRead with latents (..., C, h, w), mask (..., h, w), depth (..., h, w);
+            the leading shape is that of ``poses``.
+        """
+        poses, lead = self._as_batch(poses)
+        batch, frames = poses.shape[:2]
+        world_index = self._world_index(worlds, batch)
+        h, w = camera.height, camera.width
+        views = batch * frames
+        pixels = views * h * w
+        out_latents = torch.zeros(pixels, self.channels, dtype=torch.float32, device=self.device)
+        out_depth = torch.full((pixels,), math.inf, dtype=torch.float32, device=self.device)
+        out_mask = torch.zeros(pixels, dtype=torch.bool, device=self.device)
+
+        w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
+        brick_slot, view = self._visible_bricks(camera, w2c, world_index, frames)
+        if brick_slot.numel() > 0:
+            occupied = self.occupied[brick_slot]
+            pair, voxel = torch.nonzero(occupied, as_tuple=True)
+            brick_slot, view = brick_slot[pair], view[pair]
+            points = self.points[brick_slot, voxel]
+            rotation, translation = w2c[view, :3, :3], w2c[view, :3, 3]
+            local = (rotation @ points[:, :, None])[:, :, 0] + translation
+            z = local[:, 2]
+            safe_z = z.clamp_min(1e-6)
+            u = camera.fx * local[:, 0] / safe_z + camera.cx
+            v = camera.fy * local[:, 1] / safe_z + camera.cy
+            column, row = torch.floor(u), torch.floor(v)
+            inside = (z > 1e-6) & (z <= self.max_read_depth) & (column >= 0) & (column < w) & (row >= 0) & (row < h)
+            if inside.any():
+                keep = torch.nonzero(inside).flatten()
+                pixel = view[keep] * (h * w) + row[keep].to(torch.int64) * w + column[keep].to(torch.int64)
+                z = z[keep]
+                # Nearest surface per pixel, then within that surface the sample nearest the pixel centre.
+                out_depth.scatter_reduce_(0, pixel, z, reduce="amin")
+                on_surface = z <= out_depth[pixel] * (1 + self.surface_tolerance)
+                offset = (u[keep] - column[keep] - 0.5) ** 2 + (v[keep] - row[keep] - 0.5) ** 2
+                offset = torch.where(on_surface, offset, torch.full_like(offset, math.inf))
+                best_offset = torch.full((pixels,), math.inf, device=self.device)
+                best_offset.scatter_reduce_(0, pixel, offset, reduce="amin")
+                candidate = on_surface & (offset == best_offset[pixel])
+                order = torch.arange(keep.numel(), device=self.device)
+                winner_of = torch.full((pixels,), -1, dtype=torch.int64, device=self.device)
+                winner_of.scatter_reduce_(0, pixel[candidate], order[candidate], reduce="amax")
+                hit_pixels = torch.nonzero(winner_of >= 0).flatten()
+                winners = keep[winner_of[hit_pixels]]
+                out_latents[hit_pixels] = self.features[brick_slot[winners], voxel[winners]].to(torch.float32)
+                out_depth[hit_pixels] = z[winner_of[hit_pixels]]
+                out_mask[hit_pixels] = True
+                out_depth[~out_mask] = math.inf
+        latents = out_latents.reshape(batch, frames, h, w, self.channels).permute(0, 1, 4, 2, 3)
+        mask = out_mask.reshape(batch, frames, h, w)
+        depth = out_depth.reshape(batch, frames, h, w)
+        shape = lead
+        return MemoryRead(
+            latents=latents.reshape(*shape, self.channels, h, w).contiguous(),
+            mask=mask.reshape(*shape, h, w),
+            depth=depth.reshape(*shape, h, w),
+        )
+
+    def _visible_bricks(self, camera: Camera, w2c: torch.Tensor, world_index: torch.Tensor, frames: int):
+        """(brick slot, view) pairs whose bounding sphere meets a view's frustum.
+
+        One pass over the live bricks (few: one per brick_size^3 voxels), each tested
+        against the ``frames`` views of its own world only.
+        """
+        live = torch.nonzero(self.brick_keys[: self.bricks_in_use] != _EMPTY).flatten()
+        batch_of_world = torch.full((self.num_worlds,), -1, dtype=torch.int64, device=self.device)
+        batch_of_world[world_index] = torch.arange(world_index.numel(), device=self.device)
+        live = live[batch_of_world[self.brick_world[live]] >= 0]
+        if live.numel() == 0:
+            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+            return empty, empty
+        centres = self._brick_centres(live)
+        radius = 0.5 * math.sqrt(3) * self.brick_size * self.voxel_size
+        first_view = batch_of_world[self.brick_world[live]] * frames
+        pair_brick = torch.arange(live.numel(), device=self.device).repeat_interleave(frames)
+        pair_view = (first_view[:, None] + torch.arange(frames, device=self.device)).reshape(-1)
+        local = (w2c[pair_view, :3, :3] @ centres[pair_brick][:, :, None])[:, :, 0] + w2c[pair_view, :3, 3]
+        x, y, z = local.unbind(-1)
+        # Frustum side planes through the optical centre; a sphere is outside a plane
+        # when its centre is farther than the radius on the outer side.
+        left, right = camera.cx / camera.fx, (camera.width - camera.cx) / camera.fx
+        top, bottom = camera.cy / camera.fy, (camera.height - camera.cy) / camera.fy
+        visible = (z > -radius) & (z < self.max_read_depth + radius)
+        visible &= (x - right * z) <= radius * math.sqrt(1 + right * right)
+        visible &= (-x - left * z) <= radius * math.sqrt(1 + left * left)
+        visible &= (y - bottom * z) <= radius * math.sqrt(1 + bottom * bottom)
+        visible &= (-y - top * z) <= radius * math.sqrt(1 + top * top)
+        return live[pair_brick[visible]], pair_view[visible]
+
+    # ------------------------------------------------------------------ inspection
+
+    def stats(self, bounds: bool = True) -> dict:
+        """Entries, bytes held, voxel size and (optionally, O(entries)) the bounds of what is stored."""
+        entries = int(self._entries_per_world.sum())
+        held = [self.features, self.points, self.observed_depth, self.occupied, self.brick_keys,
+                self.brick_world, self.brick_last_write, self._table.keys, self._table.values]
+        bytes_held = sum(t.numel() * t.element_size() for t in held)
+        if bounds and entries:
+            stored = self.points[self.occupied]
+            bounds = [stored.min(0).values.tolist(), stored.max(0).values.tolist()]
+        else:
+            bounds = None
+        return {
+            "entries": entries,
+            "bricks": int(self._bricks_per_world.sum()),
+            "bytes": int(bytes_held),
+            "voxel_size": self.voxel_size,
+            "bounds": bounds,
+        }
+
+    def entries_per_world(self) -> torch.Tensor:
+        """(num_worlds,) number of stored entries of each world."""
+        return self._entries_per_world.clone()
+
+    # ------------------------------------------------------------------ persistence
+
+    def config(self) -> dict:
+        return {
+            "channels": self.channels,
+            "voxel_size": self.voxel_size,
+            "num_worlds": self.num_worlds,
+            "brick_size": self.brick_size,
+            "max_bricks_per_world": self.max_bricks_per_world,
+            "merge": self.merge,
+            "closest_tolerance": self.closest_tolerance,
+            "feature_dtype": str(self.feature_dtype).removeprefix("torch."),
+            "max_read_depth": self.max_read_depth,
+            "surface_tolerance": self.surface_tolerance,
+        }
+
+    def state_tensors(self, prefix: str = "memory.") -> dict[str, torch.Tensor]:
+        """Every tensor needed to resume, trimmed to the bricks in use."""
+        used = self.bricks_in_use
+        tensors = {
+            "features": self.features[:used],
+            "points": self.points[:used],
+            "observed_depth": self.observed_depth[:used],
+            "occupied": self.occupied[:used],
+            "brick_keys": self.brick_keys[:used],
+            "brick_world": self.brick_world[:used],
+            "brick_last_write": self.brick_last_write[:used],
+            "free": self._free,
+            "bricks_per_world": self._bricks_per_world,
+            "entries_per_world": self._entries_per_world,
+            "step": torch.tensor([self.step], dtype=torch.int64),
+            # Capacities, so a loaded memory holds (and reports) the same bytes.
+            "capacity": torch.tensor([self.brick_keys.numel(), self._table.mask + 1], dtype=torch.int64),
+        }
+        return {prefix + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], prefix: str = "memory.",
+                   device: str | torch.device = "cpu") -> "LatentSpatialMemory":
+        config = dict(config)
+        config["feature_dtype"] = getattr(torch, config["feature_dtype"])
+        memory = cls(**config, device=device)
+        try:
+            part = {k: tensors[prefix + k] for k in (
+                "features", "points", "observed_depth", "occupied", "brick_keys", "brick_world",
+                "brick_last_write", "free", "bricks_per_world", "entries_per_world", "step", "capacity")}
+        except KeyError as missing:
+            raise MemoryFileError(f"saved memory lacks tensor {missing}; the file is incomplete or not a memory") from None
+        used = part["brick_keys"].shape[0]
+        shapes_ok = (
+            part["features"].shape == (used, memory._voxels_per_brick, memory.channels)
+            and part["points"].shape == (used, memory._voxels_per_brick, 3)
+            and part["occupied"].shape == (used, memory._voxels_per_brick)
+            and part["bricks_per_world"].shape == (memory.num_worlds,)
+        )
+        if not shapes_ok:
+            raise MemoryFileError("saved memory tensors do not match its configuration; the file was altered")
+        capacity, table_size = (int(v) for v in part["capacity"])
+        if capacity < used or table_size < 2 * used:
+            raise MemoryFileError("saved memory capacities are inconsistent with its contents; the file was altered")
+        memory._allocate(initial_bricks=capacity)
+        memory.features[:used] = part["features"].to(memory.device, memory.feature_dtype)
+        memory.points[:used] = part["points"].to(memory.device)
+        memory.observed_depth[:used] = part["observed_depth"].to(memory.device)
+        memory.occupied[:used] = part["occupied"].to(memory.device)
+        memory.brick_keys[:used] = part["brick_keys"].to(memory.device)
+        memory.brick_world[:used] = part["brick_world"].to(memory.device)
+        memory.brick_last_write[:used] = part["brick_last_write"].to(memory.device)
+        memory._free = part["free"].to(memory.device)
+        memory._bricks_per_world = part["bricks_per_world"].to(memory.device)
+        memory._entries_per_world = part["entries_per_world"].to(memory.device)
+        memory.bricks_in_use = used
+        memory.step = int(part["step"][0])
+        memory._rebuild_table(table_size // 2)
+        return memory
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the memory to one safetensors file with JSON metadata (no pickle)."""
+        save_state(path, kind="memory", config=self.config(), tensors=self.state_tensors())
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "LatentSpatialMemory":
+        meta, tensors = load_state(path, kind="memory")
+        return cls.from_state(meta["config"], tensors, device=device)
+
+
+# ---------------------------------------------------------------------- helpers
+
+
+def pool_depth(depth: torch.Tensor, factor: int) -> torch.Tensor:
+    """Median-pool (..., H, W) depth by ``factor``: one depth per latent pixel.
+
+    The median keeps a pixel on the surface most of its patch shows (a mean would
+    float between a foreground edge and the wall behind it), and stays +inf when
+    most of the patch is sky.
+    """
+    *lead, height, width = depth.shape
+    patches = depth.reshape(*lead, height // factor, factor, width // factor, factor)
+    patches = patches.movedim(-3, -2).reshape(*lead, height // factor, width // factor, factor * factor)
+    return patches.sort(dim=-1).values[..., (factor * factor) // 2]
+
+
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    hasher = hashlib.sha256()
+    for name in sorted(tensors):
+        tensor = tensors[name].contiguous()
+        hasher.update(name.encode())
+        hasher.update(str(tensor.dtype).encode())
+        hasher.update(str(tuple(tensor.shape)).encode())
+        hasher.update(tensor.view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return hasher.hexdigest()
+
+
+def save_state(path: str | os.PathLike, kind: str, config: dict, tensors: dict[str, torch.Tensor], extra: dict | None = None) -> None:
+    """Atomically write tensors + JSON metadata (with a checksum) to one safetensors file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    meta = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "kind": kind, "config": config,
+            "sha256": _digest(tensors), **(extra or {})}
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"mirage_env": json.dumps(meta)})
+    # Replace only once the new file is complete, so a crash never destroys the old one.
+    os.replace(tmp, path)
+
+
+def load_state(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a file written by ``save_state``."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise MemoryFileError(f"no saved {kind} at {path}: the file does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            header = handle.metadata() or {}
+            tensors = {name: handle.get_tensor(name) for name in handle.keys()}
+    except Exception as error:  # safetensors raises several types for a broken file
+        raise MemoryFileError(
+            f"{path} is not a readable mirage-env file ({type(error).__name__}: {error}); "
+            f"it may be truncated or corrupted — restore it from a copy"
+        ) from None
+    if "mirage_env" not in header:
+        raise MemoryFileError(f"{path} is a safetensors file but not one written by mirage-env (no metadata)")
+    try:
+        meta = json.loads(header["mirage_env"])
+    except json.JSONDecodeError:
+        raise MemoryFileError(f"{path} has corrupted metadata; restore it from a copy") from None
+    if meta.get("format") != FORMAT_NAME:
+        raise MemoryFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
+    if meta.get("version") != FORMAT_VERSION:
+        raise MemoryFileError(
+            f"{path} was written by format version {meta.get('version')}, this mirage-env reads version "
+            f"{FORMAT_VERSION}; use the mirage-env release that wrote it"
+        )
+    if meta.get("kind") != kind:
+        raise MemoryFileError(f"{path} holds a saved {meta.get('kind')!r}, not a {kind!r}")
+    if _digest(tensors) != meta.get("sha256"):
+        raise MemoryFileError(f"{path} failed its checksum: its tensors were changed after saving; restore it from a copy")
+    return meta, tensors

@@ -1,0 +1,217 @@
+import math
+
+import pytest
+import torch
+
+from mirage_env.geometry import Camera, CameraRig
+from mirage_env.memory import LatentSpatialMemory, MemoryFileError, pool_depth
+
+LATENT = Camera.from_fov(64, 64, 90).scaled(1 / 8)  # an 8x8 latent grid, fx = 4
+CHANNELS = 6
+
+
+def features(seed=0, shape=(CHANNELS, 8, 8)):
+    generator = torch.Generator().manual_seed(seed)
+    # fp16-representable, so exact equality after storage is meaningful.
+    return torch.randn(*shape, generator=generator).half().float()
+
+
+def identity():
+    return torch.eye(4, dtype=torch.float64)
+
+
+def translated(x=0.0, y=0.0, z=0.0):
+    pose = identity()
+    pose[:3, 3] = torch.tensor([x, y, z], dtype=torch.float64)
+    return pose
+
+
+def test_write_then_read_from_same_camera_returns_what_was_written():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    latents = features()
+    depth = 2.0 + torch.rand(8, 8)  # a bumpy surface
+    pose = torch.from_numpy(CameraRig(0.3, -0.1, 0.2, yaw=0.4, pitch=0.1).c2w())
+    assert memory.write(latents, depth, LATENT, pose) == 64
+    read = memory.read(LATENT, pose)
+    assert read.mask.all(), "every pixel of a fully seen surface must be hit"
+    assert torch.equal(read.latents, latents)
+    assert torch.allclose(read.depth, depth, rtol=1e-5)
+
+
+def test_unwritten_pixels_are_empty_and_keep_mask_is_respected():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    keep = torch.zeros(8, 8, dtype=torch.bool)
+    keep[:, :4] = True
+    depth = torch.full((8, 8), 3.0)
+    depth[0, 0] = math.inf  # sky is never written
+    memory.write(features(), depth, LATENT, identity(), keep=keep)
+    read = memory.read(LATENT, identity())
+    expected = keep.clone()
+    expected[0, 0] = False
+    assert torch.equal(read.mask, expected)
+    assert (read.latents[:, ~expected] == 0).all()
+    assert torch.isinf(read.depth[~expected]).all()
+
+
+def test_nearer_surface_wins():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    wall, box = features(1), features(2)
+    memory.write(wall, torch.full((8, 8), 4.0), LATENT, identity())
+    near = torch.full((8, 8), math.inf)
+    near[2:5, 2:5] = 2.0
+    memory.write(box, near, LATENT, identity())
+    read = memory.read(LATENT, identity())
+    assert torch.equal(read.latents[:, 2:5, 2:5], box[:, 2:5, 2:5])
+    outside = torch.ones(8, 8, dtype=torch.bool)
+    outside[2:5, 2:5] = False
+    assert torch.equal(read.latents[:, outside], wall[:, outside])
+
+
+def test_sideways_camera_sees_features_shifted_by_predicted_pixels():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    latents = features(3)
+    depth = 4.0
+    memory.write(latents, torch.full((8, 8), depth), LATENT, identity())
+    shift_pixels = 2
+    # A latent pixel at depth d spans d / fx world units.
+    pose = translated(x=shift_pixels * depth / LATENT.fx)
+    read = memory.read(LATENT, pose)
+    assert read.mask[:, : 8 - shift_pixels].all() and not read.mask[:, 8 - shift_pixels :].any()
+    assert torch.equal(read.latents[:, :, : 8 - shift_pixels], latents[:, :, shift_pixels:])
+
+
+def test_rewriting_the_same_view_keeps_one_entry_per_voxel():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    depth = torch.full((8, 8), 3.0)
+    for seed in range(5):
+        memory.write(features(seed), depth, LATENT, identity())
+    assert memory.stats()["entries"] == 64
+    # Latest wins: the last write is what is read.
+    assert torch.equal(memory.read(LATENT, identity()).latents, features(4))
+
+
+def test_entries_in_one_voxel_merge_to_one():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=10.0)  # one voxel holds the whole wall
+    # The wall spans x, y in [2.4, 7.6]: inside the single voxel [0, 10)^2.
+    memory.write(features(), torch.full((8, 8), 3.0), LATENT, translated(x=5.0, y=5.0))
+    assert memory.stats()["entries"] == 1
+
+
+def test_closest_merge_keeps_the_detailed_view():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.5, merge="closest")
+    close, far = features(5), features(6)
+    wall_z = 4.0
+    memory.write(close, torch.full((8, 8), wall_z), LATENT, identity())
+    before = memory.read(LATENT, identity()).latents.clone()
+    # The same wall seen from twice as far: its samples land in voxels already held.
+    memory.write(far, torch.full((8, 8), 2 * wall_z), LATENT, translated(z=-wall_z))
+    assert torch.equal(memory.read(LATENT, identity()).latents, before)
+
+
+def test_batched_worlds_are_independent_and_match_single_worlds():
+    batched = LatentSpatialMemory(CHANNELS, voxel_size=0.05, num_worlds=3)
+    singles = [LatentSpatialMemory(CHANNELS, voxel_size=0.05) for _ in range(3)]
+    poses = torch.stack([torch.from_numpy(CameraRig(0.1 * i, 0, 0, yaw=0.2 * i).c2w()) for i in range(3)])[:, None]
+    latents = torch.stack([features(10 + i) for i in range(3)])[:, None]
+    depth = torch.stack([torch.full((8, 8), 2.0 + i) for i in range(3)])[:, None]
+    batched.write(latents, depth, LATENT, poses)
+    for i, single in enumerate(singles):
+        single.write(latents[i], depth[i], LATENT, poses[i])
+    read = batched.read(LATENT, poses)
+    for i, single in enumerate(singles):
+        alone = single.read(LATENT, poses[i])
+        assert torch.equal(read.latents[i], alone.latents)
+        assert torch.equal(read.mask[i], alone.mask)
+    batched.clear([1])
+    assert batched.entries_per_world().tolist() == [64, 0, 64]
+    assert not batched.read(LATENT, poses).mask[1].any()
+
+
+def test_capacity_bound_evicts_least_recently_written_bricks():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05, brick_size=2, max_bricks_per_world=80)
+    for step in range(6):
+        memory.write(features(step), torch.full((8, 8), 3.0), LATENT, translated(x=10.0 * step))
+        assert memory.stats()["bricks"] <= 80
+    # The newest view survives whole.
+    assert memory.read(LATENT, translated(x=50.0)).mask.all()
+    assert not memory.read(LATENT, translated(x=0.0)).mask.any()
+
+
+def test_reads_batched_over_target_poses():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    memory.write(features(), torch.full((8, 8), 3.0), LATENT, identity())
+    poses = torch.stack([identity(), translated(x=0.75), translated(x=100.0)])
+    read = memory.read(LATENT, poses)
+    assert read.latents.shape == (3, CHANNELS, 8, 8) and read.mask.shape == (3, 8, 8)
+    assert read.mask[0].all() and read.mask[1].sum() == 56 and not read.mask[2].any()
+
+
+def test_depth_at_image_resolution_is_pooled():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    depth_full = torch.full((64, 64), 3.0)
+    memory.write(features(), depth_full, Camera.from_fov(64, 64, 90), identity())
+    assert memory.read(LATENT, identity()).mask.all()
+    patch = torch.tensor([[1.0, 5.0], [5.0, math.inf]])
+    assert pool_depth(patch, 2).item() == 5.0
+
+
+def test_save_load_round_trip_is_bit_exact(tmp_path):
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05, merge="closest")
+    for i in range(3):
+        memory.write(features(i), 2 + torch.rand(8, 8), LATENT, translated(x=0.3 * i))
+    path = tmp_path / "memory.safetensors"
+    memory.save(path)
+    loaded = LatentSpatialMemory.load(path)
+    assert loaded.config() == memory.config()
+    for pose in (identity(), translated(x=0.45, z=-0.5)):
+        a, b = memory.read(LATENT, pose), loaded.read(LATENT, pose)
+        assert torch.equal(a.latents, b.latents) and torch.equal(a.mask, b.mask) and torch.equal(a.depth, b.depth)
+    # And it continues identically.
+    for m in (memory, loaded):
+        m.write(features(9), torch.full((8, 8), 2.5), LATENT, translated(x=1.0))
+    assert torch.equal(memory.read(LATENT, identity()).latents, loaded.read(LATENT, identity()).latents)
+    assert memory.stats() == loaded.stats()
+
+
+def test_corrupt_files_give_clear_errors(tmp_path):
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    memory.write(features(), torch.full((8, 8), 3.0), LATENT, identity())
+    path = tmp_path / "memory.safetensors"
+    memory.save(path)
+    data = path.read_bytes()
+
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(data[: len(data) // 2])
+    with pytest.raises(MemoryFileError, match="truncated or corrupted"):
+        LatentSpatialMemory.load(truncated)
+
+    tampered = tmp_path / "tampered.safetensors"
+    flipped = bytearray(data)
+    flipped[-3] ^= 0xFF
+    tampered.write_bytes(bytes(flipped))
+    with pytest.raises(MemoryFileError, match="checksum"):
+        LatentSpatialMemory.load(tampered)
+
+    old = tmp_path / "old.safetensors"
+    assert b'\\"version\\": 1' in data
+    old.write_bytes(data.replace(b'\\"version\\": 1', b'\\"version\\": 0'))
+    with pytest.raises(MemoryFileError, match="version"):
+        LatentSpatialMemory.load(old)
+
+    with pytest.raises(MemoryFileError, match="does not exist"):
+        LatentSpatialMemory.load(tmp_path / "missing.safetensors")
+    assert path.read_bytes() == data  # a failed load never touches the file
+
+
+def test_bad_inputs_raise_clear_errors():
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    with pytest.raises(ValueError, match="channels"):
+        memory.write(torch.zeros(3, 8, 8), torch.ones(8, 8), LATENT, identity())
+    with pytest.raises(ValueError, match="NaN"):
+        memory.write(features(), torch.full((8, 8), float("nan")), LATENT, identity())
+    nan_pose = identity()
+    nan_pose[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        memory.read(LATENT, nan_pose)
+    with pytest.raises(ValueError, match="farther than"):
+        memory.write(features(), torch.full((8, 8), 1e9), LATENT, identity())
