@@ -331,3 +331,76 @@ def apply_velocity(rig: CameraRig, velocity, motion: MotionConfig = MotionConfig
     roll = _clamp(rig.roll + turn * velocity[5], math.radians(motion.max_roll_degrees))
     yaw = math.atan2(math.sin(yaw), math.cos(yaw))
     return CameraRig(*position, yaw=yaw, pitch=pitch, roll=roll)
+
+
+# --------------------------------------------------------------------------- batched motion
+# The same motion as above, for (N, 6) arrays of rigs (x, y, z, yaw, pitch, roll):
+# vector and multi-agent envs move every camera in one numpy call.
+
+
+def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
+    """(N, 6) rigs -> (N, 4, 4) float64 camera-to-world poses (same convention as pose_from_rig)."""
+    rigs = np.asarray(rigs, dtype=np.float64).reshape(-1, 6)
+    cy, sy = np.cos(rigs[:, 3]), np.sin(rigs[:, 3])
+    cp, sp = np.cos(rigs[:, 4]), np.sin(rigs[:, 4])
+    cr, sr = np.cos(rigs[:, 5]), np.sin(rigs[:, 5])
+    zero, one = np.zeros_like(cy), np.ones_like(cy)
+    r_yaw = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
+    r_pitch = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(-1, 3, 3)
+    r_roll = np.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    poses = np.zeros((rigs.shape[0], 4, 4))
+    poses[:, :3, :3] = r_yaw @ r_pitch @ r_roll
+    poses[:, :3, 3] = rigs[:, :3]
+    poses[:, 3, 3] = 1.0
+    return poses
+
+
+def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
+    """Batched ``apply_move``: (N, 6) rigs and (N,) moves -> (N, 6) rigs."""
+    moves = np.asarray(moves).reshape(-1)
+    if moves.dtype.kind not in "iu" or ((moves < 0) | (moves >= len(Move))).any():
+        raise ValueError(f"moves must be integers in [0, {len(Move)}) ({', '.join(m.name for m in Move)}), got {moves.tolist()}")
+    rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
+    yaw = rigs[:, 3]
+    forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
+    right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)
+    along = (moves == Move.FORWARD).astype(float) - (moves == Move.BACKWARD)
+    across = (moves == Move.STRAFE_RIGHT).astype(float) - (moves == Move.STRAFE_LEFT)
+    rigs[:, :3] += motion.step_metres * (along[:, None] * forward + across[:, None] * right)
+    turn = (moves == Move.TURN_RIGHT).astype(float) - (moves == Move.TURN_LEFT)
+    look = (moves == Move.LOOK_UP).astype(float) - (moves == Move.LOOK_DOWN)
+    rigs[:, 3] = np.arctan2(np.sin(yaw + math.radians(motion.turn_degrees) * turn), np.cos(yaw + math.radians(motion.turn_degrees) * turn))
+    limit = math.radians(motion.max_pitch_degrees)
+    rigs[:, 4] = np.clip(rigs[:, 4] + math.radians(motion.look_degrees) * look, -limit, limit)
+    return rigs
+
+
+def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
+    """Batched ``apply_velocity``: (N, 6) rigs and (N, 6) velocities in [-1, 1] -> (N, 6) rigs."""
+    velocities = np.asarray(velocities, dtype=np.float64).reshape(-1, 6)
+    if not np.isfinite(velocities).all():
+        raise ValueError(f"velocity actions contain NaN or inf: {velocities.tolist()}")
+    if np.abs(velocities).max(initial=0.0) > 1.0 + 1e-6:
+        raise ValueError(f"velocity action components must lie in [-1, 1], got {velocities.tolist()}")
+    rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
+    yaw = rigs[:, 3]
+    forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
+    right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)
+    up = np.array([0.0, -1.0, 0.0])
+    rigs[:, :3] += motion.max_speed_metres * (
+        velocities[:, :1] * forward + velocities[:, 1:2] * right + velocities[:, 2:3] * up
+    )
+    turn = math.radians(motion.max_turn_degrees)
+    new_yaw = yaw + turn * velocities[:, 3]
+    rigs[:, 3] = np.arctan2(np.sin(new_yaw), np.cos(new_yaw))
+    rigs[:, 4] = np.clip(rigs[:, 4] + turn * velocities[:, 4], -math.radians(motion.max_pitch_degrees), math.radians(motion.max_pitch_degrees))
+    rigs[:, 5] = np.clip(rigs[:, 5] + turn * velocities[:, 5], -math.radians(motion.max_roll_degrees), math.radians(motion.max_roll_degrees))
+    return rigs
+
+
+def interpolate_rigs(start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
+    """(N, 6) -> (N, steps, 6): rigs at fractions 1/steps .. 1 of the way, yaw the short way round."""
+    fractions = (np.arange(1, steps + 1) / steps)[None, :, None]
+    delta = end - start
+    delta[:, 3] = np.arctan2(np.sin(delta[:, 3]), np.cos(delta[:, 3]))
+    return start[:, None, :] + fractions * delta[:, None, :]

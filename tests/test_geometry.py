@@ -106,3 +106,21 @@ def test_bad_actions_and_poses_raise_clear_errors():
         check_pose(bad)
     with pytest.raises(ValueError, match="shape"):
         check_pose(torch.eye(3))
+
+
+def test_batched_motion_matches_single_rig_motion():
+    from mirage_env.geometry import apply_moves, apply_velocities, poses_from_rigs
+
+    rng = np.random.default_rng(0)
+    rigs = [CameraRig(*rng.normal(size=3), yaw=rng.uniform(-3, 3), pitch=rng.uniform(-0.5, 0.5)) for _ in range(len(Move))]
+    array = np.stack([r.as_array() for r in rigs])
+    moved = apply_moves(array, np.arange(len(Move)))
+    for i, rig in enumerate(rigs):
+        assert moved[i] == pytest.approx(apply_move(rig, Move(i)).as_array())
+    velocity = rng.uniform(-1, 1, size=(len(rigs), 6))
+    flown = apply_velocities(array, velocity)
+    for i, rig in enumerate(rigs):
+        assert flown[i] == pytest.approx(apply_velocity(rig, velocity[i]).as_array())
+    assert poses_from_rigs(array) == pytest.approx(np.stack([r.c2w() for r in rigs]))
+    with pytest.raises(ValueError, match="moves must be integers"):
+        apply_moves(array[:1], np.array([99]))
