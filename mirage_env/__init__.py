@@ -9,4 +9,21 @@ from .memory import LatentSpatialMemory, MemoryFileError, MemoryRead
 
 __version__ = "0.1.0"
 
+
+def _register_envs() -> None:
+    from gymnasium.envs.registration import register, registry
+
+    for env_id, task in (("Mirage/Explore-v0", "explore"), ("Mirage/PointNav-v0", "pointnav"),
+                         ("Mirage/ReturnHome-v0", "returnhome")):
+        if env_id not in registry:
+            register(
+                id=env_id,
+                entry_point="mirage_env.env:MirageEnv",
+                vector_entry_point="mirage_env.vector:MirageVectorEnv",
+                kwargs={"task": task},
+            )
+
+
+_register_envs()
+
 __all__ = ["Camera", "CameraRig", "MotionConfig", "Move", "LatentSpatialMemory", "MemoryFileError", "MemoryRead"]

@@ -118,10 +118,14 @@ class WorldModel(Protocol):
         poses: torch.Tensor,
         generators: list[torch.Generator],
         conditioning: list[dict[str, Any]] | None = None,
+        worlds: list[int] | None = None,
     ) -> Segment:
-        """First segment of B new worlds seen from ``poses`` (B, T, 4, 4).
+        """First segment of n new worlds seen from ``poses`` (n, T, 4, 4).
 
-        ``conditioning[i]`` may carry ``image`` (HxWx3 uint8) and ``prompt`` (str) for world i.
+        ``worlds`` says which worlds of the batch restart (default: all, in order), so a
+        model that keeps per-world state (a scene layout, a cached prompt embedding)
+        can replace just those. ``conditioning[i]`` may carry ``image`` (HxWx3 uint8)
+        and ``prompt`` (str) for the i-th of them.
         """
         ...
 
@@ -134,5 +138,20 @@ class WorldModel(Protocol):
         ...
 
     def config(self) -> dict[str, Any]:
-        """JSON-serialisable settings that rebuild this model (saved with a world)."""
+        """JSON-serialisable settings that rebuild this model (saved with a world).
+
+        Must hold ``"name"`` (the backend's name for mirage_env.backends.build_model).
+        """
         ...
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Per-world state (e.g. scene layouts) as tensors, saved with a world."""
+        ...
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        ...
+
+
+# Optional attributes a model may define, read with getattr by the World:
+#   suggested_voxel_size: float   memory voxel edge that fits the model's scene scale
+#   context_frames: int           latent frames of the previous segment it wants as context

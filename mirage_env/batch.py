@@ -1,0 +1,300 @@
+"""Cameras driven by actions through a World, scored by a Task: the one implementation.
+
+``AgentBatch`` moves N = worlds x agents_per_world cameras, asks the World for
+one batched segment, and asks the Task for rewards. The Gymnasium env is a
+batch of one, the VectorEnv a batch of N worlds, the PettingZoo env N agents in
+one world: all three are thin façades over this class.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+from gymnasium import spaces
+
+from .geometry import MotionConfig, Move, apply_moves, apply_velocities, interpolate_rigs, poses_from_rigs
+from .world import World, WorldStep
+
+OBSERVATION_KEYS = ("rgb", "pose", "depth", "latent")
+
+
+class AgentBatch:
+    """N cameras in W worlds, each agent with its own rig, step counter and RNG.
+
+    Args:
+        world: the World (its num_worlds is W).
+        task: a tasks.base.Task.
+        agents_per_world: A; agents of one world share its memory and reset together.
+        action_type: "discrete" (mirage_env.geometry.Move) or "continuous" (6-DoF velocity in [-1, 1]).
+        frames_per_step: latent frames generated per step along the interpolated path.
+        motion: step lengths and angles.
+        max_episode_steps: truncation horizon.
+        observations: which of "rgb", "pose", "depth", "latent" to return.
+        collision_distance: FORWARD motion is refused when the depth straight ahead
+            is shorter than the step plus this margin (collision from what the camera sees;
+            works for any world model).
+        start_spread: metres between the starting positions of agents sharing a world.
+    """
+
+    def __init__(
+        self,
+        world: World,
+        task,
+        agents_per_world: int = 1,
+        action_type: str = "discrete",
+        frames_per_step: int = 1,
+        motion: MotionConfig = MotionConfig(),
+        max_episode_steps: int = 500,
+        observations: tuple[str, ...] = ("rgb", "pose"),
+        collision_distance: float = 0.3,
+        start_spread: float = 0.5,
+    ):
+        if action_type not in ("discrete", "continuous"):
+            raise ValueError(f"action_type must be 'discrete' or 'continuous', got {action_type!r}")
+        unknown = set(observations) - set(OBSERVATION_KEYS)
+        if unknown or not observations:
+            raise ValueError(f"observations must be a non-empty subset of {OBSERVATION_KEYS}, got {observations}")
+        if frames_per_step < 1:
+            raise ValueError(f"frames_per_step must be >= 1, got {frames_per_step}")
+        if max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if agents_per_world > 1 and world.model.latent.temporal_factor > 1:
+            raise ValueError(
+                "several agents per world need a world model without temporal compression: a video VAE "
+                "would mix frames of different agents; use the procedural model or one agent per world"
+            )
+        self.world = world
+        self.task = task
+        self.num_worlds = world.num_worlds
+        self.agents_per_world = agents_per_world
+        self.num_agents = self.num_worlds * agents_per_world
+        self.agent_world = np.repeat(np.arange(self.num_worlds), agents_per_world)
+        self.action_type = action_type
+        self.frames_per_step = frames_per_step
+        self.motion = motion
+        self.max_episode_steps = max_episode_steps
+        self.observation_keys = tuple(observations)
+        self.collision_distance = collision_distance
+        self.start_spread = start_spread
+
+        camera, latent, channels = world.camera, world.latent_camera, world.model.latent.channels
+        self.latent_pixels_per_frame = latent.height * latent.width
+        self.action_space = (
+            spaces.Discrete(len(Move)) if action_type == "discrete"
+            else spaces.Box(-1.0, 1.0, shape=(6,), dtype=np.float32)
+        )
+        available = {
+            "rgb": spaces.Box(0, 255, shape=(camera.height, camera.width, 3), dtype=np.uint8),
+            # Bounded by what the memory can address and by the rig's angle ranges.
+            "pose": spaces.Box(np.array([-1e4] * 3 + [-np.pi] * 3, dtype=np.float32),
+                               np.array([1e4] * 3 + [np.pi] * 3, dtype=np.float32), dtype=np.float32),
+            "depth": spaces.Box(0.0, np.inf, shape=(latent.height, latent.width), dtype=np.float32),
+            "latent": spaces.Box(-np.inf, np.inf, shape=(channels, latent.height, latent.width), dtype=np.float32),
+        }
+        self.observation_space = spaces.Dict(
+            {key: available[key] for key in self.observation_keys} | dict(task.observation_spaces())
+        )
+
+        n = self.num_agents
+        self.rigs = np.zeros((n, 6))
+        self.start_rigs = np.zeros((n, 6))
+        self.steps = np.zeros(n, dtype=np.int64)
+        self.path_length = np.zeros(n)
+        self.collided = np.zeros(n, dtype=bool)
+        self.last_frames = np.zeros((n, camera.height, camera.width, 3), dtype=np.uint8)
+        self.first_frames = np.zeros_like(self.last_frames)
+        self.last_depth = np.full((n, latent.height, latent.width), np.inf, dtype=np.float32)
+        self.last_latents = np.zeros((n, channels, latent.height, latent.width), dtype=np.float32)
+        self.last_memory_hit = np.zeros(n)
+        self.last_new_entries = np.zeros(self.num_worlds, dtype=np.int64)
+        self.last_step: WorldStep | None = None
+        self._rngs = [np.random.default_rng() for _ in range(n)]
+
+    # ------------------------------------------------------------------ helpers for tasks
+
+    def rng(self, agent: int) -> np.random.Generator:
+        """The agent's own generator, reseeded with its world at every reset."""
+        return self._rngs[agent]
+
+    def agents_of(self, worlds) -> np.ndarray:
+        return np.flatnonzero(np.isin(self.agent_world, np.asarray(worlds)))
+
+    # ------------------------------------------------------------------ reset / step
+
+    def reset_worlds(self, worlds, seeds, conditioning: list[dict[str, Any]] | None = None) -> None:
+        """Restart ``worlds`` (and all their agents) from integer ``seeds``."""
+        worlds = [int(w) for w in worlds]
+        agents = self.agents_of(worlds)
+        for world, seed in zip(worlds, seeds):
+            for slot, agent in enumerate(self.agents_of([world])):
+                self._rngs[agent] = np.random.default_rng([int(seed), slot])
+        # Agent 0 of a world stands at its origin; others fan out sideways, all facing +z.
+        slot = np.arange(self.num_agents)[agents] % self.agents_per_world
+        offsets = (slot - (self.agents_per_world - 1) / 2) * self.start_spread
+        self.rigs[agents] = 0.0
+        self.rigs[agents, 0] = offsets
+        self.start_rigs[agents] = self.rigs[agents]
+        poses = torch.from_numpy(poses_from_rigs(self.rigs[agents])).reshape(len(worlds), self.agents_per_world, 4, 4)
+        result = self.world.reset(poses, seeds=[int(s) for s in seeds], worlds=worlds, conditioning=conditioning)
+        self._absorb(result, worlds)
+        self.first_frames[agents] = self.last_frames[agents]
+        self.steps[agents] = 0
+        self.path_length[agents] = 0.0
+        self.collided[agents] = False
+        self.task.reset(self, agents)
+
+    def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """Move every agent, generate one segment for every world, score with the task."""
+        actions = self._check_actions(actions)
+        before = self.rigs.copy()
+        if self.action_type == "discrete":
+            after = apply_moves(before, actions, self.motion)
+            wants_forward = actions == Move.FORWARD
+        else:
+            after = apply_velocities(before, actions, self.motion)
+            wants_forward = actions[:, 0] > 0
+        blocked = wants_forward & (self._free_distance_ahead() < self.motion.step_metres + self.collision_distance)
+        after[blocked, :3] = before[blocked, :3]
+        self.collided = blocked
+        self.rigs = after
+        self.path_length += np.linalg.norm(after[:, :3] - before[:, :3], axis=1)
+        self.steps += 1
+
+        path = interpolate_rigs(before, after, self.frames_per_step)  # (N, F, 6)
+        poses = torch.from_numpy(poses_from_rigs(path.reshape(-1, 6))).reshape(
+            self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4
+        )
+        result = self.world.step(poses)
+        self._absorb(result, list(range(self.num_worlds)))
+
+        all_agents = np.arange(self.num_agents)
+        scored = self.task.step(self, all_agents)
+        truncated = (self.steps >= self.max_episode_steps) & ~scored.terminated
+        infos = self._infos(all_agents, scored.metrics)
+        return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
+
+    def _check_actions(self, actions) -> np.ndarray:
+        actions = np.asarray(actions)
+        if self.action_type == "discrete":
+            actions = actions.reshape(self.num_agents)
+            if actions.dtype.kind == "f":
+                if not np.isfinite(actions).all() or (actions != np.round(actions)).any():
+                    raise ValueError(f"discrete actions must be integers in [0, {len(Move)}), got {actions.tolist()}")
+                actions = actions.astype(np.int64)
+            if actions.dtype.kind not in "iu" or ((actions < 0) | (actions >= len(Move))).any():
+                raise ValueError(
+                    f"action {actions.tolist()} is outside the action space Discrete({len(Move)}): "
+                    f"{', '.join(f'{m.value}={m.name}' for m in Move)}"
+                )
+            return actions
+        if actions.size != self.num_agents * 6:
+            raise ValueError(f"continuous actions must have shape ({self.num_agents}, 6), got {actions.shape}")
+        actions = actions.reshape(self.num_agents, 6).astype(np.float64)
+        if not np.isfinite(actions).all():
+            raise ValueError(f"action contains NaN or inf: {actions.tolist()}; expected values in [-1, 1]")
+        if (np.abs(actions) > 1.0 + 1e-6).any():
+            raise ValueError(f"action {actions.tolist()} is outside the action space Box(-1, 1, (6,))")
+        return actions
+
+    def _free_distance_ahead(self) -> np.ndarray:
+        """Nearest depth in the central latent columns, middle rows (not floor or ceiling)."""
+        h, w = self.last_depth.shape[1:]
+        rows = slice(max(0, h // 2 - max(1, h // 8)), min(h, h // 2 + max(1, h // 8)))
+        cols = slice(max(0, w // 2 - max(1, w // 8)), min(w, w // 2 + max(1, w // 8)))
+        return self.last_depth[:, rows, cols].min(axis=(1, 2))
+
+    def _absorb(self, result: WorldStep, worlds: list[int]) -> None:
+        """Keep, per agent, the last frame / depth / latent of its views in ``result``."""
+        worlds_array = np.asarray(worlds)
+        agents = self.agents_of(worlds_array)
+        a = self.agents_per_world
+        frames = result.frames
+        per_agent_frames = frames.shape[1] // a
+        per_agent_latents = result.latents.shape[1] // a
+        last_frame = frames.reshape(len(worlds), a, per_agent_frames, *frames.shape[2:])[:, :, -1]
+        last_latent = result.latents.reshape(len(worlds), a, per_agent_latents, *result.latents.shape[2:])[:, :, -1]
+        last_depth = result.depth.reshape(len(worlds), a, per_agent_latents, *result.depth.shape[2:])[:, :, -1]
+        hit = result.memory_hit.reshape(len(worlds), a, per_agent_latents).mean(-1)
+        self.last_frames[agents] = last_frame.reshape(-1, *frames.shape[2:]).cpu().numpy()
+        self.last_latents[agents] = last_latent.reshape(-1, *result.latents.shape[2:]).float().cpu().numpy()
+        self.last_depth[agents] = last_depth.reshape(-1, *result.depth.shape[2:]).float().cpu().numpy()
+        self.last_memory_hit[agents] = hit.reshape(-1).cpu().numpy()
+        self.last_new_entries[worlds_array] = result.new_entries.cpu().numpy()
+        self.last_step = result
+
+    def observe(self, agents: np.ndarray) -> dict[str, np.ndarray]:
+        observation: dict[str, np.ndarray] = {}
+        if "rgb" in self.observation_keys:
+            observation["rgb"] = self.last_frames[agents].copy()
+        if "pose" in self.observation_keys:
+            observation["pose"] = self.rigs[agents].astype(np.float32)
+        if "depth" in self.observation_keys:
+            observation["depth"] = self.last_depth[agents].copy()
+        if "latent" in self.observation_keys:
+            observation["latent"] = self.last_latents[agents].copy()
+        observation.update(self.task.observe(self, agents))
+        return observation
+
+    def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
+        entries = self.world.memory.entries_per_world().numpy()
+        memory_bytes = self.world.memory.stats(bounds=False)["bytes"]
+        infos = []
+        for i, agent in enumerate(agents):
+            info = {
+                "memory_entries": int(entries[self.agent_world[agent]]),
+                "memory_bytes": int(memory_bytes),
+                "memory_hit": float(self.last_memory_hit[agent]),
+                "collided": bool(self.collided[agent]),
+                "path_length": float(self.path_length[agent]),
+            }
+            if metrics:
+                info.update(metrics[i])
+            infos.append(info)
+        return infos
+
+    # ------------------------------------------------------------------ persistence
+
+    _ARRAYS = ("rigs", "start_rigs", "steps", "path_length", "collided", "last_frames", "first_frames",
+               "last_depth", "last_latents", "last_memory_hit", "last_new_entries")
+
+    def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """JSON-able state and tensors that resume this batch exactly (used by World.save)."""
+        tensors = {"batch." + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in self._ARRAYS}
+        task_state = self.task.state() if hasattr(self.task, "state") else {}
+        for name, value in task_state.items():
+            tensors["task." + name] = torch.from_numpy(np.ascontiguousarray(value))
+        json_state = {"rngs": [rng.bit_generator.state for rng in self._rngs], "task": self.task.name,
+                      "num_agents": self.num_agents}
+        return json_state, tensors
+
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+        if state.get("num_agents") != self.num_agents or state.get("task") != self.task.name:
+            raise ValueError(
+                f"the saved world was made for task {state.get('task')!r} with {state.get('num_agents')} agent(s); "
+                f"this env has task {self.task.name!r} with {self.num_agents}: make a matching env first"
+            )
+        for name in self._ARRAYS:
+            saved = tensors["batch." + name].numpy()
+            if saved.shape != getattr(self, name).shape:
+                raise ValueError(f"saved {name} has shape {saved.shape}, this env expects {getattr(self, name).shape}; "
+                                 f"use the image size and settings the world was saved with")
+            setattr(self, name, saved.copy())
+        for rng, rng_state in zip(self._rngs, state["rngs"]):
+            rng.bit_generator.state = rng_state
+        if hasattr(self.task, "load_state"):
+            self.task.load_state({k[len("task."):]: v.numpy().copy() for k, v in tensors.items() if k.startswith("task.")})
+
+    def reset_infos(self, agents: np.ndarray) -> list[dict]:
+        entries = self.world.memory.entries_per_world().numpy()
+        return [{"memory_entries": int(entries[self.agent_world[a]]), "memory_hit": 0.0} for a in agents]
+
+
+def validate_options(options: dict | None, allowed: tuple[str, ...]) -> dict:
+    options = dict(options or {})
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown reset option(s) {unknown}; allowed: {sorted(allowed)}")
+    return options
+

@@ -1,0 +1,34 @@
+"""Explore: reward for newly seen space."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .base import Task, TaskStep
+
+
+class ExploreTask(Task):
+    """Reward = new memory entries this step, as a fraction of one latent frame.
+
+    The memory stores one entry per voxel of seen surface (after sky, far and
+    moving content are filtered), so its growth is the surface newly seen. Agents
+    sharing one world share its memory: the reward is the world's joint gain,
+    split evenly between them (cooperative coverage).
+
+    Episode measure ``coverage``: memory entries of the agent's world at the end.
+    """
+
+    name = "explore"
+
+    def __init__(self, reward_scale: float = 1.0):
+        self.reward_scale = float(reward_scale)
+
+    def step(self, batch, agents: np.ndarray) -> TaskStep:
+        world = batch.agent_world[agents]
+        agents_per_world = np.bincount(batch.agent_world, minlength=batch.num_worlds)[world]
+        pixels = batch.latent_pixels_per_frame
+        gained = batch.last_new_entries[world].astype(np.float64)
+        reward = self.reward_scale * gained / (pixels * agents_per_world)
+        entries = batch.world.memory.entries_per_world().numpy()[world]
+        metrics = [{"coverage": int(e), "new_entries": int(g)} for e, g in zip(entries, gained)]
+        return TaskStep(reward, np.zeros(len(agents), dtype=bool), metrics)
