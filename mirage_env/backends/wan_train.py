@@ -1,0 +1,543 @@
+"""Training the memory branch (stage 1) and LoRA on the DiT (stage 2) on posed video.
+
+Reads top to bottom like the published recipe:
+
+- data: posed clips in RealEstate10K's camera-file format (one line per frame:
+  ``timestamp fx fy cx cy k1 k2 w2c(3x4, row-major)`` with intrinsics normalised
+  by image width / height), frames as PNGs (or one ``frames.npz``), optional
+  ``depth.npz``;
+- a sample: ``past_frames`` frames written into a LatentSpatialMemory (VAE
+  latents lifted with depth), then ``segment_frames`` target frames whose cameras
+  read the memory back; the past's last ``context_frames`` latent frames are the
+  clean context, exactly as at generation time (see wan.py);
+- loss: flow matching (x_t = (1 - s) x_0 + s noise, the DiT predicts noise - x_0)
+  on the target frames, with s drawn uniformly and shifted like the sampler;
+- stage 1 trains only the branch (``vace_*``); stage 2 freezes it and trains LoRA
+  (rank 32, alpha 32, attention q/k/v/out and FFN of the DiT blocks); lr 1e-5;
+  bf16 autocast on GPU;
+- checkpoints: branch and LoRA (safetensors; the directory is a valid
+  ``memory_dir`` for WanWorldModel), optimizer state (safetensors) and
+  ``trainer_state.json``; ``resume`` restores step, weights and optimizer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from ..geometry import Camera, invert_pose
+
+__all__ = [
+    "TrainArgs",
+    "CameraTrack",
+    "read_camera_file",
+    "write_camera_file",
+    "write_posed_clip",
+    "PosedClipDataset",
+    "MemoryBranchTrainer",
+    "train",
+    "main",
+]
+
+
+# --------------------------------------------------------------------------- arguments
+
+
+@dataclass
+class TrainArgs:
+    checkpoint_dir: str
+    data_dir: str | None = None
+    output_dir: str = "wan-memory"
+    stage: int = 1
+    memory_dir: str | None = None  # stage 2 starts from a stage-1 branch
+    resume: str | None = None
+    image_size: tuple[int, int] = (704, 1280)
+    past_frames: int = 5
+    segment_frames: int = 33
+    context_frames: int = 2
+    frame_stride: int = 1
+    learning_rate: float = 1e-5
+    weight_decay: float = 0.0
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    batch_size: int = 1
+    max_steps: int = 1000
+    save_every: int = 500
+    flow_shift: float = 5.0
+    voxel_size: float = 0.05
+    vace_every: int = 2
+    depth_model: str | None = None
+    prompt: str = ""
+    max_sequence_length: int = 512
+    mixed_precision: str = "auto"  # "auto" = bf16 on CUDA, fp32 on CPU
+    gradient_checkpointing: bool = False
+    seed: int = 0
+    device: str = "auto"
+    progress: bool = True
+
+    def check(self) -> None:
+        if self.stage not in (1, 2):
+            raise ValueError(f"stage must be 1 (branch) or 2 (LoRA), got {self.stage}")
+        if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
+            raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+        if self.context_frames < 0:
+            raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+        for name in ("past_frames", "segment_frames"):
+            value = getattr(self, name)
+            if value < 1 or (value - 1) % 4:
+                raise ValueError(f"{name} must be 1 + 4k, got {value}")
+
+
+# --------------------------------------------------------------------------- RealEstate10K cameras
+
+
+@dataclass
+class CameraTrack:
+    """One sequence of a RealEstate10K-style camera file.
+
+    Attributes:
+        timestamps: (N,) int64 microseconds.
+        intrinsics: (N, 4) float64 fx, fy, cx, cy normalised by image width / height.
+        w2c: (N, 4, 4) float64 world-to-camera (OpenCV axes).
+        url: the first line of the file if it was not a camera line (the video URL).
+    """
+
+    timestamps: np.ndarray
+    intrinsics: np.ndarray
+    w2c: np.ndarray
+    url: str = ""
+
+    @property
+    def c2w(self) -> np.ndarray:
+        return invert_pose(torch.from_numpy(self.w2c)).numpy()
+
+    def camera(self, index: int, width: int, height: int) -> Camera:
+        fx, fy, cx, cy = self.intrinsics[index]
+        return Camera(fx=fx * width, fy=fy * height, cx=cx * width, cy=cy * height, width=width, height=height)
+
+    def __len__(self) -> int:
+        return len(self.timestamps)
+
+
+def read_camera_file(path: str | os.PathLike) -> CameraTrack:
+    """Parse a RealEstate10K camera file (the optional URL line first, then 19 numbers a line)."""
+    path = Path(path)
+    lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    url = ""
+    rows = []
+    for number, line in enumerate(lines):
+        parts = line.split()
+        if number == 0 and len(parts) != 19:
+            url = line
+            continue
+        if len(parts) != 19:
+            raise ValueError(f"{path}:{number + 1}: expected 19 numbers (timestamp fx fy cx cy k1 k2 + 12 of w2c), got {len(parts)}")
+        try:
+            rows.append([float(p) for p in parts])
+        except ValueError:
+            raise ValueError(f"{path}:{number + 1}: not a number in {line!r}") from None
+    if not rows:
+        raise ValueError(f"{path} has no camera lines")
+    data = np.asarray(rows, dtype=np.float64)
+    w2c = np.tile(np.eye(4), (len(data), 1, 1))
+    w2c[:, :3, :4] = data[:, 7:19].reshape(-1, 3, 4)
+    return CameraTrack(timestamps=data[:, 0].astype(np.int64), intrinsics=data[:, 1:5], w2c=w2c, url=url)
+
+
+def write_camera_file(path: str | os.PathLike, c2w: np.ndarray, camera: Camera, timestamps=None, url: str = "") -> None:
+    """Write poses (N, 4, 4) camera-to-world and one camera in RealEstate10K's format."""
+    c2w = np.asarray(c2w, dtype=np.float64)
+    w2c = invert_pose(torch.from_numpy(c2w)).numpy()
+    timestamps = np.arange(len(c2w)) * 33_333 if timestamps is None else np.asarray(timestamps)
+    intr = (camera.fx / camera.width, camera.fy / camera.height, camera.cx / camera.width, camera.cy / camera.height)
+    lines = [url] if url else []
+    for t, m in zip(timestamps, w2c):
+        numbers = [int(t), *intr, 0.0, 0.0, *m[:3, :4].reshape(-1)]
+        lines.append(" ".join(repr(float(x)) if i else str(x) for i, x in enumerate(numbers)))
+    Path(path).write_text("\n".join(lines) + "\n")
+
+
+def write_posed_clip(root: str | os.PathLike, name: str, frames: np.ndarray, c2w: np.ndarray, camera: Camera,
+                     depth: np.ndarray | None = None, png: bool = True) -> Path:
+    """Write one clip: ``cameras.txt``, ``frames/NNNNN.png`` (or ``frames.npz``) and optional ``depth.npz``.
+
+    Args:
+        frames: uint8 (N, H, W, 3).
+        c2w: (N, 4, 4) camera-to-world poses.
+        camera: pixel intrinsics of the frames.
+        depth: optional (N, H, W) z-depth.
+    """
+    import imageio.v3 as iio
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3:
+        raise ValueError(f"frames must be uint8 (N, H, W, 3), got {frames.dtype} {frames.shape}")
+    clip = Path(root) / name
+    clip.mkdir(parents=True, exist_ok=True)
+    write_camera_file(clip / "cameras.txt", c2w, camera)
+    if png:
+        (clip / "frames").mkdir(exist_ok=True)
+        for i, frame in enumerate(frames):
+            iio.imwrite(clip / "frames" / f"{i:05d}.png", frame)
+    else:
+        np.savez_compressed(clip / "frames.npz", frames=frames)
+    if depth is not None:
+        np.savez_compressed(clip / "depth.npz", depth=np.asarray(depth, dtype=np.float32))
+    return clip
+
+
+class PosedClipDataset(torch.utils.data.Dataset):
+    """Fixed-length posed clips cut from every sequence folder under ``root``.
+
+    A sequence folder holds ``cameras.txt`` (RealEstate10K format) and its frames as
+    ``frames/*.png`` sorted by name (RealEstate10K names them by timestamp) or
+    ``frames.npz``; optionally ``depth.npz``. Frames are resized to ``image_size``
+    (intrinsics are normalised, so the camera follows). Poses are returned relative
+    to the clip's first camera (the world frame of an episode).
+
+    Items: ``frames`` uint8 (F, H, W, 3), ``poses`` float64 (F, 4, 4),
+    ``intrinsics`` float64 (4,) in pixels (fx, fy, cx, cy), and ``depth`` float32
+    (F, H, W) when the sequence has it.
+    """
+
+    def __init__(self, root: str | os.PathLike, clip_frames: int, image_size: tuple[int, int], stride: int = 1):
+        self.root = Path(root)
+        if not self.root.is_dir():
+            raise FileNotFoundError(f"dataset directory {self.root} does not exist")
+        self.clip_frames, self.stride = clip_frames, stride
+        self.image_size = (int(image_size[0]), int(image_size[1]))
+        self.sequences = sorted(p.parent for p in self.root.glob("*/cameras.txt"))
+        if not self.sequences:
+            raise FileNotFoundError(f"no sequence folders with cameras.txt under {self.root}")
+        self.items: list[tuple[int, int]] = []
+        span = (clip_frames - 1) * stride + 1
+        for index, folder in enumerate(self.sequences):
+            count = len(read_camera_file(folder / "cameras.txt"))
+            self.items += [(index, start) for start in range(0, count - span + 1, span)]
+        if not self.items:
+            raise ValueError(f"no sequence under {self.root} has {span} frames for clips of {clip_frames} (stride {stride})")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _frames(self, folder: Path, picks: np.ndarray) -> np.ndarray:
+        if (folder / "frames.npz").is_file():
+            with np.load(folder / "frames.npz") as data:
+                return data["frames"][picks]
+        import imageio.v3 as iio
+
+        files = sorted((folder / "frames").glob("*.png")) + sorted((folder / "frames").glob("*.jpg"))
+        return np.stack([iio.imread(files[i])[..., :3] for i in picks])
+
+    def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
+        index, start = self.items[item]
+        folder = self.sequences[index]
+        track = read_camera_file(folder / "cameras.txt")
+        picks = start + np.arange(self.clip_frames) * self.stride
+        frames = torch.from_numpy(self._frames(folder, picks))
+        height, width = self.image_size
+        resize = tuple(frames.shape[1:3]) != (height, width)
+        if resize:
+            x = frames.permute(0, 3, 1, 2).float()
+            x = torch.nn.functional.interpolate(x, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            frames = x.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+        c2w = torch.from_numpy(track.c2w[picks])
+        poses = invert_pose(c2w[:1]) @ c2w
+        cam = track.camera(int(picks[0]), width, height)
+        out = {"frames": frames.contiguous(), "poses": poses, "intrinsics": torch.tensor([cam.fx, cam.fy, cam.cx, cam.cy], dtype=torch.float64)}
+        if (folder / "depth.npz").is_file():
+            with np.load(folder / "depth.npz") as data:
+                depth = torch.from_numpy(data["depth"][picks].astype(np.float32))
+            if resize:
+                depth = torch.nn.functional.interpolate(depth[:, None], size=(height, width), mode="nearest")[:, 0]
+            out["depth"] = depth
+        return out
+
+
+# --------------------------------------------------------------------------- trainer
+
+
+def _flatten_optimizer(state: dict) -> tuple[dict[str, torch.Tensor], dict]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    groups = [{k: v for k, v in g.items()} for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in list(tensors.items()) + list(meta["scalars"].items()):
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+class MemoryBranchTrainer:
+    """One training stage of the memory branch (1) or of LoRA on the DiT (2).
+
+    Args:
+        model: a ``WanWorldModel`` (its VAE, text encoder, depth estimator and memory
+            transformer are used; the transformer is trained in place).
+        args: TrainArgs (stage, learning rate, LoRA rank, ...).
+        accelerator: optional ``accelerate.Accelerator``; it then owns backward and
+            device placement of the optimizer (multi-GPU, mixed precision).
+    """
+
+    def __init__(self, model, args: TrainArgs, accelerator=None):
+        from .wan_memory import add_dit_lora, branch_parameters
+
+        args.check()
+        self.model, self.args, self.accelerator = model, args, accelerator
+        self.transformer = model.transformer
+        self.transformer.requires_grad_(False)
+        self.lora_config = None
+        if args.stage == 1:
+            params = branch_parameters(self.transformer)
+        else:
+            has_lora = any("lora_" in n for n, _ in self.transformer.named_parameters())
+            if not has_lora:
+                self.lora_config = add_dit_lora(self.transformer, rank=args.lora_rank, alpha=args.lora_alpha)
+            else:
+                self.lora_config = json.loads((Path(model.memory_dir) / "lora" / "lora_config.json").read_text())
+            self.transformer.requires_grad_(False)
+            params = [p for n, p in self.transformer.named_parameters() if "lora_" in n]
+        for p in params:
+            # Trainable weights in fp32 even when the frozen base is bf16: small lr updates
+            # vanish in bf16.
+            p.data = p.data.float()
+            p.requires_grad_(True)
+        self.params = params
+        if args.gradient_checkpointing:
+            self.transformer.enable_gradient_checkpointing()
+        self.optimizer = torch.optim.AdamW(params, lr=args.learning_rate, weight_decay=args.weight_decay)
+        if accelerator is not None:
+            self.transformer, self.optimizer = accelerator.prepare(self.transformer, self.optimizer)
+        self.step = 0
+        precision = args.mixed_precision
+        if precision == "auto":
+            precision = "bf16" if model.device.type == "cuda" else "no"
+        self.autocast_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+
+    @property
+    def trainable_parameters(self) -> int:
+        return sum(p.numel() for p in self.params)
+
+    # ---------------------------------------------------------------- batches
+
+    @torch.no_grad()
+    def prepare_batch(self, clips: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Posed clips -> tensors of one training step.
+
+        Args:
+            clips: ``frames`` uint8 (B, past + segment, H, W, 3), ``poses`` (B, F, 4, 4),
+                ``intrinsics`` (B, 4) pixels, optional ``depth`` (B, F, H, W).
+
+        Returns:
+            ``context`` (B, Tc, C, h, w), ``target`` (B, T, C, h, w) normalised latents,
+            ``memory_latents`` (B, T, C, h, w), ``memory_mask`` (B, T, h, w),
+            ``prompt_embeds`` (B, L, D).
+        """
+        from ..memory import LatentSpatialMemory, pool_depth
+        from .wan import latent_frame_indices
+
+        m, a = self.model, self.args
+        frames = clips["frames"]
+        batch, total = frames.shape[:2]
+        if total != a.past_frames + a.segment_frames:
+            raise ValueError(f"clips have {total} frames, need past_frames + segment_frames = {a.past_frames + a.segment_frames}")
+        past, target = frames[:, : a.past_frames], frames[:, a.past_frames :]
+        past_latents, target_latents = m.encode(past), m.encode(target)
+        tp, tt = past_latents.shape[1], target_latents.shape[1]
+        f = m.latent.spatial_factor
+        past_index = latent_frame_indices(tp, m.latent.temporal_factor)
+        target_index = [a.past_frames + i for i in latent_frame_indices(tt, m.latent.temporal_factor)]
+        if "depth" in clips:
+            depth = pool_depth(clips["depth"][:, past_index].float(), f)
+        else:
+            depth = m.estimate_depth(past.cpu(), tp)
+        poses = clips["poses"].to(torch.float64)
+        memory_latents, memory_mask = [], []
+        for i in range(batch):
+            fx, fy, cx, cy = clips["intrinsics"][i].tolist()
+            camera = Camera(fx, fy, cx, cy, width=frames.shape[3], height=frames.shape[2]).scaled(1.0 / f)
+            memory = LatentSpatialMemory(m.latent.channels, voxel_size=a.voxel_size, device=m.device)
+            memory.write(past_latents[i].to(m.device), depth[i].to(m.device), camera, poses[i, past_index].to(m.device))
+            read = memory.read(camera, poses[i, target_index].to(m.device))
+            memory_latents.append(read.latents)
+            memory_mask.append(read.mask)
+        context = past_latents[:, tp - min(a.context_frames, tp) :] if a.context_frames else past_latents[:, :0]
+        return {
+            "context": context,
+            "target": target_latents,
+            "memory_latents": torch.stack(memory_latents),
+            "memory_mask": torch.stack(memory_mask),
+            "prompt_embeds": m.prompt_embeds([a.prompt] * batch),
+        }
+
+    def loss(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> torch.Tensor:
+        """Flow-matching loss on the target frames of a prepared batch."""
+        from .wan_memory import memory_control
+
+        device = self.model.device
+        context = batch["context"].to(device, torch.float32).transpose(1, 2)
+        target = batch["target"].to(device, torch.float32).transpose(1, 2)
+        b, c, tc = context.shape[:3]
+        x0 = torch.cat([context, target], dim=2)
+        gen_device = generator.device if generator is not None else device
+        noise = torch.randn(x0.shape, generator=generator, device=gen_device).to(device)
+        u = torch.rand(b, generator=generator, device=gen_device).to(device)
+        # Same timestep shift as the sampler, so training sees the noise levels sampling visits.
+        sigma = self.args.flow_shift * u / (1 + (self.args.flow_shift - 1) * u)
+        s = sigma.view(b, 1, 1, 1, 1)
+        xt = (1 - s) * x0 + s * noise
+        xt[:, :, :tc] = context
+        h, w = x0.shape[-2:]
+        p_t, p_h, p_w = self.model.patch_size
+        per_frame = (h // p_h) * (w // p_w)
+        timestep = (sigma * 1000).view(b, 1).expand(b, x0.shape[2] * per_frame).clone()
+        timestep[:, : tc * per_frame] = 0
+        control = torch.zeros(b, 2 * c, x0.shape[2], h, w, device=device)
+        control[:, :, tc:] = memory_control(batch["memory_latents"].to(device).float(), batch["memory_mask"].to(device))
+        dtype = self.model.dtype
+        with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
+            pred = self.transformer(
+                xt.to(dtype), timestep, batch["prompt_embeds"].to(device, dtype), control_hidden_states=control.to(dtype), return_dict=False
+            )[0]
+        return torch.nn.functional.mse_loss(pred[:, :, tc:].float(), (noise - x0)[:, :, tc:])
+
+    def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> float:
+        """One optimizer step on a prepared batch; returns the loss before the step."""
+        self.transformer.train()
+        loss = self.loss(batch, generator)
+        if self.accelerator is not None:
+            self.accelerator.backward(loss)
+        else:
+            loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(loss.detach())
+
+    # ---------------------------------------------------------------- checkpoints
+
+    def _unwrapped(self):
+        return self.accelerator.unwrap_model(self.transformer) if self.accelerator is not None else self.transformer
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write a checkpoint that is also a ``memory_dir`` for WanWorldModel."""
+        from .wan_memory import save_lora, save_memory_branch
+
+        directory = Path(directory)
+        model = self._unwrapped()
+        save_memory_branch(model, directory)
+        if self.lora_config is not None:
+            save_lora(model, directory / "lora", self.lora_config)
+        tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
+        save_file(tensors, directory / "optimizer.safetensors", metadata={"format": "pt"})
+        state = {"step": self.step, "stage": self.args.stage, "optimizer": meta, "args": dataclasses.asdict(self.args)}
+        (directory / "trainer_state.json").write_text(json.dumps(state, indent=2, default=str))
+        return directory
+
+    def load(self, directory: str | os.PathLike) -> None:
+        """Resume: weights of the trained parts, optimizer state and step."""
+        from peft.utils import set_peft_model_state_dict
+
+        from .wan_memory import BRANCH_WEIGHTS, LORA_WEIGHTS
+
+        directory = Path(directory)
+        state_path = directory / "trainer_state.json"
+        if not state_path.is_file():
+            raise FileNotFoundError(f"{directory} is not a training checkpoint (no trainer_state.json)")
+        state = json.loads(state_path.read_text())
+        if state["stage"] != self.args.stage:
+            raise ValueError(f"checkpoint {directory} is from stage {state['stage']}, this trainer runs stage {self.args.stage}")
+        model = self._unwrapped()
+        device = next(model.parameters()).device
+        branch = load_file(directory / BRANCH_WEIGHTS, device=str(device))
+        current = model.state_dict()
+        with torch.no_grad():
+            for key, value in branch.items():
+                current[key].copy_(value)
+        if self.lora_config is not None:
+            set_peft_model_state_dict(model, load_file(directory / "lora" / LORA_WEIGHTS, device=str(device)))
+        tensors = load_file(directory / "optimizer.safetensors")
+        self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
+        self.step = int(state["step"])
+
+
+# --------------------------------------------------------------------------- entry point
+
+
+def train(args: TrainArgs) -> Path:
+    """Run one stage from the arguments; returns the final checkpoint directory."""
+    from accelerate import Accelerator
+
+    from .wan import WanWorldModel
+
+    args.check()
+    if not args.data_dir:
+        raise ValueError("data_dir is required: a folder of sequence folders (cameras.txt + frames/)")
+    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.mixed_precision if args.mixed_precision != "auto" else ("bf16" if device == "cuda" else "no")
+    accelerator = Accelerator(mixed_precision=precision, cpu=device == "cpu")
+    torch.manual_seed(args.seed)
+    model = WanWorldModel(
+        args.checkpoint_dir, memory_dir=args.memory_dir, device=accelerator.device,
+        dtype=torch.bfloat16 if precision == "bf16" else torch.float32, image_size=tuple(args.image_size),
+        frames_per_segment=args.segment_frames, context_frames=args.context_frames, flow_shift=args.flow_shift,
+        depth_estimator=args.depth_model, vace_every=args.vace_every, max_sequence_length=args.max_sequence_length,
+    )
+    trainer = MemoryBranchTrainer(model, args, accelerator=accelerator)
+    if args.resume:
+        trainer.load(args.resume)
+    data = PosedClipDataset(args.data_dir, args.past_frames + args.segment_frames, tuple(args.image_size), args.frame_stride)
+    loader = torch.utils.data.DataLoader(data, batch_size=args.batch_size, shuffle=True, drop_last=True,
+                                         generator=torch.Generator().manual_seed(args.seed + trainer.step))
+    out = Path(args.output_dir)
+    bar = tqdm(total=args.max_steps, initial=trainer.step, disable=not args.progress or not accelerator.is_main_process)
+    while trainer.step < args.max_steps:
+        for clips in loader:
+            loss = trainer.train_step(trainer.prepare_batch(clips))
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            if accelerator.is_main_process and (trainer.step % args.save_every == 0 or trainer.step == args.max_steps):
+                trainer.save(out / f"step-{trainer.step:07d}")
+            if trainer.step >= args.max_steps:
+                break
+    bar.close()
+    return out / f"step-{trainer.step:07d}"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train the Wan memory branch (stage 1) or LoRA (stage 2).")
+    for f in dataclasses.fields(TrainArgs):
+        name = "--" + f.name.replace("_", "-")
+        default = None if f.default is dataclasses.MISSING else f.default
+        if f.type in ("bool", bool):
+            parser.add_argument(name, action=argparse.BooleanOptionalAction, default=default)
+        elif f.name == "image_size":
+            parser.add_argument(name, type=int, nargs=2, default=default, metavar=("HEIGHT", "WIDTH"))
+        else:
+            kind = {"int": int, "float": float}.get(str(f.type), str)
+            parser.add_argument(name, type=kind, default=default, required=default is None and f.name == "checkpoint_dir")
+    train(TrainArgs(**vars(parser.parse_args(argv))))
+
+
+if __name__ == "__main__":
+    main()
