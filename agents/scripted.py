@@ -7,6 +7,7 @@ A policy is called as ``policy(observation, info) -> action`` and restarted with
 from __future__ import annotations
 
 import itertools
+import math
 
 import numpy as np
 
@@ -91,7 +92,56 @@ class LawnmowerPolicy(ActionSequencePolicy):
         super().__init__(moves)
 
 
-POLICIES = {p.name: p for p in (RandomPolicy, LoopPolicy, OrbitPolicy, LawnmowerPolicy)}
+class WaypointPolicy:
+    """Drives to the task's goal: turn towards it, walk, and at home turn back to the starting heading.
+
+    Reads the ``goal`` observation of PointNav / ReturnHome (distance, cos and sin
+    of the bearing, positive to the right) and ReturnHome's ``home_heading``.
+    Turns while the goal is more than half a turn off the heading, so goals on
+    the move lattice are faced exactly. When a forward move was refused
+    (``info["collided"]``) it sidesteps: turns away a few times and walks on.
+    With no ``goal`` in the observation (explore) it behaves as ``RandomPolicy``.
+
+    Args:
+        turn_degrees: the env's ``motion.turn_degrees``.
+        arrive_distance: closer than this the goal counts as reached; stop walking
+            (half a 0.25 m step by default: nearer than any step could bring it).
+    """
+
+    name = "waypoint"
+
+    def __init__(self, turn_degrees: float = 15.0, arrive_distance: float = 0.125, seed: int | None = None):
+        self.half_turn = math.radians(turn_degrees) / 2 + 1e-6
+        self.arrive_distance = float(arrive_distance)
+        self.reset(seed)
+
+    def reset(self, seed: int | None = None) -> None:
+        self.rng = np.random.default_rng(seed)
+        self.random = RandomPolicy(seed)
+        self._escape: list[int] = []
+
+    def __call__(self, observation=None, info=None) -> int:
+        goal = observation.get("goal") if isinstance(observation, dict) else None
+        if goal is None:
+            return self.random(observation, info)
+        if info and info.get("collided") and not self._escape:
+            side = Move.TURN_LEFT if self.rng.random() < 0.5 else Move.TURN_RIGHT
+            self._escape = [side] * 3 + [Move.FORWARD] * 2
+        if self._escape:
+            return int(self._escape.pop(0))
+        distance, cos, sin = (float(v) for v in np.asarray(goal)[:3])
+        if distance <= self.arrive_distance:
+            heading = observation.get("home_heading")
+            return self._turn_towards(math.atan2(heading[1], heading[0])) if heading is not None else int(Move.STAY)
+        return self._turn_towards(math.atan2(sin, cos), otherwise=Move.FORWARD)
+
+    def _turn_towards(self, angle: float, otherwise: Move = Move.STAY) -> int:
+        if abs(angle) <= self.half_turn:
+            return int(otherwise)
+        return int(Move.TURN_RIGHT if angle > 0 else Move.TURN_LEFT)
+
+
+POLICIES = {p.name: p for p in (RandomPolicy, LoopPolicy, OrbitPolicy, LawnmowerPolicy, WaypointPolicy)}
 
 
 def make_policy(name: str, seed: int | None = None):

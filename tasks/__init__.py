@@ -5,7 +5,9 @@ Installed as ``mirage_env.tasks``. ``TASKS`` maps a task's name to its class.
 
 from .base import Task, TaskStep
 from .explore import ExploreTask
+from .pointnav import PointNavTask
+from .returnhome import ReturnHomeTask
 
-TASKS: dict[str, type[Task]] = {ExploreTask.name: ExploreTask}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (ExploreTask, PointNavTask, ReturnHomeTask)}
 
-__all__ = ["Task", "TaskStep", "ExploreTask", "TASKS"]
+__all__ = ["Task", "TaskStep", "ExploreTask", "PointNavTask", "ReturnHomeTask", "TASKS"]

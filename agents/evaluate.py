@@ -1,0 +1,196 @@
+"""Evaluate a policy on a task: success rate, SPL and path length over K episodes.
+
+    mirage-env evaluate --task pointnav --policy waypoint --episodes 100 --json out.json
+    mirage-env evaluate --task pointnav --policy model.zip --episodes 100 --video eval.mp4
+
+``--policy`` is a scripted policy name (random, waypoint, ...) or a model saved
+by ``mirage-env train``; a model's image size and observation keys come from
+its observation space, and its task settings from the ``.json`` saved beside it
+(flags given here override them). Episode ``i`` uses seed ``--seed + i``, so two
+policies evaluated with the same flags meet the same worlds and goals.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+
+# Settings that make a task's env; train writes them beside a model so evaluate can rebuild it.
+ENV_DEFAULTS = {"task": "pointnav", "task_options": {}, "image_size": 64, "observations": ["rgb", "pose"],
+                "max_episode_steps": 50}
+
+
+def make_env(task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
+             observations=("rgb", "pose"), max_episode_steps: int = 50, render_mode: str | None = None, **kwargs):
+    """A MirageEnv with a fresh task instance (tasks hold per-episode state, so never share one)."""
+    from mirage_env.env import MirageEnv
+    from mirage_env.tasks import TASKS
+
+    if task not in TASKS:
+        raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
+    try:
+        task_instance = TASKS[task](**(task_options or {}))
+    except TypeError as error:
+        raise ValueError(f"bad --task-option for {task!r}: {error}") from None
+    return MirageEnv(task=task_instance, image_size=image_size, observations=tuple(observations),
+                     max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
+
+
+def parse_task_options(pairs: list[str] | None) -> dict:
+    """["min_distance=0.75", "max_bearing_degrees=30"] -> {"min_distance": 0.75, ...} (values parsed as JSON)."""
+    options = {}
+    for pair in pairs or []:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--task-option expects KEY=VALUE, got {pair!r}")
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    return options
+
+
+class ModelPolicy:
+    """A Stable-Baselines3 model as a ``policy(observation, info) -> action``."""
+
+    def __init__(self, model, deterministic: bool = True):
+        self.model, self.deterministic = model, deterministic
+
+    def reset(self, seed: int | None = None) -> None:
+        if seed is not None:
+            self.model.set_random_seed(seed)
+
+    def __call__(self, observation, info=None) -> int:
+        return int(self.model.predict(observation, deterministic=self.deterministic)[0])
+
+
+def model_settings(path: str | Path, model) -> dict:
+    """Env settings a saved model was trained with: sidecar JSON, then what its observation space implies."""
+    from mirage_env.tasks import TASKS
+
+    settings = dict(ENV_DEFAULTS)
+    sidecar = Path(path).with_suffix(".json")
+    if sidecar.exists():
+        settings.update({k: v for k, v in json.loads(sidecar.read_text()).items() if k in ENV_DEFAULTS})
+    keys = list(model.observation_space.spaces)
+    if "rgb" in keys:
+        settings["image_size"] = int(model.observation_space["rgb"].shape[0])
+    task_keys = set(TASKS[settings["task"]]().observation_spaces())
+    settings["observations"] = [k for k in keys if k not in task_keys]
+    return settings
+
+
+def load_policy(spec: str, seed: int = 0, deterministic: bool = True):
+    """(policy, settings or None): a scripted policy by name, or a saved SB3 model (.zip)."""
+    if spec.endswith(".zip"):
+        from stable_baselines3 import PPO
+
+        if not Path(spec).exists():
+            raise FileNotFoundError(f"no model at {spec}; train one with `mirage-env train --out {spec}`")
+        model = PPO.load(spec, device="cpu")
+        return ModelPolicy(model, deterministic), model_settings(spec, model)
+    from mirage_env.agents.scripted import make_policy
+
+    return make_policy(spec, seed=seed), None
+
+
+def evaluate(env, policy, episodes: int, seed: int = 0, video_episodes: int = 0, progress: bool = True) -> dict:
+    """Run ``episodes`` episodes; mean measures plus the per-episode lists, and frames of the first few."""
+    from tqdm import tqdm
+
+    episode_measures, frames = [], []
+    start = time.perf_counter()
+    for episode in tqdm(range(episodes), desc="evaluate", unit="episode", disable=not progress):
+        observation, info = env.reset(seed=seed + episode)
+        policy.reset(seed + episode)
+        record = episode < video_episodes
+        if record:
+            frames.append(env.batch.last_frames[0].copy())
+        total, steps, done = 0.0, 0, False
+        while not done:
+            observation, reward, terminated, truncated, info = env.step(policy(observation, info))
+            total, steps, done = total + reward, steps + 1, terminated or truncated
+            if record:
+                frames.extend(env.step_frames())
+        episode_measures.append({
+            "success": float(info.get("success", False)), "spl": float(info.get("spl", 0.0)),
+            "path_length": float(info["path_length"]), "return": total, "steps": steps,
+            **({"revisit_psnr": info["revisit_psnr"]} if "revisit_psnr" in info else {}),
+        })
+    elapsed = time.perf_counter() - start
+    summary = {key: float(np.mean([m[key] for m in episode_measures if key in m]))
+               for key in ("success", "spl", "path_length", "return", "steps", "revisit_psnr")
+               if any(key in m for m in episode_measures)}
+    summary.update({"episodes": episodes, "seconds": elapsed, "per_episode": episode_measures})
+    return summary | {"frames": frames}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default=None, help="pointnav (default) | returnhome | explore")
+    parser.add_argument("--policy", default="waypoint", help="random | waypoint | ... | path/to/model.zip")
+    parser.add_argument("--episodes", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=10_000, help="episode i uses seed + i")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                        help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--max-episode-steps", type=int, default=None)
+    parser.add_argument("--stochastic", action="store_true", help="sample a model's actions instead of argmax")
+    parser.add_argument("--video", default=None, help="write the first --video-episodes episodes here (.mp4/.gif)")
+    parser.add_argument("--video-episodes", type=int, default=3)
+    parser.add_argument("--json", default=None, help="write the summary here")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small tensors)")
+    parser.add_argument("--quiet", action="store_true")
+
+
+@contextlib.contextmanager
+def torch_threads(count: int):
+    """Run with ``count`` torch threads, then restore: the CLI may be called in-process (tests, notebooks)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def main(args) -> dict:
+    with torch_threads(args.threads):
+        return _main(args)
+
+
+def _main(args) -> dict:
+    from mirage_env.cli import _upscale, _write_video
+
+    if args.episodes < 1:
+        raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
+    policy, settings = load_policy(args.policy, seed=args.seed, deterministic=not args.stochastic)
+    settings = dict(settings or ENV_DEFAULTS)
+    for key, value in (("task", args.task), ("image_size", args.image_size),
+                       ("max_episode_steps", args.max_episode_steps)):
+        if value is not None:
+            settings[key] = value
+    settings["task_options"] = {**settings["task_options"], **parse_task_options(args.task_option)}
+    env = make_env(**settings)
+    results = evaluate(env, policy, args.episodes, seed=args.seed,
+                       video_episodes=args.video_episodes if args.video else 0, progress=not args.quiet)
+    frames = results.pop("frames")
+    if args.video:
+        _write_video(args.video, [_upscale(f, 4) for f in frames], fps=15)
+    results = {"policy": args.policy, **settings, **results}
+    line = (f"{args.policy} on {settings['task']}: success {results['success']:.1%}, SPL {results['spl']:.3f}, "
+            f"path {results['path_length']:.2f} m over {args.episodes} episodes")
+    if "revisit_psnr" in results and not math.isnan(results["revisit_psnr"]):
+        line += f", revisit PSNR {results['revisit_psnr']:.1f} dB"
+    print(line + (f", video {args.video}" if args.video else ""))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results

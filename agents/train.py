@@ -1,0 +1,161 @@
+"""Train an agent with Stable-Baselines3 PPO, save it, evaluate it.
+
+    mirage-env train --task pointnav --algo ppo --timesteps 50000 --num-envs 4 --out pointnav.zip --json out.json
+
+Reads top to bottom: arguments -> vectorised envs -> PPO on the Dict
+observation (``MultiInputPolicy``: a CNN on ``rgb``, the vectors concatenated)
+-> learn under a progress bar -> save (model + a ``.json`` of the env settings
+beside it, which ``mirage-env evaluate`` reads) -> evaluate over held-out seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .evaluate import ENV_DEFAULTS, ModelPolicy, evaluate, make_env, parse_task_options, torch_threads
+
+ALGOS = ("ppo",)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--task", default="pointnav", help="pointnav | returnhome | explore")
+    parser.add_argument("--algo", default="ppo", choices=ALGOS)
+    parser.add_argument("--timesteps", type=int, default=50_000)
+    parser.add_argument("--num-envs", type=int, default=4)
+    parser.add_argument("--vec", default="auto", choices=["auto", "dummy", "subproc", "batched"],
+                        help="how envs run side by side: auto = batched (mirage_env.vector) when available, else dummy")
+    parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
+                        help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
+    parser.add_argument("--image-size", type=int, default=64, help=">= 36: NatureCNN's smallest input")
+    parser.add_argument("--observations", default="rgb,pose", help="env observation keys (the task adds its own)")
+    parser.add_argument("--max-episode-steps", type=int, default=50)
+    parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--n-epochs", type=int, default=4)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--gamma", type=float, default=0.99)
+    parser.add_argument("--ent-coef", type=float, default=0.01)
+    parser.add_argument("--net-arch", default="64,64", help="policy/value MLP widths after the feature extractor")
+    parser.add_argument("--cnn-dim", type=int, default=64, help="features NatureCNN makes of the image")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads; 1 is fastest for these small tensors and never oversubscribes the CPU")
+    parser.add_argument("--out", default="model.zip", help="where the trained model is saved")
+    parser.add_argument("--eval-episodes", type=int, default=100)
+    parser.add_argument("--eval-seed", type=int, default=10_000, help="evaluation episode i uses eval seed + i")
+    parser.add_argument("--compare-random", action="store_true", help="also evaluate the random policy")
+    parser.add_argument("--json", default=None, help="write settings, training time and evaluation here")
+    parser.add_argument("--quiet", action="store_true")
+
+
+def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "auto", threads: int = 1):
+    """``num_envs`` envs as one SB3 VecEnv, each a Monitor recording the task's success."""
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+
+    if kind in ("auto", "batched"):
+        try:
+            from mirage_env.vector import MirageSB3VecEnv
+        except ImportError:
+            if kind == "batched":
+                raise ValueError("--vec batched needs mirage_env.vector.MirageSB3VecEnv, which this install lacks")
+        else:
+            return MirageSB3VecEnv(num_envs=num_envs, seed=seed, **settings)
+        kind = "dummy"
+
+    def factory(rank: int):
+        def make():
+            torch.set_num_threads(threads)  # matters in subprocesses, which start with torch's default
+            env = Monitor(make_env(**settings), info_keywords=("success",))
+            env.reset(seed=seed + rank)
+            return env
+        return make
+
+    vec_class = SubprocVecEnv if kind == "subproc" else DummyVecEnv
+    venv = vec_class([factory(rank) for rank in range(num_envs)])
+    venv.seed(seed)
+    return venv
+
+
+def progress_callback(total: int, disable: bool = False):
+    """A tqdm progress bar with the recent success rate and return (SB3's own bar needs ``rich``)."""
+    from stable_baselines3.common.callbacks import BaseCallback
+    from tqdm import tqdm
+
+    class TqdmProgress(BaseCallback):
+        def _on_training_start(self) -> None:
+            self.bar = tqdm(total=total, desc="train", unit="step", disable=disable)
+
+        def _on_step(self) -> bool:
+            self.bar.update(self.training_env.num_envs)
+            return True
+
+        def _on_rollout_end(self) -> None:
+            episodes = list(self.model.ep_info_buffer)
+            if episodes:
+                self.bar.set_postfix(success=f"{np.mean([e.get('success', 0.0) for e in episodes]):.2f}",
+                                     ret=f"{np.mean([e['r'] for e in episodes]):.2f}", refresh=False)
+
+        def _on_training_end(self) -> None:
+            self.bar.close()
+
+    return TqdmProgress()
+
+
+def main(args) -> dict:
+    with torch_threads(args.threads):
+        return _main(args)
+
+
+def _main(args) -> dict:
+    from stable_baselines3 import PPO
+
+    if args.image_size < 36 and "rgb" in args.observations.split(","):
+        raise ValueError(f"--image-size {args.image_size} is too small for NatureCNN (needs >= 36); "
+                         f"use a larger image or --observations pose")
+    settings = {**ENV_DEFAULTS, "task": args.task, "task_options": parse_task_options(args.task_option),
+                "image_size": args.image_size, "observations": [k for k in args.observations.split(",") if k],
+                "max_episode_steps": args.max_episode_steps}
+    venv = build_vec_env(settings, args.num_envs, args.seed, args.vec, args.threads)
+
+    model = PPO(
+        "MultiInputPolicy", venv, n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs,
+        learning_rate=args.learning_rate, gamma=args.gamma, ent_coef=args.ent_coef, seed=args.seed, device="cpu",
+        policy_kwargs={"net_arch": [int(w) for w in args.net_arch.split(",") if w],
+                       "features_extractor_kwargs": {"cnn_output_dim": args.cnn_dim}},
+    )
+    start = time.perf_counter()
+    model.learn(args.timesteps, callback=progress_callback(args.timesteps, disable=args.quiet))
+    train_seconds = time.perf_counter() - start
+    venv.close()
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    model.save(out)
+    out.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+
+    env = make_env(**settings)
+    trained = evaluate(env, ModelPolicy(model), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
+    results = {**settings, "algo": args.algo, "timesteps": args.timesteps, "num_envs": args.num_envs,
+               "train_seconds": train_seconds, "model": str(out),
+               "success_trained": trained["success"], "spl_trained": trained["spl"],
+               "eval_episodes": args.eval_episodes}
+    line = (f"trained {args.timesteps} steps in {train_seconds:.0f} s -> {out}; over {args.eval_episodes} episodes: "
+            f"success {trained['success']:.1%}, SPL {trained['spl']:.3f}")
+    if args.compare_random:
+        from mirage_env.agents.scripted import RandomPolicy
+
+        baseline = evaluate(env, RandomPolicy(), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
+        results.update({"success_random": baseline["success"], "spl_random": baseline["spl"]})
+        line += f" | random: success {baseline['success']:.1%}, SPL {baseline['spl']:.3f}"
+    print(line)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
