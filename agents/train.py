@@ -47,6 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch threads; 1 is fastest for these small tensors and never oversubscribes the CPU")
     parser.add_argument("--out", default="model.zip", help="where the trained model is saved")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop learning after this much wall time even if --timesteps is not reached")
     parser.add_argument("--eval-episodes", type=int, default=100)
     parser.add_argument("--eval-seed", type=int, default=10_000, help="evaluation episode i uses eval seed + i")
     parser.add_argument("--compare-random", action="store_true", help="also evaluate the random policy")
@@ -83,18 +85,22 @@ def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "auto", 
     return venv
 
 
-def progress_callback(total: int, disable: bool = False):
-    """A tqdm progress bar with the recent success rate and return (SB3's own bar needs ``rich``)."""
+def progress_callback(total: int, disable: bool = False, max_seconds: float | None = None):
+    """A tqdm progress bar with the recent success rate and return (SB3's own bar needs ``rich``).
+
+    With ``max_seconds`` it also ends training once that much wall time has passed.
+    """
     from stable_baselines3.common.callbacks import BaseCallback
     from tqdm import tqdm
 
     class TqdmProgress(BaseCallback):
         def _on_training_start(self) -> None:
             self.bar = tqdm(total=total, desc="train", unit="step", disable=disable)
+            self.started = time.perf_counter()
 
         def _on_step(self) -> bool:
             self.bar.update(self.training_env.num_envs)
-            return True
+            return max_seconds is None or time.perf_counter() - self.started < max_seconds
 
         def _on_rollout_end(self) -> None:
             episodes = list(self.model.ep_info_buffer)
@@ -131,7 +137,8 @@ def _main(args) -> dict:
                        "features_extractor_kwargs": {"cnn_output_dim": args.cnn_dim}},
     )
     start = time.perf_counter()
-    model.learn(args.timesteps, callback=progress_callback(args.timesteps, disable=args.quiet))
+    max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
+    model.learn(args.timesteps, callback=progress_callback(args.timesteps, args.quiet, max_seconds))
     train_seconds = time.perf_counter() - start
     venv.close()
 
@@ -142,11 +149,11 @@ def _main(args) -> dict:
 
     env = make_env(**settings)
     trained = evaluate(env, ModelPolicy(model), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
-    results = {**settings, "algo": args.algo, "timesteps": args.timesteps, "num_envs": args.num_envs,
+    results = {**settings, "algo": args.algo, "timesteps": int(model.num_timesteps), "num_envs": args.num_envs,
                "train_seconds": train_seconds, "model": str(out),
                "success_trained": trained["success"], "spl_trained": trained["spl"],
                "eval_episodes": args.eval_episodes}
-    line = (f"trained {args.timesteps} steps in {train_seconds:.0f} s -> {out}; over {args.eval_episodes} episodes: "
+    line = (f"trained {model.num_timesteps} steps in {train_seconds:.0f} s -> {out}; over {args.eval_episodes} episodes: "
             f"success {trained['success']:.1%}, SPL {trained['spl']:.3f}")
     if args.compare_random:
         from mirage_env.agents.scripted import RandomPolicy
