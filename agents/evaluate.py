@@ -80,7 +80,9 @@ def model_settings(path: str | Path, model) -> dict:
         settings.update({k: v for k, v in json.loads(sidecar.read_text()).items() if k in ENV_DEFAULTS})
     keys = list(model.observation_space.spaces)
     if "rgb" in keys:
-        settings["image_size"] = int(model.observation_space["rgb"].shape[0])
+        # SB3 stores image spaces channel-first (it transposes them for its CNN).
+        shape = model.observation_space["rgb"].shape
+        settings["image_size"] = int(shape[1] if shape[0] in (1, 3) else shape[0])
     task_keys = set(TASKS[settings["task"]]().observation_spaces())
     settings["observations"] = [k for k in keys if k not in task_keys]
     return settings
@@ -140,6 +142,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--max-episode-steps", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true", help="ablation: the generator ignores memory")
     parser.add_argument("--stochastic", action="store_true", help="sample a model's actions instead of argmax")
     parser.add_argument("--video", default=None, help="write the first --video-episodes episodes here (.mp4/.gif)")
     parser.add_argument("--video-episodes", type=int, default=3)
@@ -178,13 +181,13 @@ def _main(args) -> dict:
         if value is not None:
             settings[key] = value
     settings["task_options"] = {**settings["task_options"], **parse_task_options(args.task_option)}
-    env = make_env(**settings)
+    env = make_env(**settings, use_memory=not args.no_memory)
     results = evaluate(env, policy, args.episodes, seed=args.seed,
                        video_episodes=args.video_episodes if args.video else 0, progress=not args.quiet)
     frames = results.pop("frames")
     if args.video:
         _write_video(args.video, [_upscale(f, 4) for f in frames], fps=15)
-    results = {"policy": args.policy, **settings, **results}
+    results = {"policy": args.policy, **settings, "use_memory": not args.no_memory, **results}
     line = (f"{args.policy} on {settings['task']}: success {results['success']:.1%}, SPL {results['spl']:.3f}, "
             f"path {results['path_length']:.2f} m over {args.episodes} episodes")
     if "revisit_psnr" in results and not math.isnan(results["revisit_psnr"]):

@@ -35,6 +35,13 @@ class ReturnHomeTask(Task):
     current frame and the first frame of the episode is at least
     ``revisit_psnr_threshold``.
 
+    The default threshold, 21 dB, is set from the default procedural world: over
+    40 episodes of the waypoint policy (exact return to the start pose) the
+    revisit PSNR had median 24.4 dB (min 20.0) with memory and 19.2 dB (max 25.3)
+    without, so 95% of returns pass with memory and 22% without (the moving crate
+    in front of the start and newly generated appearance keep even a perfect
+    return below identical frames).
+
     Waypoints lie on the lattice the discrete moves reach (a whole number of
     ``step_metres`` along a whole number of ``turn_degrees``), in space the first
     view shows free, so the start pose can be re-reached exactly.
@@ -80,7 +87,7 @@ class ReturnHomeTask(Task):
 
     def __init__(self, min_steps: int = 2, max_steps: int = 6, max_bearing_degrees: float = 30.0,
                  waypoint_distance: float = 0.3, home_distance: float = 0.1, heading_tolerance_degrees: float = 5.0,
-                 revisit_psnr_threshold: float = 25.0, clearance: float = 0.5, waypoint_reward: float = 1.0,
+                 revisit_psnr_threshold: float = 21.0, clearance: float = 0.5, waypoint_reward: float = 1.0,
                  success_reward: float = 2.5, step_penalty: float = 0.01, distance_reward_scale: float = 1.0):
         if not 1 <= min_steps <= max_steps:
             raise ValueError(f"need 1 <= min_steps <= max_steps, got {min_steps} and {max_steps}")
