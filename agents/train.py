@@ -74,14 +74,12 @@ def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "auto", 
     def factory(rank: int):
         def make():
             torch.set_num_threads(threads)  # matters in subprocesses, which start with torch's default
-            env = Monitor(make_env(**settings), info_keywords=("success",))
-            env.reset(seed=seed + rank)
-            return env
+            return Monitor(make_env(**settings), info_keywords=("success",))
         return make
 
     vec_class = SubprocVecEnv if kind == "subproc" else DummyVecEnv
     venv = vec_class([factory(rank) for rank in range(num_envs)])
-    venv.seed(seed)
+    venv.seed(seed)  # env i draws its first world from seed + i
     return venv
 
 
@@ -95,7 +93,9 @@ def progress_callback(total: int, disable: bool = False, max_seconds: float | No
 
     class TqdmProgress(BaseCallback):
         def _on_training_start(self) -> None:
-            self.bar = tqdm(total=total, desc="train", unit="step", disable=disable)
+            # SB3 collects whole rollouts, so it runs up to the next multiple of one rollout.
+            rollout = getattr(self.model, "n_steps", 1) * self.training_env.num_envs
+            self.bar = tqdm(total=-(-total // rollout) * rollout, desc="train", unit="step", disable=disable)
             self.started = time.perf_counter()
 
         def _on_step(self) -> bool:

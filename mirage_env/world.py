@@ -60,6 +60,10 @@ class World:
         voxel_size: memory voxel edge in world units (default: the model's suggestion or 0.1).
         filters: keep-mask for what may enter memory (default: mirage_env.filters.default_filters).
         memory_options: extra keyword arguments for LatentSpatialMemory.
+        write: "unseen" (default) writes only latent pixels memory did not supply, so
+            remembered content is never re-sampled at new points (each re-write of a
+            projected sample would drift it); "all" writes everything back, as the
+            published system does (useful when the model refines what memory shows).
         device: where memory tensors live (the model manages its own device).
     """
 
@@ -71,13 +75,17 @@ class World:
         voxel_size: float | None = None,
         filters: KeepFilter | None = None,
         memory_options: dict[str, Any] | None = None,
+        write: str = "unseen",
         device: str | torch.device = "cpu",
     ):
+        if write not in ("unseen", "all"):
+            raise ValueError(f"write must be 'unseen' or 'all', got {write!r}")
         if num_worlds < 1:
             raise ValueError(f"num_worlds must be >= 1, got {num_worlds}")
         self.model = model
         self.num_worlds = num_worlds
         self.use_memory = bool(use_memory)
+        self.write = write
         self.camera = model.camera
         self.latent_camera = model.latent.latent_camera(model.camera)
         voxel_size = voxel_size or getattr(model, "suggested_voxel_size", 0.1)
@@ -158,6 +166,8 @@ class World:
             predicted_mask=read.mask,
             model_keep=segment.keep,
         ))
+        if self.write == "unseen":
+            keep &= ~read.mask
         self.memory.write(segment.latents, segment.depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds)
         gained = (self.memory.entries_per_world() - before)[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
@@ -228,6 +238,7 @@ class World:
         return {
             "num_worlds": self.num_worlds,
             "use_memory": self.use_memory,
+            "write": self.write,
             "memory": self.memory.config(),
             "model": self.model.config(),
         }
@@ -253,6 +264,7 @@ class World:
         world.model = model
         world.num_worlds = int(config["num_worlds"])
         world.use_memory = bool(config["use_memory"])
+        world.write = config.get("write", "unseen")
         world.camera = model.camera
         world.latent_camera = model.latent.latent_camera(model.camera)
         world.memory = LatentSpatialMemory.from_state(config["memory"], tensors, prefix="memory.", device=device)

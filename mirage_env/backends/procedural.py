@@ -1,0 +1,369 @@
+"""The embedded default world model: procedural geometry, generated appearance.
+
+It stands in for a video diffusion model, honestly:
+
+- **Geometry is procedural and ray-cast**, so depth is exact. A scene is a set of
+  axis-aligned boxes drawn from the world's generator at ``start``: indoors, a
+  room (seen from inside) with pillars and crates; outdoors, a ground plane with
+  buildings under a sky (+inf depth). One crate slides back and forth, so
+  memory's filters have moving content to reject.
+- **Appearance is generated anew for every segment**, like a video model that
+  only sees its context: each surface's colour, pattern and pattern scale are
+  drawn from the world's generator per segment, and only two things carry an
+  appearance over: the previous segment (a surface still in view keeps its look:
+  short-term continuity from the clean context frames) and memory (wherever the
+  projected memory hits, the output latent *is* the memory latent, and a surface
+  memory shows anywhere in view keeps the look memory recorded, as a
+  memory-conditioned model continues the style of what it is shown). So without
+  memory a place that left the view looks different when the agent returns; with
+  memory it matches.
+- It works in a latent space like a real VAE (``codec.PatchDCTCodec``: 8x,
+  48 channels); frames are always decoded from the latents, so what an agent
+  sees is exactly what memory can store.
+
+Everything is batched over worlds and frames: one call renders (B, T, H*W) rays
+against (B, K) boxes with a handful of tensor ops.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..geometry import Camera
+from .base import LatentSpec, Segment, SegmentRequest
+from .codec import PatchDCTCodec
+
+SCENES = ("indoor", "outdoor")
+NUM_OBJECTS = 8  # boxes per scene besides the room / ground; the last one moves
+FACES = 6
+PATTERNS = 4  # plain, checker, stripes, bricks
+
+
+class ProceduralWorldModel:
+    """Procedural scenes with per-segment generated appearance, behind the WorldModel protocol.
+
+    Args:
+        image_size: (height, width) of generated frames, multiples of ``spatial_factor``.
+        fov_degrees: horizontal field of view.
+        spatial_factor: codec patch side (8 like Wan2.1's VAE).
+        dct_keep: DCT coefficients kept per patch side; channels = 3 * dct_keep**2.
+        scene: "indoor" (a room with pillars and crates) or "outdoor" (buildings under a sky).
+        device: where rendering runs.
+    """
+
+    name = "procedural"
+    context_frames = 1
+    memory_depth_tolerance = 0.1
+
+    def __init__(
+        self,
+        image_size: tuple[int, int] = (64, 64),
+        fov_degrees: float = 90.0,
+        spatial_factor: int = 8,
+        dct_keep: int = 4,
+        scene: str = "indoor",
+        device: str | torch.device = "cpu",
+    ):
+        if scene not in SCENES:
+            raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
+        height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
+        self.codec = PatchDCTCodec(spatial_factor, dct_keep, device=device)
+        self.latent = LatentSpec(channels=self.codec.channels, spatial_factor=spatial_factor, temporal_factor=1)
+        self.camera = Camera.from_fov(int(width), int(height), fov_degrees)
+        self.latent.latent_camera(self.camera)  # validates divisibility with a clear error
+        self.fov_degrees = float(fov_degrees)
+        self.scene = scene
+        self.device = torch.device(device)
+        # About a third of a latent pixel's footprint at 3 m: fine enough that a
+        # revisit reads back the samples it wrote, coarse enough to stay compact.
+        self.suggested_voxel_size = 0.25 * 3.0 / self.latent.latent_camera(self.camera).fx * 1.5
+        # Per-pixel camera-frame ray directions with z = 1, so the ray parameter is z-depth.
+        v, u = torch.meshgrid(torch.arange(height, dtype=torch.float32) + 0.5,
+                              torch.arange(width, dtype=torch.float32) + 0.5, indexing="ij")
+        self._rays = torch.stack([(u - self.camera.cx) / self.camera.fx, (v - self.camera.cy) / self.camera.fy,
+                                  torch.ones_like(u)], -1).reshape(-1, 3).to(self.device)
+        # Per-world scene state, grown as worlds are started.
+        self.room_lo = torch.zeros(0, 3, device=self.device)
+        self.room_hi = torch.zeros(0, 3, device=self.device)
+        self.box_lo = torch.zeros(0, NUM_OBJECTS, 3, device=self.device)
+        self.box_hi = torch.zeros(0, NUM_OBJECTS, 3, device=self.device)
+        self.motion = torch.zeros(0, 3, device=self.device)  # amplitude, angular speed, phase of the moving crate
+        self.time = torch.zeros(0, dtype=torch.int64, device=self.device)
+        # The generator's current look of every surface, the look memory recorded for it
+        # (committed when the surface was last generated, since the World writes every
+        # segment), and which surfaces the last segment showed.
+        self.appearance = torch.zeros(0, self._surface_count(), 6, device=self.device)
+        self.committed = torch.zeros(0, self._surface_count(), 6, device=self.device)
+        self.in_view = torch.zeros(0, self._surface_count(), dtype=torch.bool, device=self.device)
+
+    # ------------------------------------------------------------------ protocol
+
+    def start(self, poses, generators, conditioning=None, worlds=None) -> Segment:
+        poses = self._check(poses, generators)
+        n = poses.shape[0]
+        worlds = list(range(n)) if worlds is None else [int(w) for w in worlds]
+        if len(worlds) != n:
+            raise ValueError(f"worlds lists {len(worlds)} indices for a batch of {n} poses")
+        if conditioning and any(c and ("image" in c or "prompt" in c) for c in conditioning):
+            raise ValueError("the procedural world model draws its scene from the seed; "
+                             "reset options image/prompt need backend='wan'")
+        self._grow(max(worlds) + 1)
+        for world, generator in zip(worlds, generators):
+            self._draw_scene(world, generator)
+        return self._generate(poses, generators, worlds, memory=None)
+
+    def generate(self, request: SegmentRequest) -> Segment:
+        poses = self._check(request.poses, request.generators)
+        worlds = list(range(poses.shape[0]))
+        if len(worlds) > self.time.numel():
+            raise RuntimeError(f"generate() for {len(worlds)} worlds but only {self.time.numel()} were started")
+        memory = (request.memory_latents, request.memory_mask, request.memory_depth) if request.use_memory else None
+        return self._generate(poses, request.generators, worlds, memory)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.codec.decode_uint8(latents)
+
+    def config(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "image_size": [self.camera.height, self.camera.width],
+            "fov_degrees": self.fov_degrees,
+            "spatial_factor": self.codec.factor,
+            "dct_keep": self.codec.keep,
+            "scene": self.scene,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], **overrides) -> "ProceduralWorldModel":
+        options = {k: v for k, v in config.items() if k != "name"}
+        options["image_size"] = tuple(options["image_size"])
+        return cls(**(options | overrides))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {name: getattr(self, name) for name in self._STATE}
+
+    _STATE = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view")
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for name in self._STATE:
+            if name not in state:
+                raise ValueError(f"procedural world state lacks {name!r}; the saved world is incomplete")
+            setattr(self, name, state[name].to(self.device).clone())
+
+    # ------------------------------------------------------------------ scenes
+
+    def _check(self, poses, generators) -> torch.Tensor:
+        poses = torch.as_tensor(poses, dtype=torch.float64)
+        if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
+            raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
+        if not torch.isfinite(poses).all():
+            raise ValueError("poses contain NaN or inf; camera-to-world poses must be finite")
+        if len(generators) != poses.shape[0]:
+            raise ValueError(f"need one generator per world: {len(generators)} for {poses.shape[0]} worlds")
+        return poses
+
+    def _grow(self, count: int) -> None:
+        extra = count - self.time.numel()
+        if extra <= 0:
+            return
+        pad = lambda t: torch.cat([t, torch.zeros((extra, *t.shape[1:]), dtype=t.dtype, device=t.device)])  # noqa: E731
+        self.room_lo, self.room_hi = pad(self.room_lo), pad(self.room_hi)
+        self.box_lo, self.box_hi = pad(self.box_lo), pad(self.box_hi)
+        self.motion, self.time = pad(self.motion), pad(self.time)
+        self.appearance, self.in_view = pad(self.appearance), pad(self.in_view)
+        self.committed = pad(self.committed)
+
+    def _draw_scene(self, world: int, generator: torch.Generator) -> None:
+        """A new layout for ``world``; the camera starts at the origin, 1.5 m above the floor."""
+        r = lambda *shape: torch.rand(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+        floor = 1.5
+        if self.scene == "indoor":
+            half_x, half_z = 3.0 + 3.0 * r(1).item(), 3.0 + 3.0 * r(1).item()
+            ceiling = 1.3 + 1.2 * r(1).item()
+            lo = torch.tensor([-half_x, -ceiling, -half_z])
+            hi = torch.tensor([half_x, floor, half_z])
+        else:
+            lo = torch.tensor([-200.0, -1e3, -200.0])
+            hi = torch.tensor([200.0, floor, 200.0])
+        boxes_lo, boxes_hi = [], []
+        extent = 0.8 * torch.minimum(hi[[0, 2]].abs(), lo[[0, 2]].abs()) if self.scene == "indoor" else torch.tensor([25.0, 25.0])
+        for k in range(NUM_OBJECTS):
+            while True:  # place objects away from the start so the first view is free
+                centre = (r(2) * 2 - 1) * extent
+                if centre.norm() > (1.6 if self.scene == "indoor" else 6.0):
+                    break
+            if self.scene == "indoor":
+                pillar = k < 3
+                size = torch.tensor([0.3 + 0.3 * r(1).item(), 0.0, 0.3 + 0.3 * r(1).item()]) if pillar else \
+                    torch.tensor([0.4 + 0.6 * r(1).item(), 0.0, 0.4 + 0.6 * r(1).item()])
+                top = lo[1] if pillar else floor - (0.4 + 0.8 * r(1).item())
+            else:
+                size = torch.tensor([2.0 + 4.0 * r(1).item(), 0.0, 2.0 + 4.0 * r(1).item()])
+                top = floor - (3.0 + 12.0 * r(1).item())
+            boxes_lo.append(torch.tensor([centre[0] - size[0] / 2, top, centre[1] - size[2] / 2]))
+            boxes_hi.append(torch.tensor([centre[0] + size[0] / 2, floor, centre[1] + size[2] / 2]))
+        if self.scene == "indoor":
+            # The moving crate: smaller, lower, sliding along x in front of the start.
+            side = 0.5
+            z = 2.0 + 1.0 * r(1).item()
+            boxes_lo[-1] = torch.tensor([-side / 2, floor - side, z - side / 2])
+            boxes_hi[-1] = torch.tensor([side / 2, floor, z + side / 2])
+        motion = torch.tensor([1.0 + 0.8 * r(1).item(), 0.15 + 0.15 * r(1).item(), 2 * math.pi * r(1).item()])
+        dtype = self.room_lo.dtype
+        self.room_lo[world], self.room_hi[world] = lo.to(dtype), hi.to(dtype)
+        self.box_lo[world] = torch.stack(boxes_lo).to(dtype)
+        self.box_hi[world] = torch.stack(boxes_hi).to(dtype)
+        self.motion[world] = motion.to(dtype)
+        self.time[world] = 0
+        self.in_view[world] = False  # nothing carries over into a new world
+
+    # ------------------------------------------------------------------ rendering
+
+    def _generate(self, poses: torch.Tensor, generators, worlds: list[int], memory) -> Segment:
+        batch, frames = poses.shape[:2]
+        height, width, f = self.camera.height, self.camera.width, self.codec.factor
+        h, w, surfaces = height // f, width // f, self._surface_count()
+        index = torch.tensor(worlds, device=self.device)
+        time = self.time[index][:, None] + torch.arange(frames, device=self.device)  # (B, T)
+        depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
+        patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
+        latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
+        offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
+
+        # Always draw, so every world consumes its generator the same way whatever it sees.
+        fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
+        continuing = self.in_view[index]
+        memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
+        if memory is not None:
+            memory_latents, memory_mask, memory_depth = memory
+            # Memory that contradicts the geometry in view (a crate that has since moved, a
+            # sample from an oblique view of another part of the surface) is not shown: an
+            # ideal model resolves such conflicts in favour of what is there now.
+            agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
+            memory_used = memory_mask.to(self.device) & agrees
+        # Surfaces memory shows somewhere in view keep the look memory recorded for them.
+        centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
+        shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
+        recalled = shown.reshape(batch, surfaces) & ~continuing
+        appearance = torch.where(continuing[..., None], self.appearance[index],
+                                 torch.where(recalled[..., None], self.committed[index], fresh))
+        self.appearance[index] = appearance
+
+        images = self._shade(directions, origin, depth, surface, face_axis, appearance)
+        images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
+        latents = self.codec.encode(images)  # (B, T, C, h, w)
+        if memory is not None:
+            latents = torch.where(memory_used[:, :, None], memory_latents.to(self.device), latents)
+
+        surface = surface.reshape(batch, frames, height, width)
+        in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        in_view[(surface[:, -1].reshape(batch, -1) + offsets).reshape(-1)] = True
+        self.in_view[index] = in_view.reshape(batch, surfaces)
+        # What this segment shows goes to memory (the World writes every segment) with its current look.
+        seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
+        self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance, self.committed[index])
+        self.time[index] += frames
+
+        moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
+        moving = (surface >= moving_surface) & (surface < moving_surface + FACES)
+        return Segment(
+            latents=latents,
+            depth=latent_depth,
+            poses=poses,
+            frames=self.codec.decode_uint8(latents),
+            info={
+                "depth_full": depth.reshape(batch, frames, height, width),
+                "moving": moving.reshape(batch, frames, h, f, w, f).any(5).any(3),
+                "sky": torch.isinf(latent_depth),
+                "memory_used": memory_used,
+            },
+        )
+
+    def _surface_count(self) -> int:
+        return FACES + NUM_OBJECTS * FACES + 1  # room faces, object faces, sky
+
+    def _cast(self, poses, index, time):
+        """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins."""
+        rotation, origin = poses[..., :3, :3], poses[..., :3, 3]  # (B, T, 3, 3), (B, T, 3)
+        directions = torch.einsum("btij,pj->btpi", rotation, self._rays)  # (B, T, P, 3)
+        safe = torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
+        inverse = 1.0 / safe
+        o = origin[:, :, None, :]  # (B, T, 1, 3)
+
+        # The room (or the ground) is seen from inside: the exit face of its box.
+        room_lo, room_hi = self.room_lo[index][:, None, None], self.room_hi[index][:, None, None]
+        exit_t = (torch.where(directions > 0, room_hi, room_lo) - o) * inverse  # (B, T, P, 3)
+        depth, axis = exit_t.min(-1)
+        positive = torch.gather(directions, -1, axis[..., None])[..., 0] > 0
+        surface = axis * 2 + positive.long()  # room faces 0..5
+        if self.scene == "outdoor":
+            ground = (axis == 1) & positive
+            depth = torch.where(ground, depth, torch.full_like(depth, math.inf))
+            surface = torch.where(ground, surface, torch.full_like(surface, self._surface_count() - 1))
+
+        # Objects: slab test against every box at once, (B, T, P, K, 3).
+        box_lo, box_hi = self._object_boxes(index, time)  # (B, T, K, 3)
+        t_lo = (box_lo[:, :, None] - o[:, :, :, None]) * inverse[:, :, :, None]
+        t_hi = (box_hi[:, :, None] - o[:, :, :, None]) * inverse[:, :, :, None]
+        t_near_axes = torch.minimum(t_lo, t_hi)
+        t_near, near_axis = t_near_axes.max(-1)  # (B, T, P, K)
+        t_far = torch.maximum(t_lo, t_hi).min(-1).values
+        hit = (t_near <= t_far) & (t_near > 1e-4)
+        t_near = torch.where(hit, t_near, torch.full_like(t_near, math.inf))
+        object_depth, which = t_near.min(-1)  # (B, T, P)
+        closer = object_depth < depth
+        object_axis = torch.gather(near_axis, -1, which[..., None])[..., 0]
+        entering_from_positive = torch.gather(directions, -1, object_axis[..., None])[..., 0] < 0
+        object_surface = FACES + which * FACES + object_axis * 2 + entering_from_positive.long()
+        depth = torch.where(closer, object_depth, depth)
+        surface = torch.where(closer, object_surface, surface)
+        face_axis = torch.where(closer, object_axis, axis)
+        return depth, surface, face_axis, directions, o
+
+    def _object_boxes(self, index, time):
+        lo = self.box_lo[index][:, None].expand(-1, time.shape[1], -1, -1).clone()
+        hi = self.box_hi[index][:, None].expand(-1, time.shape[1], -1, -1).clone()
+        amplitude, speed, phase = self.motion[index].unbind(-1)
+        shift = amplitude[:, None] * torch.sin(speed[:, None] * time.float() + phase[:, None])  # (B, T)
+        lo[:, :, -1, 0] += shift
+        hi[:, :, -1, 0] += shift
+        return lo, hi
+
+    def _shade(self, directions, origin, depth, surface, face_axis, appearance):
+        """Colour (B, T, P, 3): per-surface colour and pattern, Lambert shading and distance fog."""
+        batch = directions.shape[0]
+        sky_id = self._surface_count() - 1
+        params = torch.gather(appearance, 1, surface.reshape(batch, -1, 1).expand(-1, -1, 6)).reshape(*surface.shape, 6)
+        finite_depth = torch.where(torch.isfinite(depth), depth, torch.zeros_like(depth))
+        point = origin + directions * finite_depth[..., None]
+        # Surface coordinates: the two world axes across the hit face.
+        u = torch.where(face_axis == 0, point[..., 2], point[..., 0])
+        v = torch.where(face_axis == 1, point[..., 2], point[..., 1])
+        scale = 1.0 + 3.0 * params[..., 3]
+        pattern_kind = (params[..., 4] * PATTERNS).long()
+        su, sv = u * scale, v * scale
+        checker = ((torch.floor(su) + torch.floor(sv)) % 2)
+        stripes = (torch.floor(su + sv) % 2)
+        bricks = ((torch.frac(sv) < 0.12) | (torch.frac(su + 0.5 * (torch.floor(sv) % 2)) < 0.08)).float()
+        pattern = torch.where(pattern_kind == 1, checker, torch.where(pattern_kind == 2, stripes,
+                              torch.where(pattern_kind == 3, 1.0 - bricks, torch.ones_like(checker))))
+        base = 0.2 + 0.75 * params[..., :3]
+        accent = 0.55 + 0.35 * params[..., 5:6]
+        colour = base * (accent + (1 - accent) * pattern[..., None])
+        normal_light = torch.tensor([0.45, 0.75, 0.5], device=self.device)[face_axis]
+        colour = colour * (0.45 + 0.55 * normal_light[..., None])
+        fog = torch.exp(-finite_depth / 25.0)[..., None]
+        colour = colour * fog + 0.6 * (1 - fog)
+        # Sky: a gradient between two generated colours by elevation (-y is up).
+        elevation = (-directions[..., 1] / directions.norm(dim=-1)).clamp(-1, 1)[..., None]
+        sky_top, sky_horizon = appearance[:, sky_id, :3], appearance[:, sky_id, 3:6]
+        sky_top = (0.15 + 0.5 * sky_top)[:, None, None] * torch.tensor([0.5, 0.7, 1.0], device=self.device)
+        sky_horizon = (0.6 + 0.4 * sky_horizon)[:, None, None]
+        sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
+        is_sky = (surface == sky_id)[..., None]
+        return torch.where(is_sky, sky, colour).clamp(0, 1)
