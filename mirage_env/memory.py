@@ -15,15 +15,20 @@ Layout (voxel hashing with bricks, as in Niessner et al. 2013):
 
 Policies, stated once:
 
-- Merge: an entry that falls in an occupied voxel replaces it ("latest wins"),
-  or with ``merge="closest"`` only when it was observed from at most
-  ``(1 + closest_tolerance)`` times the stored depth, so a close, detailed view
-  is not overwritten by a distant blurry one. Within one write, the entry
-  observed from nearest wins (ties: the later frame).
+- Merge: an entry that falls in an occupied voxel is dropped ("first wins", the
+  default: the world as first generated is canon, so a place keeps the samples a
+  returning camera expects); with ``merge="latest"`` it replaces the stored one
+  (for worlds that change); with ``merge="closest"`` it replaces it only when
+  observed from at most ``(1 + closest_tolerance)`` times the stored depth, so a
+  close, detailed view is not overwritten by a distant blurry one. Within one
+  write, the entry observed from nearest wins (ties: the later frame).
 - Z-buffer: per latent pixel the nearest surface wins; among points within
   ``surface_tolerance`` (relative depth) of the nearest, the one whose projection
-  is closest to the pixel centre wins, so a camera that returns to a pose reads
-  back exactly the samples it wrote there.
+  is closest to the pixel centre wins. Entries written from within
+  ``revisit_radius`` of the reading camera take precedence at the pixels they
+  reach (that view already resolved visibility there), so a camera that returns
+  to a pose reads back exactly the samples it wrote there, even where a thin
+  object seen from elsewhere lies in front.
 - Capacity: at most ``max_bricks_per_world`` bricks per world; when a write
   needs more, the least recently written bricks of that world are evicted.
 
@@ -43,13 +48,14 @@ from pathlib import Path
 
 import torch
 
-from .geometry import Camera, check_pose, invert_pose, unproject
+from .geometry import Camera, check_pose, invert_pose, pixel_centres, unproject
 
 __all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError"]
 
 FORMAT_NAME = "mirage_env.LatentSpatialMemory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry the origin of the camera that wrote them
 
+MERGE_POLICIES = ("latest", "closest", "first")
 _EMPTY = -1
 _AXIS_BITS = 16
 _AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
@@ -147,10 +153,13 @@ class LatentSpatialMemory:
         num_worlds: independent worlds stored side by side (a batch of envs).
         brick_size: voxels per brick side.
         max_bricks_per_world: capacity bound per world (LRU eviction beyond it).
-        merge: "latest" or "closest" (see module docstring).
+        merge: "first", "latest" or "closest" (see module docstring).
         feature_dtype: storage dtype of features (fp16 by default).
         max_read_depth: entries farther than this from a camera are not read.
         surface_tolerance: relative depth band treated as one surface in the z-buffer.
+        revisit_radius: entries written from within this distance of a reading camera are
+            preferred at the pixels they reach (default: half a voxel, "the same place" at
+            the memory's resolution; 0: plain z-buffer).
         device: where every tensor lives.
     """
 
@@ -161,19 +170,20 @@ class LatentSpatialMemory:
         num_worlds: int = 1,
         brick_size: int = 4,
         max_bricks_per_world: int = 1 << 16,
-        merge: str = "latest",
+        merge: str = "first",
         closest_tolerance: float = 0.1,
         feature_dtype: torch.dtype = torch.float16,
         max_read_depth: float = 1e4,
         surface_tolerance: float = 0.05,
+        revisit_radius: float | None = None,
         device: str | torch.device = "cpu",
     ):
         if channels <= 0:
             raise ValueError(f"channels must be positive, got {channels}")
         if not voxel_size > 0 or not math.isfinite(voxel_size):
             raise ValueError(f"voxel_size must be a positive number, got {voxel_size}")
-        if merge not in ("latest", "closest"):
-            raise ValueError(f"merge must be 'latest' or 'closest', got {merge!r}")
+        if merge not in MERGE_POLICIES:
+            raise ValueError(f"merge must be one of {MERGE_POLICIES}, got {merge!r}")
         if num_worlds < 1 or num_worlds >= (1 << _WORLD_BITS):
             raise ValueError(f"num_worlds must be in [1, {1 << _WORLD_BITS}), got {num_worlds}")
         if brick_size < 1:
@@ -188,6 +198,9 @@ class LatentSpatialMemory:
         self.feature_dtype = feature_dtype
         self.max_read_depth = float(max_read_depth)
         self.surface_tolerance = float(surface_tolerance)
+        self.revisit_radius = float(0.5 * self.voxel_size if revisit_radius is None else revisit_radius)
+        if not self.revisit_radius >= 0:
+            raise ValueError(f"revisit_radius must be >= 0 (0 turns the preference off), got {revisit_radius}")
         self.device = torch.device(device)
         self._voxels_per_brick = brick_size**3
         self._allocate(initial_bricks=64)
@@ -199,6 +212,7 @@ class LatentSpatialMemory:
         self.features = torch.zeros(n, v, self.channels, dtype=self.feature_dtype, device=dev)
         self.points = torch.zeros(n, v, 3, dtype=torch.float32, device=dev)
         self.observed_depth = torch.zeros(n, v, dtype=torch.float32, device=dev)
+        self.origins = torch.zeros(n, v, 3, dtype=torch.float32, device=dev)
         self.occupied = torch.zeros(n, v, dtype=torch.bool, device=dev)
         self.brick_keys = torch.full((n,), _EMPTY, dtype=torch.int64, device=dev)
         self.brick_world = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -224,6 +238,7 @@ class LatentSpatialMemory:
         self.features = extend(self.features, 0)
         self.points = extend(self.points, 0)
         self.observed_depth = extend(self.observed_depth, 0)
+        self.origins = extend(self.origins, 0)
         self.occupied = extend(self.occupied, False)
         self.brick_keys = extend(self.brick_keys, _EMPTY)
         self.brick_world = extend(self.brick_world, 0)
@@ -330,6 +345,7 @@ class LatentSpatialMemory:
         depth = torch.as_tensor(depth, device=self.device).reshape(batch, frames, *depth.shape[-2:]).to(torch.float32)
         if torch.isnan(depth).any():
             raise ValueError("depth contains NaN; mark missing depth as +inf (it is then not written)")
+        c2w = poses.to(self.device, torch.float64)
         if depth.shape[-2:] != (h, w):
             factor_h, factor_w = depth.shape[-2] // h, depth.shape[-1] // w
             if factor_h != factor_w or factor_h * h != depth.shape[-2] or factor_w * w != depth.shape[-1]:
@@ -337,9 +353,12 @@ class LatentSpatialMemory:
                     f"depth of size {tuple(depth.shape[-2:])} is neither the latent size {(h, w)} "
                     f"nor an integer multiple of it"
                 )
-            depth = pool_depth(depth, factor_h)
-        if (camera.height, camera.width) != (h, w):
-            camera = camera.scaled(h / camera.height)
+            image_camera = camera if (camera.height, camera.width) == depth.shape[-2:] else camera.scaled(factor_h * h / camera.height)
+            all_points, depth = lift_dominant_surface(depth, image_camera, c2w, factor_h)
+        else:
+            if (camera.height, camera.width) != (h, w):
+                camera = camera.scaled(h / camera.height)
+            all_points = None
         world_index = self._world_index(worlds, batch)
 
         valid = torch.isfinite(depth) & (depth > 0)
@@ -354,10 +373,12 @@ class LatentSpatialMemory:
         if index.numel() == 0:
             return 0
 
-        points = unproject(depth.masked_fill(~valid, 1.0), camera, poses.to(self.device, torch.float64))
-        points = points.to(torch.float32).reshape(-1, 3)[index]
+        if all_points is None:
+            all_points = unproject(depth.masked_fill(~valid, 1.0), camera, c2w)
+        points = all_points.to(torch.float32).reshape(-1, 3)[index]
         features = latents.permute(0, 1, 3, 4, 2).reshape(-1, self.channels)[index.to(latents.device)].to(self.device)
         observed = depth.reshape(-1)[index]
+        origins = c2w[..., :3, 3].to(torch.float32)[:, :, None].expand(batch, frames, h * w, 3).reshape(-1, 3)[index]
         entry_world = world_index.repeat_interleave(frames * h * w)[index]
         entry_frame = torch.arange(frames, device=self.device).repeat_interleave(h * w).repeat(batch)[index]
 
@@ -385,7 +406,11 @@ class LatentSpatialMemory:
         brick_slot = torch.div(flat_slots, self._voxels_per_brick, rounding_mode="floor")
         voxel_slot = flat_slots - brick_slot * self._voxels_per_brick
         was_occupied = self.occupied[brick_slot, voxel_slot]
-        if self.merge == "closest":
+        if self.merge == "first":
+            accept = ~was_occupied
+            winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
+            was_occupied = was_occupied[accept]
+        elif self.merge == "closest":
             stored = self.observed_depth[brick_slot, voxel_slot]
             accept = ~was_occupied | (observed[winners] <= stored * (1 + self.closest_tolerance))
             winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
@@ -394,6 +419,7 @@ class LatentSpatialMemory:
         self.features[brick_slot, voxel_slot] = features[winners].to(self.feature_dtype)
         self.points[brick_slot, voxel_slot] = points[winners]
         self.observed_depth[brick_slot, voxel_slot] = observed[winners]
+        self.origins[brick_slot, voxel_slot] = origins[winners]
         self.occupied[brick_slot, voxel_slot] = True
         self.brick_last_write[slots] = self.step
         return int(winners.numel())
@@ -510,6 +536,18 @@ class LatentSpatialMemory:
             if inside.any():
                 keep = torch.nonzero(inside).flatten()
                 pixel = view[keep] * (h * w) + row[keep].to(torch.int64) * w + column[keep].to(torch.int64)
+                if self.revisit_radius > 0:
+                    # What was seen from (nearly) here already resolved visibility along these
+                    # rays: where such entries exist, entries seen from elsewhere (a thin pillar
+                    # that covers under half of the pixel, a surface glimpsed past an edge) may
+                    # not hide them. So a camera that returns reads back what it wrote.
+                    camera_origin = poses.to(self.device, torch.float32).reshape(views, 4, 4)[:, :3, 3]
+                    seen_from = self.origins[brick_slot[keep], voxel[keep]]
+                    from_here = (seen_from - camera_origin[view[keep]]).norm(dim=-1) <= self.revisit_radius
+                    pixel_has_here = torch.zeros(pixels, dtype=torch.bool, device=self.device)
+                    pixel_has_here[pixel[from_here]] = True
+                    eligible = from_here | ~pixel_has_here[pixel]
+                    keep, pixel = keep[eligible], pixel[eligible]
                 z = z[keep]
                 # Nearest surface per pixel, then within that surface the sample nearest the pixel centre.
                 out_depth.scatter_reduce_(0, pixel, z, reduce="amin")
@@ -608,6 +646,7 @@ class LatentSpatialMemory:
             "feature_dtype": str(self.feature_dtype).removeprefix("torch."),
             "max_read_depth": self.max_read_depth,
             "surface_tolerance": self.surface_tolerance,
+            "revisit_radius": self.revisit_radius,
         }
 
     def state_tensors(self, prefix: str = "memory.") -> dict[str, torch.Tensor]:
@@ -617,6 +656,7 @@ class LatentSpatialMemory:
             "features": self.features[:used],
             "points": self.points[:used],
             "observed_depth": self.observed_depth[:used],
+            "origins": self.origins[:used],
             "occupied": self.occupied[:used],
             "brick_keys": self.brick_keys[:used],
             "brick_world": self.brick_world[:used],
@@ -638,7 +678,7 @@ class LatentSpatialMemory:
         memory = cls(**config, device=device)
         try:
             part = {k: tensors[prefix + k] for k in (
-                "features", "points", "observed_depth", "occupied", "brick_keys", "brick_world",
+                "features", "points", "observed_depth", "origins", "occupied", "brick_keys", "brick_world",
                 "brick_last_write", "free", "bricks_per_world", "entries_per_world", "step", "capacity")}
         except KeyError as missing:
             raise MemoryFileError(f"saved memory lacks tensor {missing}; the file is incomplete or not a memory") from None
@@ -646,6 +686,7 @@ class LatentSpatialMemory:
         shapes_ok = (
             part["features"].shape == (used, memory._voxels_per_brick, memory.channels)
             and part["points"].shape == (used, memory._voxels_per_brick, 3)
+            and part["origins"].shape == (used, memory._voxels_per_brick, 3)
             and part["occupied"].shape == (used, memory._voxels_per_brick)
             and part["bricks_per_world"].shape == (memory.num_worlds,)
         )
@@ -658,6 +699,7 @@ class LatentSpatialMemory:
         memory.features[:used] = part["features"].to(memory.device, memory.feature_dtype)
         memory.points[:used] = part["points"].to(memory.device)
         memory.observed_depth[:used] = part["observed_depth"].to(memory.device)
+        memory.origins[:used] = part["origins"].to(memory.device)
         memory.occupied[:used] = part["occupied"].to(memory.device)
         memory.brick_keys[:used] = part["brick_keys"].to(memory.device)
         memory.brick_world[:used] = part["brick_world"].to(memory.device)
@@ -694,6 +736,50 @@ def pool_depth(depth: torch.Tensor, factor: int) -> torch.Tensor:
     patches = depth.reshape(*lead, height // factor, factor, width // factor, factor)
     patches = patches.movedim(-3, -2).reshape(*lead, height // factor, width // factor, factor * factor)
     return patches.sort(dim=-1).values[..., (factor * factor) // 2]
+
+
+def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor, factor: int,
+                          surface_tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lift each latent pixel to the centroid of the surface most of its patch shows.
+
+    Lifting a latent pixel along its centre ray at its median depth puts a point in
+    empty space whenever the patch straddles an edge (a pillar against a wall): at
+    8x compression a latent pixel is ~1 m wide at 5 m, and such "floaters" later win
+    the z-buffer in front of the surface behind them. Averaging the 3D points of the
+    image pixels within ``surface_tolerance`` of the median keeps every point on a
+    real surface and still inside the pixel's frustum (a convex set).
+
+    Args:
+        depth: (B, T, H, W) image-resolution z-depth, +inf for sky / nothing.
+        camera: intrinsics of the (H, W) image.
+        c2w: (B, T, 4, 4) float64 camera-to-world poses.
+        factor: latent spatial factor; H and W are multiples of it.
+
+    Returns:
+        points (B, T, h, w, 3) float64 world points and depth (B, T, h, w) float32, the
+        z of each centroid in its camera (+inf where the median is +inf).
+    """
+    *lead, height, width = depth.shape
+    h, w, f = height // factor, width // factor, factor
+    median = pool_depth(depth, f)
+    u, v = pixel_centres(camera, dtype=torch.float64, device=depth.device)
+    fine = depth.to(torch.float64)
+    finite_fine = torch.where(torch.isfinite(fine), fine, torch.zeros_like(fine))
+    camera_points = torch.stack([(u - camera.cx) / camera.fx * finite_fine,
+                                 (v - camera.cy) / camera.fy * finite_fine, finite_fine], -1)
+    patches = camera_points.reshape(*lead, h, f, w, f, 3).movedim(-4, -3).reshape(*lead, h, w, f * f, 3)
+    patch_depth = fine.reshape(*lead, h, f, w, f).movedim(-3, -2).reshape(*lead, h, w, f * f)
+    reference = median.to(torch.float64)[..., None]
+    on_surface = (patch_depth - reference).abs() <= surface_tolerance * reference  # False for inf rows
+    weights = on_surface.to(torch.float64)
+    count = weights.sum(-1, keepdim=True).clamp_min(1.0)
+    centroid = (patches * weights[..., None]).sum(-2) / count
+    finite = torch.isfinite(median)
+    centroid = torch.where(finite[..., None], centroid, torch.zeros_like(centroid))
+    rotation, translation = c2w[..., None, None, :3, :3], c2w[..., None, None, :3, 3]
+    points = (rotation @ centroid[..., None])[..., 0] + translation
+    lifted_depth = torch.where(finite, centroid[..., 2].to(torch.float32), median)
+    return points, lifted_depth
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

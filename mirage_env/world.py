@@ -168,7 +168,8 @@ class World:
         ))
         if self.write == "unseen":
             keep &= ~read.mask
-        self.memory.write(segment.latents, segment.depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds)
+        depth = segment.image_depth if segment.image_depth is not None else segment.depth
+        self.memory.write(segment.latents, depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds)
         gained = (self.memory.entries_per_world() - before)[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
         return WorldStep(

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from mirage_env.geometry import Camera, CameraRig
-from mirage_env.memory import LatentSpatialMemory, MemoryFileError, pool_depth
+from mirage_env.memory import FORMAT_VERSION, LatentSpatialMemory, MemoryFileError, pool_depth
 
 LATENT = Camera.from_fov(64, 64, 90).scaled(1 / 8)  # an 8x8 latent grid, fx = 4
 CHANNELS = 6
@@ -80,14 +80,34 @@ def test_sideways_camera_sees_features_shifted_by_predicted_pixels():
     assert torch.equal(read.latents[:, :, : 8 - shift_pixels], latents[:, :, shift_pixels:])
 
 
-def test_rewriting_the_same_view_keeps_one_entry_per_voxel():
-    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+@pytest.mark.parametrize("merge, kept_seed", [("first", 0), ("latest", 4)])
+def test_rewriting_the_same_view_keeps_one_entry_per_voxel(merge, kept_seed):
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05, merge=merge)
     depth = torch.full((8, 8), 3.0)
     for seed in range(5):
         memory.write(features(seed), depth, LATENT, identity())
     assert memory.stats()["entries"] == 64
-    # Latest wins: the last write is what is read.
-    assert torch.equal(memory.read(LATENT, identity()).latents, features(4))
+    assert torch.equal(memory.read(LATENT, identity()).latents, features(kept_seed))
+
+
+def test_a_returning_camera_reads_its_own_samples_past_a_thin_object_seen_elsewhere():
+    """A post seen up close from elsewhere covers part of a pixel; the view from here saw the wall."""
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05)
+    wall = features(0)
+    memory.write(wall, torch.full((8, 8), 4.0), LATENT, identity())
+    # From 1 m to the right, a view whose centre pixel shows a post at 2 m that
+    # projects into the original camera's pixel (4, 4).
+    aside = identity()
+    aside[0, 3] = 1.0
+    post_depth = torch.full((8, 8), math.inf)
+    post_depth[4, 2] = 2.0
+    memory.write(features(1), post_depth, LATENT, aside)
+    plain = LatentSpatialMemory(CHANNELS, voxel_size=0.05, revisit_radius=0.0)
+    plain.write(wall, torch.full((8, 8), 4.0), LATENT, identity())
+    plain.write(features(1), post_depth, LATENT, aside)
+    assert plain.read(LATENT, identity()).depth.min() < 4.0, "the post must reach the original view for this test"
+    read = memory.read(LATENT, identity())
+    assert read.mask.all() and torch.equal(read.latents, wall.float())
 
 
 def test_entries_in_one_voxel_merge_to_one():
@@ -193,8 +213,9 @@ def test_corrupt_files_give_clear_errors(tmp_path):
         LatentSpatialMemory.load(tampered)
 
     old = tmp_path / "old.safetensors"
-    assert b'\\"version\\": 1' in data
-    old.write_bytes(data.replace(b'\\"version\\": 1', b'\\"version\\": 0'))
+    version = f'\\"version\\": {FORMAT_VERSION}'.encode()
+    assert version in data
+    old.write_bytes(data.replace(version, b'\\"version\\": 0'))
     with pytest.raises(MemoryFileError, match="version"):
         LatentSpatialMemory.load(old)
 

@@ -50,7 +50,7 @@ def test_protocol_shapes_and_exact_depth():
     assert segment.depth.shape == (1, 1, 4, 6)
     # The room's far wall is straight ahead: the centre ray's depth is its distance.
     far_wall = model.room_hi[0, 2].item()
-    centre = segment.info["depth_full"][0, 0, 16, 24].item()
+    centre = segment.image_depth[0, 0, 16, 24].item()
     assert centre == pytest.approx(far_wall, rel=1e-5) or centre < far_wall  # an object may stand in front
     assert torch.equal(segment.frames, model.decode(segment.latents))
 

@@ -79,6 +79,9 @@ class Segment:
         latents: (B, T, C, h, w) float32 generated latents.
         depth: (B, T, h, w) z-depth at latent resolution (+inf for sky / nothing).
         poses: (B, T, 4, 4) pose each latent frame is lifted with.
+        image_depth: optional (B, T, H, W) z-depth at image resolution; when given, memory
+            lifts each latent pixel to the centroid of the surface it mostly shows
+            (see mirage_env.memory.lift_dominant_surface) instead of its centre ray.
         keep: optional (B, T, h, w) bool, what the model itself knows must not persist
             (e.g. a segmentation of moving objects); None = no opinion.
         frames: optional (B, T_frames, H, W, 3) uint8, filled when the model already
@@ -89,6 +92,7 @@ class Segment:
     latents: torch.Tensor
     depth: torch.Tensor
     poses: torch.Tensor
+    image_depth: torch.Tensor | None = None
     keep: torch.Tensor | None = None
     frames: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -100,6 +104,7 @@ class Segment:
             latents=self.latents[index],
             depth=self.depth[index],
             poses=self.poses[index],
+            image_depth=pick(self.image_depth),
             keep=pick(self.keep),
             frames=pick(self.frames),
             info={k: (v[index] if isinstance(v, torch.Tensor) else v) for k, v in self.info.items()},

@@ -275,9 +275,9 @@ class ProceduralWorldModel:
             latents=latents,
             depth=latent_depth,
             poses=poses,
+            image_depth=depth.reshape(batch, frames, height, width),
             frames=self.codec.decode_uint8(latents),
             info={
-                "depth_full": depth.reshape(batch, frames, height, width),
                 "moving": moving.reshape(batch, frames, h, f, w, f).any(5).any(3),
                 "sky": torch.isinf(latent_depth),
                 "memory_used": memory_used,
