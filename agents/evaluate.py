@@ -26,20 +26,38 @@ ENV_DEFAULTS = {"task": "pointnav", "task_options": {}, "image_size": 64, "obser
                 "max_episode_steps": 50}
 
 
-def make_env(task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
-             observations=("rgb", "pose"), max_episode_steps: int = 50, render_mode: str | None = None, **kwargs):
-    """A MirageEnv with a fresh task instance (tasks hold per-episode state, so never share one)."""
-    from mirage_env.env import MirageEnv
+def make_task_instance(task: str, task_options: dict | None = None):
+    """A fresh task (tasks hold per-episode state, so never share one between envs)."""
     from mirage_env.tasks import TASKS
 
     if task not in TASKS:
         raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
     try:
-        task_instance = TASKS[task](**(task_options or {}))
+        return TASKS[task](**(task_options or {}))
     except TypeError as error:
         raise ValueError(f"bad --task-option for {task!r}: {error}") from None
-    return MirageEnv(task=task_instance, image_size=image_size, observations=tuple(observations),
-                     max_episode_steps=max_episode_steps, render_mode=render_mode, **kwargs)
+
+
+def make_env(task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
+             observations=("rgb", "pose"), max_episode_steps: int = 50, render_mode: str | None = None, **kwargs):
+    """A MirageEnv with a fresh task instance."""
+    from mirage_env.env import MirageEnv
+
+    return MirageEnv(task=make_task_instance(task, task_options), image_size=image_size,
+                     observations=tuple(observations), max_episode_steps=max_episode_steps,
+                     render_mode=render_mode, **kwargs)
+
+
+def make_vector_env(num_envs: int, task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
+                    observations=("rgb", "pose"), max_episode_steps: int = 50, **kwargs):
+    """``num_envs`` worlds batched in one MirageVectorEnv, from the same settings as ``make_env``.
+
+    One task instance serves every world: tasks are batched over agents.
+    """
+    from mirage_env.vector import MirageVectorEnv
+
+    return MirageVectorEnv(num_envs, task=make_task_instance(task, task_options), image_size=image_size,
+                           observations=tuple(observations), max_episode_steps=max_episode_steps, **kwargs)
 
 
 def parse_task_options(pairs: list[str] | None) -> dict:

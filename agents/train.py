@@ -18,9 +18,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import ENV_DEFAULTS, ModelPolicy, evaluate, make_env, parse_task_options, torch_threads
+from .evaluate import (ENV_DEFAULTS, ModelPolicy, evaluate, make_env, make_task_instance, make_vector_env,
+                       parse_task_options, torch_threads)
 
 ALGOS = ("ppo",)
+VEC_KINDS = ("native", "auto", "dummy", "subproc")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -28,8 +30,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", default="ppo", choices=ALGOS)
     parser.add_argument("--timesteps", type=int, default=50_000)
     parser.add_argument("--num-envs", type=int, default=4)
-    parser.add_argument("--vec", default="auto", choices=["auto", "dummy", "subproc", "batched"],
-                        help="how envs run side by side: auto = batched (mirage_env.vector) when available, else dummy")
+    parser.add_argument("--vec", default="native", choices=["native", "auto", "dummy", "subproc"],
+                        help="how envs run side by side: native = one batched world model call for all envs "
+                             "(mirage_env.vector; auto means the same); dummy / subproc = SB3's loop / processes "
+                             "over single envs")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
     parser.add_argument("--image-size", type=int, default=64, help=">= 36: NatureCNN's smallest input")
@@ -56,31 +60,50 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "auto", threads: int = 1):
-    """``num_envs`` envs as one SB3 VecEnv, each a Monitor recording the task's success."""
-    from stable_baselines3.common.monitor import Monitor
-    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv
+def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "native", threads: int = 1):
+    """``num_envs`` envs as one SB3 VecEnv whose monitor records each episode's return and the task's success.
 
-    if kind in ("auto", "batched"):
-        try:
-            from mirage_env.vector import MirageSB3VecEnv
-        except ImportError:
-            if kind == "batched":
-                raise ValueError("--vec batched needs mirage_env.vector.MirageSB3VecEnv, which this install lacks")
-        else:
-            return MirageSB3VecEnv(num_envs=num_envs, seed=seed, **settings)
-        kind = "dummy"
+    Every kind seeds env i with ``seed + i``, so they produce the same episodes;
+    ``native`` just does it with one batched generator call per step.
+    """
+    from stable_baselines3.common.monitor import Monitor
+    from stable_baselines3.common.vec_env import DummyVecEnv, SubprocVecEnv, VecMonitor
+
+    if kind not in VEC_KINDS:
+        raise ValueError(f"unknown --vec {kind!r}; choose from {VEC_KINDS}")
+    keywords = episode_keywords(settings)
+    if kind in ("native", "auto"):
+        from .sb3 import MirageSB3VecEnv
+
+        venv = MirageSB3VecEnv(make_vector_env(num_envs, **settings))
+        venv.seed(seed)
+        return VecMonitor(venv, info_keywords=keywords)
 
     def factory(rank: int):
         def make():
             torch.set_num_threads(threads)  # matters in subprocesses, which start with torch's default
-            return Monitor(make_env(**settings), info_keywords=("success",))
+            return Monitor(make_env(**settings), info_keywords=keywords)
         return make
 
     vec_class = SubprocVecEnv if kind == "subproc" else DummyVecEnv
     venv = vec_class([factory(rank) for rank in range(num_envs)])
     venv.seed(seed)  # env i draws its first world from seed + i
     return venv
+
+
+def episode_keywords(settings: dict) -> tuple[str, ...]:
+    """``("success",)`` when the task reports success (the monitors need it in every final info), else ``()``."""
+    task = make_task_instance(settings["task"], settings.get("task_options"))
+    return ("success",) if "success" in task_measures(task) else ()
+
+
+def task_measures(task) -> set[str]:
+    """Names of the measures a task puts in ``info``, from one step of a tiny world."""
+    from mirage_env.env import MirageEnv
+
+    env = MirageEnv(task=task, image_size=16, max_episode_steps=2)
+    env.reset(seed=0)
+    return set(env.step(0)[4])
 
 
 def progress_callback(total: int, disable: bool = False, max_seconds: float | None = None):
