@@ -9,7 +9,6 @@ in as one more filter.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
@@ -21,7 +20,6 @@ __all__ = [
     "FilterInputs",
     "KeepFilter",
     "valid_depth",
-    "smooth_depth",
     "consistent_with_memory",
     "consistent_across_frames",
     "user_mask",
@@ -61,28 +59,6 @@ def valid_depth(max_depth: float = float("inf"), min_depth: float = 1e-3) -> Kee
     def keep(inputs: FilterInputs) -> torch.Tensor:
         depth = inputs.depth
         return torch.isfinite(depth) & (depth > min_depth) & (depth <= max_depth)
-
-    return keep
-
-
-def smooth_depth(relative_jump: float = 0.15) -> KeepFilter:
-    """Drop latent pixels at depth discontinuities.
-
-    A latent pixel straddling an edge (a pillar against a wall) has no single
-    depth: lifted with any one value it becomes a "flying" point that later lands
-    in front of the surface behind it and wins the z-buffer there. Keep a pixel
-    only when its 4-neighbours' depths are within ``relative_jump`` of its own.
-    """
-
-    def keep(inputs: FilterInputs) -> torch.Tensor:
-        depth = inputs.depth
-        padded = torch.nn.functional.pad(depth, (1, 1, 1, 1), mode="replicate")
-        neighbours = torch.stack([padded[..., :-2, 1:-1], padded[..., 2:, 1:-1],
-                                  padded[..., 1:-1, :-2], padded[..., 1:-1, 2:]])
-        finite = torch.isfinite(neighbours) & torch.isfinite(depth)
-        jump = torch.where(finite, (neighbours - depth).abs() / depth.clamp_min(1e-6),
-                           torch.where(torch.isinf(neighbours) & torch.isinf(depth), 0.0, math.inf))
-        return (jump <= relative_jump).all(0)
 
     return keep
 
@@ -181,7 +157,7 @@ def compose(*filters: KeepFilter) -> KeepFilter:
 
 
 def default_filters(max_depth: float = float("inf"), relative_tolerance: float = 0.1) -> KeepFilter:
-    """Valid, smooth depth, agreement with memory and with neighbouring frames, and the model's mask."""
+    """Valid depth, agreement with memory and with neighbouring frames, and the model's mask."""
     return compose(
         valid_depth(max_depth),
         consistent_with_memory(relative_tolerance),

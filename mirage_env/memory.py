@@ -48,7 +48,7 @@ from pathlib import Path
 
 import torch
 
-from .geometry import Camera, check_pose, invert_pose, pixel_centres, unproject
+from .geometry import Camera, check_pose, invert_pose, unproject
 
 __all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError"]
 
@@ -740,14 +740,14 @@ def pool_depth(depth: torch.Tensor, factor: int) -> torch.Tensor:
 
 def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor, factor: int,
                           surface_tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
-    """Lift each latent pixel to the centroid of the surface most of its patch shows.
+    """Lift each latent pixel through the medoid of the image pixels showing its dominant surface.
 
     Lifting a latent pixel along its centre ray at its median depth puts a point in
-    empty space whenever the patch straddles an edge (a pillar against a wall): at
-    8x compression a latent pixel is ~1 m wide at 5 m, and such "floaters" later win
-    the z-buffer in front of the surface behind them. Averaging the 3D points of the
-    image pixels within ``surface_tolerance`` of the median keeps every point on a
-    real surface and still inside the pixel's frustum (a convex set).
+    empty space when the surface most of the patch shows misses the centre (a
+    corner, a post in front of a wall): at 8x compression a latent pixel is ~1 m
+    wide at 5 m, and such a point later wins the z-buffer where nothing is. Among
+    the image pixels within ``surface_tolerance`` of the median depth, the one
+    nearest their centroid is, by construction, on that surface.
 
     Args:
         depth: (B, T, H, W) image-resolution z-depth, +inf for sky / nothing.
@@ -757,29 +757,32 @@ def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor
 
     Returns:
         points (B, T, h, w, 3) float64 world points and depth (B, T, h, w) float32, the
-        z of each centroid in its camera (+inf where the median is +inf).
+        z-depth of each chosen image pixel (the median, +inf, where most of the patch is sky).
     """
     *lead, height, width = depth.shape
     h, w, f = height // factor, width // factor, factor
     median = pool_depth(depth, f)
-    u, v = pixel_centres(camera, dtype=torch.float64, device=depth.device)
-    fine = depth.to(torch.float64)
-    finite_fine = torch.where(torch.isfinite(fine), fine, torch.zeros_like(fine))
-    camera_points = torch.stack([(u - camera.cx) / camera.fx * finite_fine,
-                                 (v - camera.cy) / camera.fy * finite_fine, finite_fine], -1)
-    patches = camera_points.reshape(*lead, h, f, w, f, 3).movedim(-4, -3).reshape(*lead, h, w, f * f, 3)
-    patch_depth = fine.reshape(*lead, h, f, w, f).movedim(-3, -2).reshape(*lead, h, w, f * f)
-    reference = median.to(torch.float64)[..., None]
-    on_surface = (patch_depth - reference).abs() <= surface_tolerance * reference  # False for inf rows
-    weights = on_surface.to(torch.float64)
-    count = weights.sum(-1, keepdim=True).clamp_min(1.0)
-    centroid = (patches * weights[..., None]).sum(-2) / count
-    finite = torch.isfinite(median)
-    centroid = torch.where(finite[..., None], centroid, torch.zeros_like(centroid))
+    patch_depth = depth.reshape(*lead, h, f, w, f).movedim(-3, -2).reshape(*lead, h, w, f * f)
+    on_surface = (patch_depth - median[..., None]).abs() <= surface_tolerance * median[..., None]
+    # The medoid: the surface's own pixel nearest its centroid (in the patch), so points of
+    # neighbouring latent pixels stay about a latent pixel apart and do not share voxels.
+    offset = torch.arange(f, dtype=torch.float32, device=depth.device) + 0.5
+    row_of, column_of = offset.repeat_interleave(f), offset.repeat(f)
+    weight = on_surface.to(torch.float32)
+    count = weight.sum(-1, keepdim=True).clamp_min(1.0)
+    centroid_row, centroid_column = (weight * row_of).sum(-1, keepdim=True) / count, (weight * column_of).sum(-1, keepdim=True) / count
+    distance = (row_of - centroid_row) ** 2 + (column_of - centroid_column) ** 2
+    # Where nothing is within tolerance (all sky) any choice will do: the entry is not written.
+    chosen = torch.where(on_surface, distance, torch.full_like(patch_depth, math.inf)).argmin(-1, keepdim=True)
+    chosen_depth = torch.where(torch.isfinite(median), patch_depth.gather(-1, chosen)[..., 0], median)
+    row_in_patch, column_in_patch = chosen[..., 0] // f, chosen[..., 0] % f
+    v = (torch.arange(h, device=depth.device)[:, None] * f + row_in_patch + 0.5).to(torch.float64)
+    u = (torch.arange(w, device=depth.device)[None, :] * f + column_in_patch + 0.5).to(torch.float64)
+    z = torch.where(torch.isfinite(chosen_depth), chosen_depth, torch.ones_like(chosen_depth)).to(torch.float64)
+    camera_points = torch.stack([(u - camera.cx) / camera.fx * z, (v - camera.cy) / camera.fy * z, z], -1)
     rotation, translation = c2w[..., None, None, :3, :3], c2w[..., None, None, :3, 3]
-    points = (rotation @ centroid[..., None])[..., 0] + translation
-    lifted_depth = torch.where(finite, centroid[..., 2].to(torch.float32), median)
-    return points, lifted_depth
+    points = (rotation @ camera_points[..., None])[..., 0] + translation
+    return points, chosen_depth
 
 
 def _digest(tensors: dict[str, torch.Tensor]) -> str:

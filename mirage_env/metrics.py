@@ -15,6 +15,16 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
 
 
+def masked_psnr(a: np.ndarray, b: np.ndarray, keep: np.ndarray) -> float:
+    """PSNR over the pixels where ``keep`` (HxW bool) is True (inf when they match or none are kept)."""
+    keep = np.asarray(keep, dtype=bool)
+    if not keep.any():
+        return math.inf
+    difference = np.asarray(a, dtype=np.float64)[keep] - np.asarray(b, dtype=np.float64)[keep]
+    mse = np.mean(difference**2)
+    return math.inf if mse == 0 else 10.0 * math.log10(255.0**2 / mse)
+
+
 def ssim(a: np.ndarray, b: np.ndarray, window: int = 7, sigma: float = 1.5) -> float:
     """Structural similarity of two HxWx3 uint8 images (Gaussian window, per channel, averaged)."""
     x = torch.as_tensor(np.asarray(a), dtype=torch.float64).permute(2, 0, 1)[None] / 255.0

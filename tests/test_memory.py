@@ -236,3 +236,19 @@ def test_bad_inputs_raise_clear_errors():
         memory.read(LATENT, nan_pose)
     with pytest.raises(ValueError, match="farther than"):
         memory.write(features(), torch.full((8, 8), 1e9), LATENT, identity())
+
+
+def test_image_depth_lifts_a_corner_pixel_onto_the_surface_it_mostly_shows():
+    """A latent pixel mostly covered by an L-shaped corner whose gap holds its centre lands on the corner."""
+    image = Camera.from_fov(64, 64, 90)
+    depth = torch.full((64, 64), 4.0)
+    depth[24:32, 24:27] = 2.0  # within latent pixel (3, 3): the left three columns ...
+    depth[24:27, 27:32] = 2.0  # ... and the top three rows: 39 of 64 pixels, not the centre
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.01)
+    memory.write(features(), depth, LATENT, identity())
+    occupied = memory.occupied[: memory.bricks_in_use]
+    points = memory.points[: memory.bricks_in_use][occupied].double()
+    near = points[points[:, 2] < 3.0]
+    assert near.shape[0] == 1 and near[0, 2].item() == pytest.approx(2.0)
+    u, v = (near[0, :2] / near[0, 2] * image.fx + image.cx).tolist()
+    assert depth[int(v), int(u)] == 2.0, "the lifted point must see the corner, not the wall behind the gap"
