@@ -35,7 +35,12 @@ class AgentBatch:
         collision_distance: FORWARD motion is refused when the depth straight ahead
             is shorter than the step plus this margin (collision from what the camera sees;
             works for any world model).
-        start_spread: metres between the starting positions of agents sharing a world.
+        start_spread: metres between the starting positions of agents of one team.
+        team_slots: (N,) each agent's place in its team, which sets its starting offset
+            (teams fan out sideways, ``start_spread`` apart, centred on the origin) and its
+            RNG stream. Default: its index within its world, so a team is a world's agents.
+            Agents of different worlds may form a team: the multi-agent env's ablation puts
+            each agent of a team in its own copy of the world (separate memories).
     """
 
     def __init__(
@@ -50,6 +55,7 @@ class AgentBatch:
         observations: tuple[str, ...] = ("rgb", "pose"),
         collision_distance: float = 0.3,
         start_spread: float = 0.5,
+        team_slots=None,
     ):
         if action_type not in ("discrete", "continuous"):
             raise ValueError(f"action_type must be 'discrete' or 'continuous', got {action_type!r}")
@@ -78,6 +84,14 @@ class AgentBatch:
         self.observation_keys = tuple(observations)
         self.collision_distance = collision_distance
         self.start_spread = start_spread
+        if team_slots is None:
+            self.team_slots = np.arange(self.num_agents) % agents_per_world
+        else:
+            self.team_slots = np.asarray(team_slots)
+            if self.team_slots.shape != (self.num_agents,) or self.team_slots.dtype.kind not in "iu" \
+                    or (self.team_slots < 0).any():
+                raise ValueError(f"team_slots must be {self.num_agents} non-negative integers (one per agent), "
+                                 f"got {team_slots!r}")
 
         camera, latent, channels = world.camera, world.latent_camera, world.model.latent.channels
         self.latent_pixels_per_frame = latent.height * latent.width
@@ -128,11 +142,11 @@ class AgentBatch:
         worlds = [int(w) for w in worlds]
         agents = self.agents_of(worlds)
         for world, seed in zip(worlds, seeds):
-            for slot, agent in enumerate(self.agents_of([world])):
-                self._rngs[agent] = np.random.default_rng([int(seed), slot])
-        # Agent 0 of a world stands at its origin; others fan out sideways, all facing +z.
-        slot = np.arange(self.num_agents)[agents] % self.agents_per_world
-        offsets = (slot - (self.agents_per_world - 1) / 2) * self.start_spread
+            for agent in self.agents_of([world]):
+                self._rngs[agent] = np.random.default_rng([int(seed), int(self.team_slots[agent])])
+        # A team fans out sideways across the origin (a lone agent stands on it), all facing +z.
+        team_size = int(self.team_slots.max()) + 1
+        offsets = (self.team_slots[agents] - (team_size - 1) / 2) * self.start_spread
         self.rigs[agents] = 0.0
         self.rigs[agents, 0] = offsets
         self.start_rigs[agents] = self.rigs[agents]

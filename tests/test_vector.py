@@ -6,10 +6,17 @@ import pytest
 from gymnasium.vector import AutoresetMode
 
 import mirage_env  # noqa: F401  (registers the ids)
-from mirage_env.agents.evaluate import make_env, make_vector_env
+from mirage_env.agents.evaluate import make_env, make_vector_env, torch_threads
 from mirage_env.env import MirageEnv
 from mirage_env.tasks import PointNavTask
 from mirage_env.vector import MirageVectorEnv
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # Two threads on a CPU another process is using run these small tensors many times slower.
+    with torch_threads(1):
+        yield
 
 
 def assert_same_observation(batched: dict, single: dict, where: str) -> None:
@@ -47,6 +54,17 @@ def test_four_batched_worlds_equal_four_single_envs_through_an_autoreset(task):
                 assert not infos.get("_final_obs", np.zeros(num_envs, bool))[i]
             assert_same_observation({k: v[i] for k, v in observations.items()}, observation, f"after step {t}, env {i}")
     assert autoresets >= num_envs * (steps // horizon)
+
+
+def test_a_step_is_one_generator_call_for_all_worlds():
+    venv = MirageVectorEnv(5, max_episode_steps=2)
+    venv.reset(seed=0)
+    calls = []
+    generate = venv.world.model.generate
+    venv.world.model.generate = lambda request: calls.append(tuple(request.poses.shape)) or generate(request)
+    for _ in range(4):  # with two autoresets, which restart worlds without generating a step
+        venv.step(np.full(5, 5))
+    assert calls == [(5, 1, 4, 4)] * 4
 
 
 def test_make_vec_returns_the_batched_env_with_its_kwargs():

@@ -1,0 +1,242 @@
+"""Several cameras in one generated world: a PettingZoo ParallelEnv over a shared World.
+
+The agents are views of ONE world held in ONE latent spatial memory. What one
+agent saw was written to that memory, so another agent that later stands where
+it stood is shown the same place. Every step is one generator call that
+renders all agents' views together.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import numpy as np
+from gymnasium.utils import seeding
+from pettingzoo import ParallelEnv
+
+from .batch import AgentBatch
+from .env import RESET_OPTIONS, make_task, make_world
+from .geometry import MotionConfig, Move
+
+__all__ = ["MirageParallelEnv"]
+
+
+class MirageParallelEnv(ParallelEnv):
+    """``n_agents`` cameras exploring one world generated with a shared latent spatial memory.
+
+    ## Description
+    One ``World`` (one scene, one memory), one ``AgentBatch`` with all agents in
+    it. Each step moves every camera, then the world model generates the next
+    segment for all of them at once (one call), conditioned on the memory
+    projected onto each camera; what any of them saw is written back to the one
+    memory. With ``shared_memory=False`` (the ablation) each agent explores its
+    own copy of the world (same scene, same seed) with a memory of its own, so a
+    place one agent saw is new to the others.
+
+    ## Agents
+    ``possible_agents = ["camera_0", ..., "camera_{n-1}"]``. They start side by
+    side ``start_spread`` metres apart across the origin, all facing +z. An agent
+    whose episode ended (terminated or truncated) leaves ``agents``; its camera
+    stays in the world, standing still, until every agent is done.
+
+    ## Action Space (per agent)
+    As ``MirageEnv``: ``Discrete(9)`` moves (0 stay, 1 forward, 2 backward, 3/4
+    strafe left/right, 5/6 turn left/right, 7/8 look up/down; see
+    ``mirage_env.geometry.Move``) or ``Box(-1, 1, (6,), float32)`` velocities.
+    ``step`` needs one action for every live agent and nothing for others; a bad
+    or missing action raises ``ValueError`` naming the agent.
+
+    ## Observation Space (per agent)
+    As ``MirageEnv``: ``Dict`` with ``rgb`` (H, W, 3) uint8, ``pose`` (6,) float32
+    in the shared world frame (so agents can relate their poses), optionally
+    ``depth`` and ``latent``, plus the task's entries.
+
+    ## Rewards
+    From the task. The default, ``coverage``, pays every agent the team's joint
+    gain in memory (see ``mirage_env.tasks.CoverageTask``); ``explore`` splits it.
+
+    ## Episode End
+    - Termination: per agent, the task's terminal condition (``coverage`` with a
+      target: every agent at once, when the team's memory reaches it).
+    - Truncation: every agent after ``max_episode_steps``.
+
+    ## Arguments
+    ``n_agents``, ``task`` (name or Task instance), ``shared_memory`` (False: the
+    separate-memories ablation), ``start_spread``, and ``MirageEnv``'s
+    ``backend``, ``image_size``, ``frames_per_step``, ``use_memory``,
+    ``max_episode_steps``, ``action_type``, ``observations``, ``render_mode``
+    ("rgb_array": the agents' frames side by side), ``checkpoint``,
+    ``backend_options``, ``memory_options``, ``voxel_size``, ``motion``.
+    The world model must not compress time (the procedural one does not): a
+    video VAE would mix the frames of different agents.
+
+    Reset options: ``image`` / ``prompt`` start the world from a picture
+    (backends that support it). Other keys are ignored with a warning, as
+    PettingZoo's API test passes an arbitrary option.
+
+    ## Example
+    >>> from mirage_env.multi_agent import MirageParallelEnv
+    >>> env = MirageParallelEnv(n_agents=2)
+    >>> observations, infos = env.reset(seed=0)
+    >>> observations["camera_1"]["rgb"].shape
+    (64, 64, 3)
+    >>> actions = {agent: env.action_space(agent).sample() for agent in env.agents}
+    >>> observations, rewards, terminations, truncations, infos = env.step(actions)
+    >>> rewards["camera_0"] == rewards["camera_1"]  # one team, one coverage reward
+    True
+    """
+
+    metadata = {"name": "mirage_shared_world_v0", "render_modes": ["rgb_array"], "render_fps": 15,
+                "is_parallelizable": True}
+
+    def __init__(
+        self,
+        n_agents: int = 2,
+        task="coverage",
+        shared_memory: bool = True,
+        start_spread: float = 0.5,
+        backend: str = "procedural",
+        image_size: int | tuple[int, int] = 64,
+        frames_per_step: int = 1,
+        use_memory: bool = True,
+        max_episode_steps: int = 500,
+        action_type: str = "discrete",
+        observations: tuple[str, ...] = ("rgb", "pose"),
+        render_mode: str | None = None,
+        checkpoint: str | None = None,
+        backend_options: dict | None = None,
+        memory_options: dict | None = None,
+        voxel_size: float | None = None,
+        motion: MotionConfig | dict | None = None,
+    ):
+        if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
+            raise ValueError(f"n_agents must be a positive integer, got {n_agents!r}")
+        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        n_agents = int(n_agents)
+        self.render_mode = render_mode
+        self.shared_memory = bool(shared_memory)
+        motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
+        num_worlds = 1 if self.shared_memory else n_agents
+        self.world = make_world(backend, num_worlds, image_size, use_memory, voxel_size, memory_options,
+                                checkpoint, backend_options)
+        self.task = make_task(task)
+        self.batch = AgentBatch(
+            self.world, self.task, agents_per_world=n_agents // num_worlds, action_type=action_type,
+            frames_per_step=frames_per_step, motion=motion, max_episode_steps=max_episode_steps,
+            observations=tuple(observations), start_spread=start_spread,
+            # Copies of the world keep the team's layout: agent i starts where it would in the shared world.
+            team_slots=None if self.shared_memory else np.arange(n_agents),
+        )
+        self.possible_agents = [f"camera_{i}" for i in range(n_agents)]
+        self.agents: list[str] = []
+        self._index = {agent: i for i, agent in enumerate(self.possible_agents)}
+        # One space object per agent: seeding one agent's space must not reseed another's.
+        self.observation_spaces = {a: copy.deepcopy(self.batch.observation_space) for a in self.possible_agents}
+        self.action_spaces = {a: copy.deepcopy(self.batch.action_space) for a in self.possible_agents}
+        self._live = np.zeros(n_agents, dtype=bool)
+        self._np_random: np.random.Generator | None = None
+
+    def observation_space(self, agent: str):
+        return self.observation_spaces[self._check_agent(agent)]
+
+    def action_space(self, agent: str):
+        return self.action_spaces[self._check_agent(agent)]
+
+    @property
+    def np_random(self) -> np.random.Generator:
+        if self._np_random is None:
+            self._np_random, _ = seeding.np_random()
+        return self._np_random
+
+    # ------------------------------------------------------------------ reset / step
+
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None):
+        if seed is not None:
+            self._np_random, _ = seeding.np_random(seed)
+        options = dict(options or {})
+        unknown = sorted(set(options) - set(RESET_OPTIONS))
+        if unknown:
+            warnings.warn(f"ignoring unknown reset option(s) {unknown}; known: {sorted(RESET_OPTIONS)}", stacklevel=2)
+        options = {k: v for k, v in options.items() if k in RESET_OPTIONS}
+        world_seed = int(self.np_random.integers(2**62))
+        worlds = list(range(self.world.num_worlds))
+        # Without shared memory every agent gets a copy of the same world: same seed, same scene.
+        self.batch.reset_worlds(worlds, [world_seed] * len(worlds),
+                                conditioning=[options] * len(worlds) if options else None)
+        self.agents = list(self.possible_agents)
+        self._live[:] = True
+        everyone = np.arange(len(self.possible_agents))
+        infos = self.batch.reset_infos(everyone)
+        return self._per_agent(self.batch.observe(everyone), everyone), dict(zip(self.agents, infos))
+
+    def step(self, actions: dict[str, Any]):
+        if not self.agents:
+            raise RuntimeError("no live agents: call reset() before step() (and again after every agent is done)")
+        batch_actions = self._batch_actions(actions)
+        observations, rewards, terminated, truncated, infos = self.batch.step(batch_actions)
+        live = np.flatnonzero(self._live)
+        names = [self.possible_agents[i] for i in live]
+        result = (
+            self._per_agent(observations, live),
+            {a: float(rewards[i]) for a, i in zip(names, live)},
+            {a: bool(terminated[i]) for a, i in zip(names, live)},
+            {a: bool(truncated[i]) for a, i in zip(names, live)},
+            {a: infos[i] for a, i in zip(names, live)},
+        )
+        self._live &= ~(terminated | truncated)
+        self.agents = [a for a in self.agents if self._live[self._index[a]]]
+        return result
+
+    def render(self) -> np.ndarray | None:
+        """All agents' last frames side by side, (H, n_agents * W, 3) uint8 (``render_mode="rgb_array"``)."""
+        if self.render_mode == "rgb_array":
+            return np.concatenate(list(self.batch.last_frames), axis=1)
+        return None
+
+    def close(self) -> None:
+        pass
+
+    # ------------------------------------------------------------------ helpers
+
+    def _check_agent(self, agent: str) -> str:
+        if agent not in self._index:
+            raise ValueError(f"unknown agent {agent!r}; this env has {self.possible_agents}")
+        return agent
+
+    def _per_agent(self, observations: dict[str, np.ndarray], indices: np.ndarray) -> dict[str, dict]:
+        return {self.possible_agents[i]: {key: value[j] for key, value in observations.items()}
+                for j, i in enumerate(indices)}
+
+    def _batch_actions(self, actions: dict[str, Any]) -> np.ndarray:
+        if not isinstance(actions, dict):
+            raise ValueError(f"actions must be a dict from agent name to action, got {type(actions).__name__}")
+        extra = sorted(set(actions) - set(self.agents))
+        missing = sorted(set(self.agents) - set(actions))
+        if extra or missing:
+            raise ValueError(f"step needs one action for each live agent {self.agents}; "
+                             f"missing {missing}, not live or unknown {extra}")
+        discrete = self.batch.action_type == "discrete"
+        # Agents whose episode ended stand still: STAY, or zero velocity.
+        batch_actions = np.zeros(len(self.possible_agents), dtype=np.int64) if discrete \
+            else np.zeros((len(self.possible_agents), 6))
+        for agent, action in actions.items():
+            batch_actions[self._index[agent]] = self._check_action(agent, action)
+        return batch_actions
+
+    def _check_action(self, agent: str, action):
+        space = self.action_spaces[agent]
+        if self.batch.action_type == "discrete":
+            value = np.asarray(action)
+            if value.shape != () or value.dtype.kind not in "iuf" or not np.isfinite(value) or value != np.round(value) \
+                    or not 0 <= value < len(Move):
+                raise ValueError(f"action {action!r} of {agent} is outside the action space {space}: "
+                                 f"{', '.join(f'{m.value}={m.name}' for m in Move)}")
+            return int(value)
+        value = np.asarray(action, dtype=np.float64) if np.asarray(action).dtype.kind in "iuf" else None
+        if value is None or value.shape != (6,) or not np.isfinite(value).all() or (np.abs(value) > 1.0 + 1e-6).any():
+            raise ValueError(f"action {action!r} of {agent} is outside the action space {space} "
+                             f"(6 finite velocities in [-1, 1])")
+        return value
