@@ -1,0 +1,110 @@
+"""Batched worlds: aggregate steps/s of MirageVectorEnv against gymnasium's SyncVectorEnv of single envs.
+
+    python benchmarks/vector.py [--json out.json] [--sizes 1,8,64] [--seconds 2] [--threads 1] [--profile]
+
+Both run N worlds of the default procedural model at 64x64 with memory on and
+random moves (episodes of ``--max-episode-steps``, autoresets included). The
+native env makes one memory read, one generator call and one memory write per
+step for all N worlds; SyncVectorEnv steps N ``MirageEnv``s one after another.
+``--profile`` prints where the native env spends its time at the largest N.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import platform
+import pstats
+import time
+
+import gymnasium as gym
+import numpy as np
+import torch
+
+import mirage_env  # noqa: F401  (registers the ids)
+from mirage_env.env import MirageEnv
+from mirage_env.vector import MirageVectorEnv
+
+
+def make(kind: str, num_envs: int, image_size: int, max_episode_steps: int):
+    if kind == "native":
+        return MirageVectorEnv(num_envs, image_size=image_size, max_episode_steps=max_episode_steps)
+    return gym.vector.SyncVectorEnv(
+        [lambda: MirageEnv(image_size=image_size, max_episode_steps=max_episode_steps) for _ in range(num_envs)],
+        autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,  # as the native env: no step spent on a reset
+    )
+
+
+def steps_per_second(kind: str, num_envs: int, image_size: int, seconds: float, max_episode_steps: int,
+                     seed: int = 0) -> tuple[float, int]:
+    """Aggregate sub-environment steps per second over at least ``seconds`` (and 3 batched steps)."""
+    envs = make(kind, num_envs, image_size, max_episode_steps)
+    envs.reset(seed=seed)
+    rng = np.random.default_rng(seed)
+    for _ in range(3):  # warm-up: allocation of memory bricks, first-call overheads
+        envs.step(rng.integers(0, 9, num_envs))
+    steps, start = 0, time.perf_counter()
+    while steps < 3 or time.perf_counter() - start < seconds:
+        envs.step(rng.integers(0, 9, num_envs))
+        steps += 1
+    elapsed = time.perf_counter() - start
+    envs.close()
+    return steps * num_envs / elapsed, steps
+
+
+def profile(num_envs: int, image_size: int, steps: int, max_episode_steps: int, top: int = 18) -> str:
+    envs = make("native", num_envs, image_size, max_episode_steps)
+    envs.reset(seed=0)
+    rng = np.random.default_rng(0)
+    envs.step(rng.integers(0, 9, num_envs))
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(steps):
+        envs.step(rng.integers(0, 9, num_envs))
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    return out.getvalue()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--json", help="also write the results to this JSON file")
+    parser.add_argument("--sizes", default="1,8,64", help="numbers of worlds N, comma-separated")
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--seconds", type=float, default=2.0, help="time each measurement at least this long")
+    parser.add_argument("--max-episode-steps", type=int, default=500)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
+    parser.add_argument("--profile", action="store_true", help="cProfile the native env at the largest N")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+
+    results: dict = {"config": vars(args) | {"cpu": platform.processor() or platform.machine()},
+                     "steps_per_s": {}, "sync_steps_per_s": {}, "speedup_vs_sync": {}}
+    print(f"N worlds at {args.image_size}x{args.image_size} (procedural, memory on, random moves), "
+          f"{args.threads} torch thread(s); aggregate sub-environment steps per second")
+    print(f"{'N':>4} {'native':>9} {'sync':>9} {'speed-up':>9} {'native ms/step':>15}")
+    for n in sizes:
+        native, _ = steps_per_second("native", n, args.image_size, args.seconds, args.max_episode_steps)
+        sync, _ = steps_per_second("sync", n, args.image_size, args.seconds, args.max_episode_steps)
+        results["steps_per_s"][str(n)] = native
+        results["sync_steps_per_s"][str(n)] = sync
+        results["speedup_vs_sync"][str(n)] = native / sync
+        print(f"{n:>4} {native:>9.0f} {sync:>9.0f} {native / sync:>8.2f}x {1e3 * n / native:>15.2f}")
+    if "64" in results["speedup_vs_sync"]:
+        results["speedup_vs_sync_64"] = results["speedup_vs_sync"]["64"]
+    if args.profile:
+        report = profile(max(sizes), args.image_size, steps=10, max_episode_steps=args.max_episode_steps)
+        results["profile"] = report
+        print(f"\nwhere the native env spends its time at N={max(sizes)} (cProfile, 10 steps):\n{report}")
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=2)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    main()
