@@ -30,7 +30,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--algo", default="ppo", choices=ALGOS)
     parser.add_argument("--timesteps", type=int, default=50_000)
     parser.add_argument("--num-envs", type=int, default=4)
-    parser.add_argument("--vec", default="native", choices=["native", "auto", "dummy", "subproc"],
+    parser.add_argument("--vec", default="native", choices=VEC_KINDS,
                         help="how envs run side by side: native = one batched world model call for all envs "
                              "(mirage_env.vector; auto means the same); dummy / subproc = SB3's loop / processes "
                              "over single envs")

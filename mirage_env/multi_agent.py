@@ -230,8 +230,8 @@ class MirageParallelEnv(ParallelEnv):
         space = self.action_spaces[agent]
         if self.batch.action_type == "discrete":
             value = np.asarray(action)
-            if value.shape != () or value.dtype.kind not in "iuf" or not np.isfinite(value) or value != np.round(value) \
-                    or not 0 <= value < len(Move):
+            whole = value.shape == () and value.dtype.kind in "iuf" and np.isfinite(value) and value == np.round(value)
+            if not whole or not 0 <= value < len(Move):
                 raise ValueError(f"action {action!r} of {agent} is outside the action space {space}: "
                                  f"{', '.join(f'{m.value}={m.name}' for m in Move)}")
             return int(value)

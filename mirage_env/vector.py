@@ -250,7 +250,8 @@ class MirageVectorEnv(VectorEnv):
                 )
             return array.astype(np.int64)
         if array.shape != (n, 6):
-            raise ValueError(f"actions must have shape ({n}, 6), one velocity per sub-environment, got shape {array.shape}")
+            raise ValueError(f"actions must have shape ({n}, 6), one velocity per sub-environment, "
+                             f"got shape {array.shape}")
         if array.dtype.kind not in "iuf":
             raise ValueError(f"continuous actions must be numbers, got dtype {array.dtype}")
         array = array.astype(np.float64)

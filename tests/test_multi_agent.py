@@ -130,7 +130,8 @@ def test_an_agent_whose_episode_ended_leaves_and_its_camera_stands_still():
     assert env.agents == ["camera_1", "camera_2"]
     parked = env.batch.rigs[0].copy()
     observations, rewards, terminated, truncated, infos = env.step({"camera_1": 1, "camera_2": 5})
-    assert set(observations) == set(rewards) == set(terminated) == set(truncated) == set(infos) == {"camera_1", "camera_2"}
+    for answer in (observations, rewards, terminated, truncated, infos):
+        assert set(answer) == {"camera_1", "camera_2"}
     np.testing.assert_array_equal(env.batch.rigs[0], parked)
     with pytest.raises(ValueError, match="camera_0"):
         env.step({"camera_0": 1, "camera_1": 1, "camera_2": 1})

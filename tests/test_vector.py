@@ -34,7 +34,8 @@ def test_four_batched_worlds_equal_four_single_envs_through_an_autoreset(task):
 
     observations, _ = venv.reset(seed=seeds)
     for i, env in enumerate(envs):
-        assert_same_observation({k: v[i] for k, v in observations.items()}, env.reset(seed=seeds[i])[0], f"at reset {i}")
+        single, _ = env.reset(seed=seeds[i])
+        assert_same_observation({k: v[i] for k, v in observations.items()}, single, f"at reset {i}")
 
     rng = np.random.default_rng(0)
     autoresets = 0
@@ -191,3 +192,18 @@ def test_ppo_learns_on_the_batched_env_through_the_adapter():
     assert model.num_timesteps == 128
     episodes = list(model.ep_info_buffer)
     assert len(episodes) == 8 and all(e["l"] == 16 and "success" in e for e in episodes)
+
+
+@pytest.mark.parametrize("kind", ["native", "dummy"])
+@pytest.mark.parametrize("task", ["explore", "pointnav"])
+def test_train_builds_monitored_vec_envs_for_tasks_with_and_without_success(kind, task):
+    from mirage_env.agents.train import build_vec_env
+
+    settings = {"task": task, "task_options": {}, "image_size": 32, "observations": ["rgb", "pose"],
+                "max_episode_steps": 2}
+    venv = build_vec_env(settings, num_envs=2, seed=0, kind=kind)
+    venv.reset()
+    venv.step(np.zeros(2, dtype=np.int64))
+    _, _, dones, infos = venv.step(np.zeros(2, dtype=np.int64))
+    assert dones.all() and all(info["episode"]["l"] == 2 for info in infos)
+    assert all(("success" in info["episode"]) == (task == "pointnav") for info in infos)
