@@ -56,6 +56,7 @@ def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) 
     latent = Camera.from_fov(64, 64, 90)
     room = 0
     while memory.stats(bounds=False)["entries"] < entries:
+        before = memory.stats(bounds=False)["entries"]
         centre = torch.tensor([200.0 + 20.0 * (room % 40), 0.0, 200.0 + 20.0 * (room // 40)], dtype=torch.float64)
         for pose in loop_poses(24):
             pose = pose.clone()
@@ -66,6 +67,9 @@ def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) 
             if memory.stats(bounds=False)["entries"] >= entries:
                 break
         room += 1
+        if memory.stats(bounds=False)["entries"] <= before:
+            raise RuntimeError(f"memory stopped growing at {before:,} entries (capacity bound reached, evicting); "
+                               f"raise max_bricks_per_world to hold {entries:,}")
 
 
 def time_steps(memory: LatentSpatialMemory, camera: Camera, steps: int, generator: torch.Generator) -> float:
@@ -105,7 +109,9 @@ def main() -> None:
         camera = Camera.from_fov(size, size, 90)
         per_size = {}
         for entries in args.entries:
-            memory = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size, max_read_depth=args.max_read_depth)
+            # Room for the largest fill: sparse far rooms use many bricks per entry.
+            memory = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size, max_read_depth=args.max_read_depth,
+                                         max_bricks_per_world=1 << 20)
             fill(memory, entries, generator)
             stored = memory.stats(bounds=False)["entries"]
             ms = time_steps(memory, camera, args.steps, generator)

@@ -85,6 +85,7 @@ class ProceduralWorldModel:
                               torch.arange(width, dtype=torch.float32) + 0.5, indexing="ij")
         self._rays = torch.stack([(u - self.camera.cx) / self.camera.fx, (v - self.camera.cy) / self.camera.fy,
                                   torch.ones_like(u)], -1).reshape(-1, 3).to(self.device)
+        self._ray_length = self._rays.norm(dim=-1)
         # Per-world scene state, grown as worlds are started.
         self.room_lo = torch.zeros(0, 3, device=self.device)
         self.room_hi = torch.zeros(0, 3, device=self.device)
@@ -288,37 +289,46 @@ class ProceduralWorldModel:
         return FACES + NUM_OBJECTS * FACES + 1  # room faces, object faces, sky
 
     def _cast(self, poses, index, time):
-        """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins."""
+        """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins.
+
+        Written per axis with elementwise minimum/maximum: torch's reductions over a
+        trailing axis of size 3 cost several times more than the arithmetic here.
+        """
         rotation, origin = poses[..., :3, :3], poses[..., :3, 3]  # (B, T, 3, 3), (B, T, 3)
         directions = torch.einsum("btij,pj->btpi", rotation, self._rays)  # (B, T, P, 3)
         safe = torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
-        inverse = 1.0 / safe
+        inverse = (1.0 / safe).unbind(-1)  # 3 x (B, T, P)
         o = origin[:, :, None, :]  # (B, T, 1, 3)
+        step = directions.unbind(-1)
 
         # The room (or the ground) is seen from inside: the exit face of its box.
         room_lo, room_hi = self.room_lo[index][:, None, None], self.room_hi[index][:, None, None]
-        exit_t = (torch.where(directions > 0, room_hi, room_lo) - o) * inverse  # (B, T, P, 3)
-        depth, axis = exit_t.min(-1)
-        positive = torch.gather(directions, -1, axis[..., None])[..., 0] > 0
+        exits = [(torch.where(step[a] > 0, room_hi[..., a], room_lo[..., a]) - o[..., a]) * inverse[a] for a in range(3)]
+        depth, axis = _argmin3(*exits)
+        positive = _pick3(axis, *step) > 0
         surface = axis * 2 + positive.long()  # room faces 0..5
         if self.scene == "outdoor":
             ground = (axis == 1) & positive
             depth = torch.where(ground, depth, torch.full_like(depth, math.inf))
             surface = torch.where(ground, surface, torch.full_like(surface, self._surface_count() - 1))
 
-        # Objects: slab test against every box at once, (B, T, P, K, 3).
+        # Objects: slab test against every box at once, per axis (B, T, P, K).
         box_lo, box_hi = self._object_boxes(index, time)  # (B, T, K, 3)
-        t_lo = (box_lo[:, :, None] - o[:, :, :, None]) * inverse[:, :, :, None]
-        t_hi = (box_hi[:, :, None] - o[:, :, :, None]) * inverse[:, :, :, None]
-        t_near_axes = torch.minimum(t_lo, t_hi)
-        t_near, near_axis = t_near_axes.max(-1)  # (B, T, P, K)
-        t_far = torch.maximum(t_lo, t_hi).min(-1).values
+        near, far = [], []
+        for a in range(3):
+            to_lo = (box_lo[:, :, None, :, a] - o[:, :, :, None, a]) * inverse[a][..., None]
+            to_hi = (box_hi[:, :, None, :, a] - o[:, :, :, None, a]) * inverse[a][..., None]
+            near.append(torch.minimum(to_lo, to_hi))
+            far.append(torch.maximum(to_lo, to_hi))
+        t_near = torch.maximum(torch.maximum(near[0], near[1]), near[2])
+        t_far = torch.minimum(torch.minimum(far[0], far[1]), far[2])
         hit = (t_near <= t_far) & (t_near > 1e-4)
         t_near = torch.where(hit, t_near, torch.full_like(t_near, math.inf))
         object_depth, which = t_near.min(-1)  # (B, T, P)
         closer = object_depth < depth
-        object_axis = torch.gather(near_axis, -1, which[..., None])[..., 0]
-        entering_from_positive = torch.gather(directions, -1, object_axis[..., None])[..., 0] < 0
+        near_at_hit = [torch.gather(n, -1, which[..., None])[..., 0] for n in near]
+        object_axis = _argmax3(*near_at_hit)
+        entering_from_positive = _pick3(object_axis, *step) < 0
         object_surface = FACES + which * FACES + object_axis * 2 + entering_from_positive.long()
         depth = torch.where(closer, object_depth, depth)
         surface = torch.where(closer, object_surface, surface)
@@ -360,10 +370,27 @@ class ProceduralWorldModel:
         fog = torch.exp(-finite_depth / 25.0)[..., None]
         colour = colour * fog + 0.6 * (1 - fog)
         # Sky: a gradient between two generated colours by elevation (-y is up).
-        elevation = (-directions[..., 1] / directions.norm(dim=-1)).clamp(-1, 1)[..., None]
+        # Rotation keeps lengths, so the camera-frame ray lengths serve every pose.
+        elevation = (-directions[..., 1] / self._ray_length).clamp(-1, 1)[..., None]
         sky_top, sky_horizon = appearance[:, sky_id, :3], appearance[:, sky_id, 3:6]
         sky_top = (0.15 + 0.5 * sky_top)[:, None, None] * torch.tensor([0.5, 0.7, 1.0], device=self.device)
         sky_horizon = (0.6 + 0.4 * sky_horizon)[:, None, None]
         sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
         is_sky = (surface == sky_id)[..., None]
         return torch.where(is_sky, sky, colour).clamp(0, 1)
+
+
+def _argmin3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Elementwise min of three tensors and which one (the first on ties, as torch.min)."""
+    yz = torch.minimum(y, z)
+    which = torch.where(x <= yz, 0, torch.where(y <= z, 1, 2))
+    return torch.minimum(x, yz), which
+
+
+def _argmax3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """Which of three tensors is largest, elementwise (the first on ties, as torch.max)."""
+    return torch.where(x >= torch.maximum(y, z), 0, torch.where(y >= z, 1, 2))
+
+
+def _pick3(which: torch.Tensor, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    return torch.where(which == 0, x, torch.where(which == 1, y, z))
