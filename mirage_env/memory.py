@@ -9,9 +9,13 @@ Layout (voxel hashing with bricks, as in Niessner et al. 2013):
 - Bricks are allocated on first write and found through an open-addressing
   hash table over (world, brick coordinates), so a write touches only the
   bricks its points fall in and costs the same with 1e3 or 1e6 stored entries.
-- A read culls bricks against the target cameras' frusta (one vectorised test
-  over brick centres, which are few: one per brick_size^3 voxels), projects the
-  entries of the visible bricks only, and z-buffers them at latent resolution.
+- Bricks are grouped into cubic *chunks* of ``chunk_size`` bricks per side,
+  indexed by a second hash table. A read culls chunks against the target
+  cameras' frusta, then the bricks of the visible chunks, projects the entries of
+  the visible bricks only, and z-buffers them at latent resolution. Chunks are
+  few (one per chunk_size^3 bricks), so the cull costs about the same with 1e3
+  or 1e6 stored entries. The chunk index is derived from the brick keys (rebuilt
+  on load, never saved).
 
 Policies, stated once:
 
@@ -169,6 +173,7 @@ class LatentSpatialMemory:
         voxel_size: float = 0.1,
         num_worlds: int = 1,
         brick_size: int = 4,
+        chunk_size: int = 8,
         max_bricks_per_world: int = 1 << 16,
         merge: str = "first",
         closest_tolerance: float = 0.1,
@@ -188,10 +193,13 @@ class LatentSpatialMemory:
             raise ValueError(f"num_worlds must be in [1, {1 << _WORLD_BITS}), got {num_worlds}")
         if brick_size < 1:
             raise ValueError(f"brick_size must be >= 1, got {brick_size}")
+        if chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
         self.channels = channels
         self.voxel_size = float(voxel_size)
         self.num_worlds = num_worlds
         self.brick_size = brick_size
+        self.chunk_size = chunk_size
         self.max_bricks_per_world = int(max_bricks_per_world)
         self.merge = merge
         self.closest_tolerance = float(closest_tolerance)
@@ -223,6 +231,52 @@ class LatentSpatialMemory:
         self._entries_per_world = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
         self.step = 0
         self._table = _BrickTable(n, dev)
+        self._reset_chunks()
+
+    def _reset_chunks(self, initial_chunks: int = 16) -> None:
+        dev = self.device
+        self.chunk_keys = torch.full((initial_chunks,), _EMPTY, dtype=torch.int64, device=dev)
+        # Brick slot of each of a chunk's chunk_size^3 bricks, -1 where none is allocated.
+        self.chunk_members = torch.full((initial_chunks, self.chunk_size**3), _EMPTY, dtype=torch.int64, device=dev)
+        self.chunks_in_use = 0
+        self._chunk_table = _BrickTable(initial_chunks, dev)
+
+    def _rebuild_chunks(self) -> None:
+        """Index every live brick afresh (after bricks were released or loaded)."""
+        self._reset_chunks(max(16, self.chunk_keys.numel()))
+        live = torch.nonzero(self.brick_keys[: self.bricks_in_use] != _EMPTY).flatten()
+        self._index_bricks(live)
+
+    def _index_bricks(self, slots: torch.Tensor) -> None:
+        """Add newly allocated bricks ``slots`` to their chunks, allocating chunks as needed."""
+        if slots.numel() == 0:
+            return
+        keys, size = self.brick_keys[slots], self.chunk_size
+        shifted = self._unpack(keys)
+        chunk, local = torch.div(shifted, size, rounding_mode="floor"), shifted % size
+        world = keys >> (3 * _AXIS_BITS)
+        chunk_keys = (world << (3 * _AXIS_BITS)) | (chunk[:, 0] << (2 * _AXIS_BITS)) | (chunk[:, 1] << _AXIS_BITS) | chunk[:, 2]
+        unique_keys, inverse = torch.unique(chunk_keys, return_inverse=True)
+        found = self._chunk_table.lookup(unique_keys)
+        missing = found < 0
+        if missing.any():
+            count = int(missing.sum())
+            start = self.chunks_in_use
+            if start + count > self.chunk_keys.numel():
+                extra = max(start + count, 2 * self.chunk_keys.numel()) - self.chunk_keys.numel()
+                self.chunk_keys = torch.cat([self.chunk_keys, self.chunk_keys.new_full((extra,), _EMPTY)])
+                self.chunk_members = torch.cat([self.chunk_members, self.chunk_members.new_full((extra, size**3), _EMPTY)])
+            new_slots = torch.arange(start, start + count, device=self.device)
+            self.chunk_keys[new_slots] = unique_keys[missing]
+            self.chunks_in_use += count
+            if 2 * (self._chunk_table.count + count) > self._chunk_table.mask + 1:
+                self._chunk_table = _BrickTable(2 * self.chunks_in_use, self.device)
+                self._chunk_table.insert(self.chunk_keys[: self.chunks_in_use], torch.arange(self.chunks_in_use, device=self.device))
+            else:
+                self._chunk_table.insert(unique_keys[missing], new_slots)
+            found[missing] = new_slots
+        local_index = (local[:, 0] * size + local[:, 1]) * size + local[:, 2]
+        self.chunk_members[found[inverse], local_index] = slots
 
     def _grow(self, needed: int) -> None:
         capacity = self.brick_keys.numel()
@@ -268,9 +322,7 @@ class LatentSpatialMemory:
         )
 
     def _brick_centres(self, slots: torch.Tensor) -> torch.Tensor:
-        keys = self.brick_keys[slots]
-        mask = (1 << _AXIS_BITS) - 1
-        coords = torch.stack([(keys >> (2 * _AXIS_BITS)) & mask, (keys >> _AXIS_BITS) & mask, keys & mask], dim=-1)
+        coords = self._unpack(self.brick_keys[slots])
         brick_edge = self.brick_size * self.voxel_size
         return (coords - _AXIS_OFFSET).to(torch.float32) * brick_edge + 0.5 * brick_edge
 
@@ -439,6 +491,7 @@ class LatentSpatialMemory:
             self.occupied[new_slots] = False
             self._bricks_per_world += torch.bincount(new_worlds, minlength=self.num_worlds)
             self._table.insert(new_keys, new_slots)
+            self._index_bricks(new_slots)
             found[missing] = new_slots
         return found[inverse]
 
@@ -481,6 +534,7 @@ class LatentSpatialMemory:
         self.occupied[slots] = False
         self._free = torch.cat([self._free, slots.sort().values])
         self._rebuild_table()
+        self._rebuild_chunks()
 
     def clear(self, worlds=None) -> None:
         """Forget everything stored for ``worlds`` (default: all worlds)."""
@@ -579,22 +633,41 @@ class LatentSpatialMemory:
     def _visible_bricks(self, camera: Camera, w2c: torch.Tensor, world_index: torch.Tensor, frames: int):
         """(brick slot, view) pairs whose bounding sphere meets a view's frustum.
 
-        One pass over the live bricks (few: one per brick_size^3 voxels), each tested
-        against the ``frames`` views of its own world only.
+        Culls chunks first (few: one per chunk_size^3 bricks), each against the
+        ``frames`` views of its own world only, then the bricks of the visible chunks.
         """
-        live = torch.nonzero(self.brick_keys[: self.bricks_in_use] != _EMPTY).flatten()
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
         batch_of_world = torch.full((self.num_worlds,), -1, dtype=torch.int64, device=self.device)
         batch_of_world[world_index] = torch.arange(world_index.numel(), device=self.device)
-        live = live[batch_of_world[self.brick_world[live]] >= 0]
-        if live.numel() == 0:
-            empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        chunks = torch.nonzero(self.chunk_keys[: self.chunks_in_use] != _EMPTY).flatten()
+        chunk_batch = batch_of_world[self.chunk_keys[chunks] >> (3 * _AXIS_BITS)]
+        chunks, chunk_batch = chunks[chunk_batch >= 0], chunk_batch[chunk_batch >= 0]
+        if chunks.numel() == 0:
             return empty, empty
-        centres = self._brick_centres(live)
-        radius = 0.5 * math.sqrt(3) * self.brick_size * self.voxel_size
-        first_view = batch_of_world[self.brick_world[live]] * frames
-        pair_brick = torch.arange(live.numel(), device=self.device).repeat_interleave(frames)
+        brick_edge = self.brick_size * self.voxel_size
+        chunk_edge = self.chunk_size * brick_edge
+        # A chunk key packs (brick + _AXIS_OFFSET) // chunk_size: its first brick is key * chunk_size - offset.
+        first_brick = self._unpack(self.chunk_keys[chunks]) * self.chunk_size - _AXIS_OFFSET
+        chunk_centres = first_brick.to(torch.float32) * brick_edge + 0.5 * chunk_edge
+        chunk_pair, chunk_view = self._in_frustum(camera, w2c, chunk_centres, chunk_batch * frames, frames,
+                                                  0.5 * math.sqrt(3) * chunk_edge)
+        members = self.chunk_members[chunks[chunk_pair]]  # (visible chunk-view pairs, chunk_size^3)
+        pair, member = torch.nonzero(members >= 0, as_tuple=True)
+        if pair.numel() == 0:
+            return empty, empty
+        bricks, views = members[pair, member], chunk_view[pair]
+        kept, _ = self._in_frustum(camera, w2c, self._brick_centres(bricks), views, 1, 0.5 * math.sqrt(3) * brick_edge)
+        return bricks[kept], views[kept]
+
+    def _in_frustum(self, camera: Camera, w2c: torch.Tensor, centres: torch.Tensor, first_view: torch.Tensor,
+                    frames: int, radius: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which spheres (centres (N, 3), one radius) meet which of views first_view[i] + [0, frames).
+
+        Returns (sphere index, view index) of every meeting pair.
+        """
+        pair_sphere = torch.arange(centres.shape[0], device=self.device).repeat_interleave(frames)
         pair_view = (first_view[:, None] + torch.arange(frames, device=self.device)).reshape(-1)
-        local = (w2c[pair_view, :3, :3] @ centres[pair_brick][:, :, None])[:, :, 0] + w2c[pair_view, :3, 3]
+        local = (w2c[pair_view, :3, :3] @ centres[pair_sphere][:, :, None])[:, :, 0] + w2c[pair_view, :3, 3]
         x, y, z = local.unbind(-1)
         # Frustum side planes through the optical centre; a sphere is outside a plane
         # when its centre is farther than the radius on the outer side.
@@ -605,15 +678,22 @@ class LatentSpatialMemory:
         visible &= (-x - left * z) <= radius * math.sqrt(1 + left * left)
         visible &= (y - bottom * z) <= radius * math.sqrt(1 + bottom * bottom)
         visible &= (-y - top * z) <= radius * math.sqrt(1 + top * top)
-        return live[pair_brick[visible]], pair_view[visible]
+        return pair_sphere[visible], pair_view[visible]
+
+    @staticmethod
+    def _unpack(keys: torch.Tensor) -> torch.Tensor:
+        """(N, 3) int64 coordinates packed in brick or chunk keys (still shifted by their offset)."""
+        mask = (1 << _AXIS_BITS) - 1
+        return torch.stack([(keys >> (2 * _AXIS_BITS)) & mask, (keys >> _AXIS_BITS) & mask, keys & mask], -1)
 
     # ------------------------------------------------------------------ inspection
 
     def stats(self, bounds: bool = True) -> dict:
         """Entries, bytes held, voxel size and (optionally, O(entries)) the bounds of what is stored."""
         entries = int(self._entries_per_world.sum())
-        held = [self.features, self.points, self.observed_depth, self.occupied, self.brick_keys,
-                self.brick_world, self.brick_last_write, self._table.keys, self._table.values]
+        held = [self.features, self.points, self.observed_depth, self.origins, self.occupied, self.brick_keys,
+                self.brick_world, self.brick_last_write, self._table.keys, self._table.values,
+                self.chunk_keys, self.chunk_members, self._chunk_table.keys, self._chunk_table.values]
         bytes_held = sum(t.numel() * t.element_size() for t in held)
         if bounds and entries:
             stored = self.points[self.occupied]
@@ -640,6 +720,7 @@ class LatentSpatialMemory:
             "voxel_size": self.voxel_size,
             "num_worlds": self.num_worlds,
             "brick_size": self.brick_size,
+            "chunk_size": self.chunk_size,
             "max_bricks_per_world": self.max_bricks_per_world,
             "merge": self.merge,
             "closest_tolerance": self.closest_tolerance,
@@ -710,6 +791,7 @@ class LatentSpatialMemory:
         memory.bricks_in_use = used
         memory.step = int(part["step"][0])
         memory._rebuild_table(table_size // 2)
+        memory._rebuild_chunks()
         return memory
 
     def save(self, path: str | os.PathLike) -> None:

@@ -252,3 +252,31 @@ def test_image_depth_lifts_a_corner_pixel_onto_the_surface_it_mostly_shows():
     assert near.shape[0] == 1 and near[0, 2].item() == pytest.approx(2.0)
     u, v = (near[0, :2] / near[0, 2] * image.fx + image.cx).tolist()
     assert depth[int(v), int(u)] == 2.0, "the lifted point must see the corner, not the wall behind the gap"
+
+
+def test_chunk_culling_never_changes_what_a_read_returns(tmp_path):
+    """Culling is conservative: coarse chunks read exactly what one-brick chunks read."""
+    generator = torch.Generator().manual_seed(7)
+    memories = [LatentSpatialMemory(CHANNELS, voxel_size=0.1, num_worlds=2, chunk_size=size, max_bricks_per_world=300)
+                for size in (8, 1)]
+    rigs = [CameraRig(x, 0.0, z, yaw=yaw) for x, z, yaw in
+            [(0.0, 0.0, 0.0), (-3.0, 1.0, 2.0), (2.0, -4.0, -1.0), (-1.0, -2.0, 3.0), (5.0, 3.0, 0.7)]]
+    poses = torch.stack([torch.from_numpy(rig.c2w()) for rig in rigs])
+    for step, pose in enumerate(poses):
+        depth = 1.0 + 4.0 * torch.rand(2, 1, 8, 8, generator=generator)
+        latents = torch.randn(2, 1, CHANNELS, 8, 8, generator=generator)
+        for memory in memories:
+            memory.write(latents, depth, LATENT, pose.expand(2, 1, 4, 4))
+            if step == 3:
+                memory.clear([1])
+
+    def reads(memory):
+        return memory.read(LATENT, poses[None].expand(2, -1, -1, -1))
+
+    coarse, fine = reads(memories[0]), reads(memories[1])
+    assert coarse.mask.any() and memories[0].stats()["bricks"] == memories[1].stats()["bricks"]
+    assert torch.equal(coarse.mask, fine.mask) and torch.equal(coarse.latents, fine.latents)
+    path = tmp_path / "memory.safetensors"
+    memories[0].save(path)
+    loaded = reads(LatentSpatialMemory.load(path))
+    assert torch.equal(loaded.latents, coarse.latents) and torch.equal(loaded.mask, coarse.mask)
