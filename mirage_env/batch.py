@@ -151,7 +151,8 @@ class AgentBatch:
         self.rigs[agents, 0] = offsets
         self.start_rigs[agents] = self.rigs[agents]
         poses = torch.from_numpy(poses_from_rigs(self.rigs[agents])).reshape(len(worlds), self.agents_per_world, 4, 4)
-        result = self.world.reset(poses, seeds=[int(s) for s in seeds], worlds=worlds, conditioning=conditioning)
+        result = self.world.reset(poses, seeds=[int(s) for s in seeds], worlds=worlds, conditioning=conditioning,
+                                  views=self.agents_per_world)
         self._absorb(result, worlds)
         self.first_frames[agents] = self.last_frames[agents]
         self.steps[agents] = 0
@@ -180,7 +181,7 @@ class AgentBatch:
         poses = torch.from_numpy(poses_from_rigs(path.reshape(-1, 6))).reshape(
             self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4
         )
-        result = self.world.step(poses)
+        result = self.world.step(poses, views=self.agents_per_world)
         self._absorb(result, list(range(self.num_worlds)))
 
         all_agents = np.arange(self.num_agents)

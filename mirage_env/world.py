@@ -108,13 +108,15 @@ class World:
         seeds: list[int | None] | None = None,
         worlds: list[int] | None = None,
         conditioning: list[dict[str, Any]] | None = None,
+        views: int = 1,
     ) -> WorldStep:
         """Start (or restart) ``worlds`` seen from ``poses`` (n, T, 4, 4).
 
-        Each restarted world forgets its memory and draws a new scene from its seed.
+        ``views`` cameras look at each world (T = views x frames, view-major). Each
+        restarted world forgets its memory and draws a new scene from its seed.
         """
         worlds = list(range(self.num_worlds)) if worlds is None else [int(w) for w in worlds]
-        poses = self._check_poses(poses, len(worlds))
+        poses = self._check_poses(poses, len(worlds), views)
         seeds = seeds if seeds is not None else [None] * len(worlds)
         if len(seeds) != len(worlds):
             raise ValueError(f"got {len(seeds)} seeds for {len(worlds)} worlds")
@@ -125,7 +127,9 @@ class World:
                 self.generators[world].manual_seed(int(seed))
         self.memory.clear(worlds)
         generators = [self.generators[w] for w in worlds]
-        segment = self.model.start(poses, generators, conditioning, worlds=worlds)
+        # Models that serve one camera per world need not know about views.
+        extra = {"views": views} if views != 1 else {}
+        segment = self.model.start(poses, generators, conditioning, worlds=worlds, **extra)
         empty = self._empty_read(poses)
         result = self._remember(segment, worlds, empty)
         self._set_tail(segment, worlds)
@@ -133,12 +137,12 @@ class World:
         self.segments_generated[worlds] = 1
         return result
 
-    def step(self, poses: torch.Tensor) -> WorldStep:
-        """Generate the next segment of every world along ``poses`` (B, T, 4, 4)."""
+    def step(self, poses: torch.Tensor, views: int = 1) -> WorldStep:
+        """Generate the next segment of every world along ``poses`` (B, T, 4, 4), T = views x frames."""
         if not bool(self.started.all()):
             missing = torch.nonzero(~self.started).flatten().tolist()
             raise RuntimeError(f"worlds {missing} were never reset; call reset() before step()")
-        poses = self._check_poses(poses, self.num_worlds)
+        poses = self._check_poses(poses, self.num_worlds, views)
         worlds = list(range(self.num_worlds))
         read = self.memory.read(self.latent_camera, poses)
         request = SegmentRequest(
@@ -149,6 +153,7 @@ class World:
             generators=self.generators,
             previous=self._tail,
             use_memory=self.use_memory,
+            views=views,
         )
         segment = self.model.generate(request)
         result = self._remember(segment, worlds, read)
@@ -211,10 +216,12 @@ class World:
         )
 
     @staticmethod
-    def _check_poses(poses, batch: int) -> torch.Tensor:
+    def _check_poses(poses, batch: int, views: int = 1) -> torch.Tensor:
         poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[0] != batch or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape ({batch}, T, 4, 4), got {tuple(poses.shape)}")
+        if views < 1 or poses.shape[1] % views:
+            raise ValueError(f"{poses.shape[1]} frames cannot be split among views={views} cameras per world")
         if not torch.isfinite(poses).all():
             raise ValueError("poses contain NaN or inf; every camera-to-world pose must be finite")
         return poses

@@ -118,3 +118,16 @@ def test_bad_inputs():
         ProceduralWorldModel(image_size=(60, 64))
     with pytest.raises(ValueError, match="scene"):
         ProceduralWorldModel(scene="space")
+
+
+def test_views_of_one_world_are_simultaneous():
+    """Two cameras at the same pose in one world see the same instant: the moving crate agrees."""
+    from mirage_env.geometry import CameraRig
+
+    model = ProceduralWorldModel()
+    pose = torch.from_numpy(CameraRig(0.0, 0.0, 0.0).c2w())
+    segment = model.start(pose.expand(1, 2, 4, 4), [torch.Generator().manual_seed(3)], views=2)
+    assert torch.equal(segment.image_depth[0, 0], segment.image_depth[0, 1])
+    assert int(model.time[0]) == 1, "two views of one frame advance the world clock by one frame"
+    with pytest.raises(ValueError, match="views"):
+        model.start(pose.expand(1, 3, 4, 4), [torch.Generator()], views=2)

@@ -55,6 +55,8 @@ class SegmentRequest:
         previous: the previous segment of the same worlds (for continuity), or None.
         generators: one torch.Generator per world; the only source of randomness.
         use_memory: False in ablations: the model must ignore the memory inputs.
+        views: cameras per world (agents sharing it); T = views x frames per view, view-major,
+            and the views' frames are simultaneous.
     """
 
     poses: torch.Tensor
@@ -64,6 +66,7 @@ class SegmentRequest:
     generators: list[torch.Generator]
     previous: "Segment | None" = None
     use_memory: bool = True
+    views: int = 1
     conditioning: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -124,8 +127,9 @@ class WorldModel(Protocol):
         generators: list[torch.Generator],
         conditioning: list[dict[str, Any]] | None = None,
         worlds: list[int] | None = None,
+        views: int = 1,
     ) -> Segment:
-        """First segment of n new worlds seen from ``poses`` (n, T, 4, 4).
+        """First segment of n new worlds seen from ``poses`` (n, T, 4, 4), ``views`` cameras each.
 
         ``worlds`` says which worlds of the batch restart (default: all, in order), so a
         model that keeps per-world state (a scene layout, a cached prompt embedding)

@@ -102,7 +102,7 @@ class ProceduralWorldModel:
 
     # ------------------------------------------------------------------ protocol
 
-    def start(self, poses, generators, conditioning=None, worlds=None) -> Segment:
+    def start(self, poses, generators, conditioning=None, worlds=None, views: int = 1) -> Segment:
         poses = self._check(poses, generators)
         n = poses.shape[0]
         worlds = list(range(n)) if worlds is None else [int(w) for w in worlds]
@@ -114,7 +114,7 @@ class ProceduralWorldModel:
         self._grow(max(worlds) + 1)
         for world, generator in zip(worlds, generators):
             self._draw_scene(world, generator)
-        return self._generate(poses, generators, worlds, memory=None)
+        return self._generate(poses, generators, worlds, memory=None, views=views)
 
     def generate(self, request: SegmentRequest) -> Segment:
         poses = self._check(request.poses, request.generators)
@@ -122,7 +122,7 @@ class ProceduralWorldModel:
         if len(worlds) > self.time.numel():
             raise RuntimeError(f"generate() for {len(worlds)} worlds but only {self.time.numel()} were started")
         memory = (request.memory_latents, request.memory_mask, request.memory_depth) if request.use_memory else None
-        return self._generate(poses, request.generators, worlds, memory)
+        return self._generate(poses, request.generators, worlds, memory, views=request.views)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode_uint8(latents)
@@ -223,12 +223,16 @@ class ProceduralWorldModel:
 
     # ------------------------------------------------------------------ rendering
 
-    def _generate(self, poses: torch.Tensor, generators, worlds: list[int], memory) -> Segment:
+    def _generate(self, poses: torch.Tensor, generators, worlds: list[int], memory, views: int = 1) -> Segment:
         batch, frames = poses.shape[:2]
+        if views < 1 or frames % views:
+            raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
+        frames_per_view = frames // views
         height, width, f = self.camera.height, self.camera.width, self.codec.factor
         h, w, surfaces = height // f, width // f, self._surface_count()
         index = torch.tensor(worlds, device=self.device)
-        time = self.time[index][:, None] + torch.arange(frames, device=self.device)  # (B, T)
+        # The views of a world are simultaneous: frame j of every view is at the same instant.
+        time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
         depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
         patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
         latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
@@ -262,13 +266,15 @@ class ProceduralWorldModel:
 
         surface = surface.reshape(batch, frames, height, width)
         in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        in_view[(surface[:, -1].reshape(batch, -1) + offsets).reshape(-1)] = True
+        # Every view's last frame is context for the next segment, not only the last view's.
+        last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
+        in_view[(last_of_each_view + offsets).reshape(-1)] = True
         self.in_view[index] = in_view.reshape(batch, surfaces)
         # What this segment shows goes to memory (the World writes every segment) with its current look.
         seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
         seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
         self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance, self.committed[index])
-        self.time[index] += frames
+        self.time[index] += frames_per_view
 
         moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
         moving = (surface >= moving_surface) & (surface < moving_surface + FACES)

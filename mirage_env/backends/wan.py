@@ -450,6 +450,12 @@ class WanWorldModel:
 
     # ------------------------------------------------------------------ protocol
 
+    @staticmethod
+    def _check_views(views: int) -> None:
+        if views != 1:
+            raise ValueError(f"the Wan world model renders one camera per world (its VAE mixes consecutive frames), "
+                             f"got views={views}; give each agent its own world")
+
     def _check_poses(self, poses, generators) -> torch.Tensor:
         poses = check_pose(poses, "poses")
         if poses.dim() != 4:
@@ -459,7 +465,7 @@ class WanWorldModel:
         return poses.to(torch.float64)
 
     def start(self, poses: torch.Tensor, generators: list[torch.Generator], conditioning: list[dict[str, Any]] | None = None,
-              worlds: list[int] | None = None) -> Segment:
+              worlds: list[int] | None = None, views: int = 1) -> Segment:
         """First segment of n worlds seen from ``poses`` (n, T, 4, 4).
 
         ``worlds`` are the indices of the restarted worlds in the full batch (default
@@ -470,6 +476,7 @@ class WanWorldModel:
         world's scale), ``prompt`` (str) and ``prompt_embeds`` (1, L, text_dim).
         Worlds without an image are generated from their prompt alone.
         """
+        self._check_views(views)
         poses = self._check_poses(poses, generators)
         batch, frames = poses.shape[:2]
         conditioning = list(conditioning) if conditioning is not None else [{} for _ in range(batch)]
@@ -521,6 +528,7 @@ class WanWorldModel:
 
     def generate(self, request: SegmentRequest) -> Segment:
         """The next segment of each world, conditioned on projected memory and the previous tail."""
+        self._check_views(request.views)
         poses = self._check_poses(request.poses, request.generators)
         batch, frames = poses.shape[:2]
         h, w = self.latent_camera.height, self.latent_camera.width
