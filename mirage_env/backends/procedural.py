@@ -318,28 +318,82 @@ class ProceduralWorldModel:
             depth = torch.where(ground, depth, torch.full_like(depth, math.inf))
             surface = torch.where(ground, surface, torch.full_like(surface, self._surface_count() - 1))
 
-        # Objects: slab test against every box at once, per axis (B, T, P, K).
+        # Objects: slab test on the (ray, box) pairs that survive a screen-space cull.
         box_lo, box_hi = self._object_boxes(index, time)  # (B, T, K, 3)
-        near, far = [], []
-        for a in range(3):
-            to_lo = (box_lo[:, :, None, :, a] - o[:, :, :, None, a]) * inverse[a][..., None]
-            to_hi = (box_hi[:, :, None, :, a] - o[:, :, :, None, a]) * inverse[a][..., None]
-            near.append(torch.minimum(to_lo, to_hi))
-            far.append(torch.maximum(to_lo, to_hi))
-        t_near = torch.maximum(torch.maximum(near[0], near[1]), near[2])
-        t_far = torch.minimum(torch.minimum(far[0], far[1]), far[2])
-        hit = (t_near <= t_far) & (t_near > 1e-4)
-        t_near = torch.where(hit, t_near, torch.full_like(t_near, math.inf))
-        object_depth, which = t_near.min(-1)  # (B, T, P)
+        object_depth, which, object_axis = self._cast_objects(rotation, origin, box_lo, box_hi, inverse)
         closer = object_depth < depth
-        near_at_hit = [torch.gather(n, -1, which[..., None])[..., 0] for n in near]
-        object_axis = _argmax3(*near_at_hit)
         entering_from_positive = _pick3(object_axis, *step) < 0
         object_surface = FACES + which * FACES + object_axis * 2 + entering_from_positive.long()
         depth = torch.where(closer, object_depth, depth)
         surface = torch.where(closer, object_surface, surface)
         face_axis = torch.where(closer, object_axis, axis)
         return depth, surface, face_axis, directions, o
+
+    def _cast_objects(self, rotation, origin, box_lo, box_hi, inverse):
+        """Nearest box hit per ray: depth (inf: none), box index and entered face axis, each (B, T, P).
+
+        Most rays miss most boxes, so each box is first bounded on screen by its
+        projected corners (the projection of a convex box lies inside their bounding
+        rectangle; a box reaching behind the camera keeps the whole screen), and the
+        slab test runs only on rays inside that rectangle plus a pixel of margin.
+        """
+        batch, frames, boxes = box_lo.shape[:3]
+        camera, pixels = self.camera, self._rays.shape[0]
+        corner_bits = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.bool,
+                                   device=self.device)
+        corners = torch.where(corner_bits, box_hi[:, :, :, None], box_lo[:, :, :, None])  # (B, T, K, 8, 3)
+        local = torch.einsum("btkcj,btji->btkci", corners - origin[:, :, None, None], rotation)
+        z = local[..., 2]
+        in_front = (z > 1e-2).all(-1)
+        safe_z = torch.where(z > 1e-2, z, torch.ones_like(z))
+        u = camera.fx * local[..., 0] / safe_z + camera.cx
+        v = camera.fy * local[..., 1] / safe_z + camera.cy
+        whole = ~in_front & (z > 0).any(-1)  # straddles the camera plane: keep every ray
+        hidden = ~(z > 0).any(-1)  # entirely behind the camera: no ray can reach it
+        inf = torch.full_like(z[..., 0], math.inf)
+        u_lo = torch.where(whole, -inf, torch.where(hidden, inf, u.amin(-1) - 1.0))
+        u_hi = torch.where(whole, inf, torch.where(hidden, -inf, u.amax(-1) + 1.0))
+        v_lo = torch.where(whole, -inf, torch.where(hidden, inf, v.amin(-1) - 1.0))
+        v_hi = torch.where(whole, inf, torch.where(hidden, -inf, v.amax(-1) + 1.0))
+        columns = torch.arange(camera.width, device=self.device, dtype=torch.float32) + 0.5
+        rows = torch.arange(camera.height, device=self.device, dtype=torch.float32) + 0.5
+        in_columns = (columns[:, None] >= u_lo[:, :, None]) & (columns[:, None] <= u_hi[:, :, None])  # (B, T, W, K)
+        in_rows = (rows[:, None] >= v_lo[:, :, None]) & (rows[:, None] <= v_hi[:, :, None])  # (B, T, H, K)
+        candidate = (in_rows[:, :, :, None] & in_columns[:, :, None]).reshape(-1)
+        flat = torch.nonzero(candidate).squeeze(1)
+        ray = torch.div(flat, boxes, rounding_mode="floor")
+        box = flat - ray * boxes
+        pair = torch.div(ray, pixels, rounding_mode="floor") * boxes + box  # (view, box) index
+
+        # Box planes relative to the camera, per (view, box): small, then gathered per axis.
+        to_lo_planes = (box_lo - origin[:, :, None]).reshape(-1, 3)
+        to_hi_planes = (box_hi - origin[:, :, None]).reshape(-1, 3)
+        near, far = [], []
+        for a in range(3):
+            step_inverse = inverse[a].reshape(-1).index_select(0, ray)
+            to_lo = to_lo_planes[:, a].index_select(0, pair) * step_inverse
+            to_hi = to_hi_planes[:, a].index_select(0, pair) * step_inverse
+            near.append(torch.minimum(to_lo, to_hi))
+            far.append(torch.maximum(to_lo, to_hi))
+        t_near = torch.maximum(torch.maximum(near[0], near[1]), near[2])
+        t_far = torch.minimum(torch.minimum(far[0], far[1]), far[2])
+        hit = (t_near <= t_far) & (t_near > 1e-4)
+        ray, box, t_near = ray[hit], box[hit], t_near[hit]
+        near = [n[hit] for n in near]
+
+        rays_total = batch * frames * pixels
+        object_depth = torch.full((rays_total,), math.inf, device=self.device)
+        object_depth.scatter_reduce_(0, ray, t_near, reduce="amin")
+        # The nearest box; among boxes at the same depth the lowest index, as torch.min picks.
+        nearest = t_near == object_depth[ray]
+        which = torch.full((rays_total,), boxes, dtype=torch.int64, device=self.device)
+        which.scatter_reduce_(0, ray[nearest], box[nearest], reduce="amin")
+        winner = nearest & (box == which[ray])
+        object_axis = torch.zeros(rays_total, dtype=torch.int64, device=self.device)
+        object_axis[ray[winner]] = _argmax3(near[0][winner], near[1][winner], near[2][winner])
+        which = torch.where(which == boxes, torch.zeros_like(which), which)
+        shape = (batch, frames, pixels)
+        return object_depth.reshape(shape), which.reshape(shape), object_axis.reshape(shape)
 
     def _object_boxes(self, index, time):
         lo = self.box_lo[index][:, None].expand(-1, time.shape[1], -1, -1).clone()
@@ -375,6 +429,8 @@ class ProceduralWorldModel:
         colour = colour * (0.45 + 0.55 * normal_light[..., None])
         fog = torch.exp(-finite_depth / 25.0)[..., None]
         colour = colour * fog + 0.6 * (1 - fog)
+        if self.scene != "outdoor":  # rooms have no sky
+            return colour.clamp(0, 1)
         # Sky: a gradient between two generated colours by elevation (-y is up).
         # Rotation keeps lengths, so the camera-frame ray lengths serve every pose.
         elevation = (-directions[..., 1] / self._ray_length).clamp(-1, 1)[..., None]
