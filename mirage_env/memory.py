@@ -57,7 +57,7 @@ from .geometry import Camera, check_pose, invert_pose, unproject
 __all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError"]
 
 FORMAT_NAME = "mirage_env.LatentSpatialMemory"
-FORMAT_VERSION = 2  # 2: entries carry the origin of the camera that wrote them
+FORMAT_VERSION = 3  # 2: entries carry the origin of the camera that wrote them; 3: entries in a pool
 
 MERGE_POLICIES = ("latest", "closest", "first")
 _EMPTY = -1
@@ -217,11 +217,10 @@ class LatentSpatialMemory:
 
     def _allocate(self, initial_bricks: int) -> None:
         n, v, dev = initial_bricks, self._voxels_per_brick, self.device
-        self.features = torch.zeros(n, v, self.channels, dtype=self.feature_dtype, device=dev)
-        self.points = torch.zeros(n, v, 3, dtype=torch.float32, device=dev)
-        self.observed_depth = torch.zeros(n, v, dtype=torch.float32, device=dev)
-        self.origins = torch.zeros(n, v, 3, dtype=torch.float32, device=dev)
-        self.occupied = torch.zeros(n, v, dtype=torch.bool, device=dev)
+        # A voxel holds the index of its entry in the pool below (-1: empty): surfaces fill
+        # a fraction of a brick's voxels, so entries live in a compact pool, not in bricks.
+        self.entry_of = torch.full((n, v), _EMPTY, dtype=torch.int32, device=dev)
+        self._allocate_entries(initial_entries=n * v // 4)
         self.brick_keys = torch.full((n,), _EMPTY, dtype=torch.int64, device=dev)
         self.brick_world = torch.zeros(n, dtype=torch.int64, device=dev)
         self.brick_last_write = torch.zeros(n, dtype=torch.int64, device=dev)
@@ -233,17 +232,18 @@ class LatentSpatialMemory:
         self._table = _BrickTable(n, dev)
         self._reset_chunks()
 
-    def _reset_chunks(self, initial_chunks: int = 16) -> None:
+    def _reset_chunks(self, initial_chunks: int = 16, table_capacity: int | None = None) -> None:
         dev = self.device
         self.chunk_keys = torch.full((initial_chunks,), _EMPTY, dtype=torch.int64, device=dev)
         # Brick slot of each of a chunk's chunk_size^3 bricks, -1 where none is allocated.
         self.chunk_members = torch.full((initial_chunks, self.chunk_size**3), _EMPTY, dtype=torch.int64, device=dev)
         self.chunks_in_use = 0
-        self._chunk_table = _BrickTable(initial_chunks, dev)
+        self._chunk_table = _BrickTable(table_capacity or initial_chunks, dev)
 
     def _rebuild_chunks(self) -> None:
         """Index every live brick afresh (after bricks were released or loaded)."""
-        self._reset_chunks(max(16, self.chunk_keys.numel()))
+        # Same capacities as before, so releasing bricks never grows what the memory holds.
+        self._reset_chunks(max(16, self.chunk_keys.numel()), (self._chunk_table.mask + 1) // 2)
         live = torch.nonzero(self.brick_keys[: self.bricks_in_use] != _EMPTY).flatten()
         self._index_bricks(live)
 
@@ -278,6 +278,31 @@ class LatentSpatialMemory:
         local_index = (local[:, 0] * size + local[:, 1]) * size + local[:, 2]
         self.chunk_members[found[inverse], local_index] = slots
 
+    def _allocate_entries(self, initial_entries: int) -> None:
+        e, dev = max(16, initial_entries), self.device
+        self.features = torch.zeros(e, self.channels, dtype=self.feature_dtype, device=dev)
+        self.points = torch.zeros(e, 3, dtype=torch.float32, device=dev)
+        self.observed_depth = torch.zeros(e, dtype=torch.float32, device=dev)
+        self.origins = torch.zeros(e, 3, dtype=torch.float32, device=dev)
+        self.entries_in_use = 0  # high-water mark of the pool; freed entries below it are in _free_entries
+        self._free_entries = torch.zeros(0, dtype=torch.int64, device=dev)
+
+    def _take_entries(self, count: int) -> torch.Tensor:
+        """Pool indices for ``count`` new entries: freed ones first, then fresh ones (growing the pool)."""
+        reused = self._free_entries[:count]
+        self._free_entries = self._free_entries[count:]
+        fresh = count - reused.numel()
+        if fresh > 0:
+            start, capacity = self.entries_in_use, self.features.shape[0]
+            if start + fresh > capacity:
+                extra = max(start + fresh, 2 * capacity) - capacity
+                pad = lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])  # noqa: E731
+                self.features, self.points = pad(self.features), pad(self.points)
+                self.observed_depth, self.origins = pad(self.observed_depth), pad(self.origins)
+            self.entries_in_use += fresh
+            reused = torch.cat([reused, torch.arange(start, start + fresh, device=self.device)])
+        return reused
+
     def _grow(self, needed: int) -> None:
         capacity = self.brick_keys.numel()
         if needed <= capacity:
@@ -289,11 +314,7 @@ class LatentSpatialMemory:
             pad = torch.full((extra, *tensor.shape[1:]), fill, dtype=tensor.dtype, device=tensor.device)
             return torch.cat([tensor, pad])
 
-        self.features = extend(self.features, 0)
-        self.points = extend(self.points, 0)
-        self.observed_depth = extend(self.observed_depth, 0)
-        self.origins = extend(self.origins, 0)
-        self.occupied = extend(self.occupied, False)
+        self.entry_of = extend(self.entry_of, _EMPTY)
         self.brick_keys = extend(self.brick_keys, _EMPTY)
         self.brick_world = extend(self.brick_world, 0)
         self.brick_last_write = extend(self.brick_last_write, 0)
@@ -457,22 +478,24 @@ class LatentSpatialMemory:
         flat_slots = voxel_id[winners]
         brick_slot = torch.div(flat_slots, self._voxels_per_brick, rounding_mode="floor")
         voxel_slot = flat_slots - brick_slot * self._voxels_per_brick
-        was_occupied = self.occupied[brick_slot, voxel_slot]
+        entry = self.entry_of[brick_slot, voxel_slot].long()
+        was_occupied = entry >= 0
         if self.merge == "first":
             accept = ~was_occupied
-            winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
-            was_occupied = was_occupied[accept]
         elif self.merge == "closest":
-            stored = self.observed_depth[brick_slot, voxel_slot]
+            stored = self.observed_depth[entry.clamp_min(0)]
             accept = ~was_occupied | (observed[winners] <= stored * (1 + self.closest_tolerance))
-            winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
-            was_occupied = was_occupied[accept]
-        self._entries_per_world += torch.bincount(entry_world[winners][~was_occupied], minlength=self.num_worlds)
-        self.features[brick_slot, voxel_slot] = features[winners].to(self.feature_dtype)
-        self.points[brick_slot, voxel_slot] = points[winners]
-        self.observed_depth[brick_slot, voxel_slot] = observed[winners]
-        self.origins[brick_slot, voxel_slot] = origins[winners]
-        self.occupied[brick_slot, voxel_slot] = True
+        else:
+            accept = torch.ones_like(was_occupied)
+        winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
+        entry, new = entry[accept], ~was_occupied[accept]
+        entry[new] = self._take_entries(int(new.sum()))
+        self.entry_of[brick_slot[new], voxel_slot[new]] = entry[new].to(torch.int32)
+        self._entries_per_world += torch.bincount(entry_world[winners][new], minlength=self.num_worlds)
+        self.features[entry] = features[winners].to(self.feature_dtype)
+        self.points[entry] = points[winners]
+        self.observed_depth[entry] = observed[winners]
+        self.origins[entry] = origins[winners]
         self.brick_last_write[slots] = self.step
         return int(winners.numel())
 
@@ -488,7 +511,7 @@ class LatentSpatialMemory:
             new_slots = self._take_free_slots(new_keys.numel())
             self.brick_keys[new_slots] = new_keys
             self.brick_world[new_slots] = new_worlds
-            self.occupied[new_slots] = False
+            self.entry_of[new_slots] = _EMPTY
             self._bricks_per_world += torch.bincount(new_worlds, minlength=self.num_worlds)
             self._table.insert(new_keys, new_slots)
             self._index_bricks(new_slots)
@@ -528,10 +551,13 @@ class LatentSpatialMemory:
         if slots.numel() == 0:
             return
         self._bricks_per_world -= torch.bincount(self.brick_world[slots], minlength=self.num_worlds)
+        entries = self.entry_of[slots]
+        live = entries >= 0
         self._entries_per_world -= torch.zeros_like(self._entries_per_world).scatter_add_(
-            0, self.brick_world[slots], self.occupied[slots].sum(1))
+            0, self.brick_world[slots], live.sum(1))
+        self._free_entries = torch.cat([self._free_entries, entries[live].long().sort().values])
         self.brick_keys[slots] = _EMPTY
-        self.occupied[slots] = False
+        self.entry_of[slots] = _EMPTY
         self._free = torch.cat([self._free, slots.sort().values])
         self._rebuild_table()
         self._rebuild_chunks()
@@ -575,10 +601,10 @@ class LatentSpatialMemory:
         w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
         brick_slot, view = self._visible_bricks(camera, w2c, world_index, frames)
         if brick_slot.numel() > 0:
-            occupied = self.occupied[brick_slot]
-            pair, voxel = torch.nonzero(occupied, as_tuple=True)
-            brick_slot, view = brick_slot[pair], view[pair]
-            points = self.points[brick_slot, voxel]
+            entries = self.entry_of[brick_slot]
+            pair, voxel = torch.nonzero(entries >= 0, as_tuple=True)
+            entry, view = entries[pair, voxel].long(), view[pair]
+            points = self.points[entry]
             rotation, translation = w2c[view, :3, :3], w2c[view, :3, 3]
             local = (rotation @ points[:, :, None])[:, :, 0] + translation
             z = local[:, 2]
@@ -596,7 +622,7 @@ class LatentSpatialMemory:
                     # that covers under half of the pixel, a surface glimpsed past an edge) may
                     # not hide them. So a camera that returns reads back what it wrote.
                     camera_origin = poses.to(self.device, torch.float32).reshape(views, 4, 4)[:, :3, 3]
-                    seen_from = self.origins[brick_slot[keep], voxel[keep]]
+                    seen_from = self.origins[entry[keep]]
                     from_here = (seen_from - camera_origin[view[keep]]).norm(dim=-1) <= self.revisit_radius
                     pixel_has_here = torch.zeros(pixels, dtype=torch.bool, device=self.device)
                     pixel_has_here[pixel[from_here]] = True
@@ -616,7 +642,7 @@ class LatentSpatialMemory:
                 winner_of.scatter_reduce_(0, pixel[candidate], order[candidate], reduce="amax")
                 hit_pixels = torch.nonzero(winner_of >= 0).flatten()
                 winners = keep[winner_of[hit_pixels]]
-                out_latents[hit_pixels] = self.features[brick_slot[winners], voxel[winners]].to(torch.float32)
+                out_latents[hit_pixels] = self.features[entry[winners]].to(torch.float32)
                 out_depth[hit_pixels] = z[winner_of[hit_pixels]]
                 out_mask[hit_pixels] = True
                 out_depth[~out_mask] = math.inf
@@ -691,12 +717,12 @@ class LatentSpatialMemory:
     def stats(self, bounds: bool = True) -> dict:
         """Entries, bytes held, voxel size and (optionally, O(entries)) the bounds of what is stored."""
         entries = int(self._entries_per_world.sum())
-        held = [self.features, self.points, self.observed_depth, self.origins, self.occupied, self.brick_keys,
+        held = [self.features, self.points, self.observed_depth, self.origins, self.entry_of, self.brick_keys,
                 self.brick_world, self.brick_last_write, self._table.keys, self._table.values,
                 self.chunk_keys, self.chunk_members, self._chunk_table.keys, self._chunk_table.values]
         bytes_held = sum(t.numel() * t.element_size() for t in held)
         if bounds and entries:
-            stored = self.points[self.occupied]
+            stored = self.stored_points()
             bounds = [stored.min(0).values.tolist(), stored.max(0).values.tolist()]
         else:
             bounds = None
@@ -707,6 +733,10 @@ class LatentSpatialMemory:
             "voxel_size": self.voxel_size,
             "bounds": bounds,
         }
+
+    def stored_points(self) -> torch.Tensor:
+        """(entries, 3) world points of every stored entry (O(entries); for inspection and tests)."""
+        return self.points[self.entry_of[self.entry_of >= 0].long()]
 
     def entries_per_world(self) -> torch.Tensor:
         """(num_worlds,) number of stored entries of each world."""
@@ -732,13 +762,14 @@ class LatentSpatialMemory:
 
     def state_tensors(self, prefix: str = "memory.") -> dict[str, torch.Tensor]:
         """Every tensor needed to resume, trimmed to the bricks in use."""
-        used = self.bricks_in_use
+        used, entries = self.bricks_in_use, self.entries_in_use
         tensors = {
-            "features": self.features[:used],
-            "points": self.points[:used],
-            "observed_depth": self.observed_depth[:used],
-            "origins": self.origins[:used],
-            "occupied": self.occupied[:used],
+            "features": self.features[:entries],
+            "points": self.points[:entries],
+            "observed_depth": self.observed_depth[:entries],
+            "origins": self.origins[:entries],
+            "free_entries": self._free_entries,
+            "entry_of": self.entry_of[:used],
             "brick_keys": self.brick_keys[:used],
             "brick_world": self.brick_world[:used],
             "brick_last_write": self.brick_last_write[:used],
@@ -747,7 +778,8 @@ class LatentSpatialMemory:
             "entries_per_world": self._entries_per_world,
             "step": torch.tensor([self.step], dtype=torch.int64),
             # Capacities, so a loaded memory holds (and reports) the same bytes.
-            "capacity": torch.tensor([self.brick_keys.numel(), self._table.mask + 1], dtype=torch.int64),
+            "capacity": torch.tensor([self.brick_keys.numel(), self._table.mask + 1, self.features.shape[0]],
+                                     dtype=torch.int64),
         }
         return {prefix + k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
@@ -759,29 +791,38 @@ class LatentSpatialMemory:
         memory = cls(**config, device=device)
         try:
             part = {k: tensors[prefix + k] for k in (
-                "features", "points", "observed_depth", "origins", "occupied", "brick_keys", "brick_world",
+                "features", "points", "observed_depth", "origins", "free_entries", "entry_of", "brick_keys", "brick_world",
                 "brick_last_write", "free", "bricks_per_world", "entries_per_world", "step", "capacity")}
         except KeyError as missing:
             raise MemoryFileError(f"saved memory lacks tensor {missing}; the file is incomplete or not a memory") from None
-        used = part["brick_keys"].shape[0]
+        used, entries = part["brick_keys"].shape[0], part["features"].shape[0]
         shapes_ok = (
-            part["features"].shape == (used, memory._voxels_per_brick, memory.channels)
-            and part["points"].shape == (used, memory._voxels_per_brick, 3)
-            and part["origins"].shape == (used, memory._voxels_per_brick, 3)
-            and part["occupied"].shape == (used, memory._voxels_per_brick)
+            part["features"].shape == (entries, memory.channels)
+            and part["points"].shape == (entries, 3)
+            and part["observed_depth"].shape == (entries,)
+            and part["origins"].shape == (entries, 3)
+            and part["entry_of"].shape == (used, memory._voxels_per_brick)
             and part["bricks_per_world"].shape == (memory.num_worlds,)
+            and part["capacity"].shape == (3,)
         )
         if not shapes_ok:
             raise MemoryFileError("saved memory tensors do not match its configuration; the file was altered")
-        capacity, table_size = (int(v) for v in part["capacity"])
-        if capacity < used or table_size < 2 * used:
+        entry_of, free_entries = part["entry_of"], part["free_entries"]
+        if (entry_of >= entries).any() or (entry_of < _EMPTY).any() or (free_entries < 0).any() \
+                or (free_entries >= entries).any():
+            raise MemoryFileError("saved memory indexes entries it does not hold; the file was altered")
+        capacity, table_size, entry_capacity = (int(v) for v in part["capacity"])
+        if capacity < used or table_size < 2 * used or entry_capacity < entries:
             raise MemoryFileError("saved memory capacities are inconsistent with its contents; the file was altered")
         memory._allocate(initial_bricks=capacity)
-        memory.features[:used] = part["features"].to(memory.device, memory.feature_dtype)
-        memory.points[:used] = part["points"].to(memory.device)
-        memory.observed_depth[:used] = part["observed_depth"].to(memory.device)
-        memory.origins[:used] = part["origins"].to(memory.device)
-        memory.occupied[:used] = part["occupied"].to(memory.device)
+        memory._allocate_entries(initial_entries=entry_capacity)
+        memory.features[:entries] = part["features"].to(memory.device, memory.feature_dtype)
+        memory.points[:entries] = part["points"].to(memory.device)
+        memory.observed_depth[:entries] = part["observed_depth"].to(memory.device)
+        memory.origins[:entries] = part["origins"].to(memory.device)
+        memory.entries_in_use = entries
+        memory._free_entries = free_entries.to(memory.device, torch.int64)
+        memory.entry_of[:used] = entry_of.to(memory.device, torch.int32)
         memory.brick_keys[:used] = part["brick_keys"].to(memory.device)
         memory.brick_world[:used] = part["brick_world"].to(memory.device)
         memory.brick_last_write[:used] = part["brick_last_write"].to(memory.device)

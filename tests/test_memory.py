@@ -246,8 +246,7 @@ def test_image_depth_lifts_a_corner_pixel_onto_the_surface_it_mostly_shows():
     depth[24:27, 27:32] = 2.0  # ... and the top three rows: 39 of 64 pixels, not the centre
     memory = LatentSpatialMemory(CHANNELS, voxel_size=0.01)
     memory.write(features(), depth, LATENT, identity())
-    occupied = memory.occupied[: memory.bricks_in_use]
-    points = memory.points[: memory.bricks_in_use][occupied].double()
+    points = memory.stored_points().double()
     near = points[points[:, 2] < 3.0]
     assert near.shape[0] == 1 and near[0, 2].item() == pytest.approx(2.0)
     u, v = (near[0, :2] / near[0, 2] * image.fx + image.cx).tolist()
@@ -280,3 +279,17 @@ def test_chunk_culling_never_changes_what_a_read_returns(tmp_path):
     memories[0].save(path)
     loaded = reads(LatentSpatialMemory.load(path))
     assert torch.equal(loaded.latents, coarse.latents) and torch.equal(loaded.mask, coarse.mask)
+
+
+def test_entries_freed_by_clearing_a_world_are_reused():
+    """Episode after episode in the same batch slot, the entry pool does not grow."""
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05, num_worlds=2)
+    depth = torch.full((2, 1, 8, 8), 3.0)
+    for episode in range(4):
+        memory.write(torch.randn(2, 1, CHANNELS, 8, 8), depth, LATENT, identity().expand(2, 1, 4, 4))
+        if episode == 0:
+            pool, held = memory.entries_in_use, memory.stats()["bytes"]
+        memory.clear([1])
+    assert memory.entries_in_use == pool and memory.stats()["bytes"] == held
+    assert memory.entries_per_world().tolist() == [64, 0]
+    assert memory.read(LATENT, identity().expand(2, 1, 4, 4)).mask[1].sum() == 0
