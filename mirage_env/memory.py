@@ -4,8 +4,10 @@ Layout (voxel hashing with bricks, as in Niessner et al. 2013):
 
 - Space is cut into voxels of ``voxel_size``; voxels are grouped into cubic
   *bricks* of ``brick_size`` voxels per side. Each voxel holds at most one entry:
-  a C-dim feature (fp16 by default), the 3D point it was lifted to, and the
-  depth it was observed at.
+  a C-dim feature (fp16 by default), the 3D point it was lifted to, the depth it
+  was observed at and the origin of the camera that observed it. Entries live in
+  a compact pool (a voxel stores a 4-byte index), because surfaces fill only a
+  fraction of a brick's voxels; entries freed by eviction or clearing are reused.
 - Bricks are allocated on first write and found through an open-addressing
   hash table over (world, brick coordinates), so a write touches only the
   bricks its points fall in and costs the same with 1e3 or 1e6 stored entries.
