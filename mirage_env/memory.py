@@ -36,7 +36,9 @@ Policies, stated once:
   to a pose reads back exactly the samples it wrote there, even where a thin
   object seen from elsewhere lies in front.
 - Capacity: at most ``max_bricks_per_world`` bricks per world; when a write
-  needs more, the least recently written bricks of that world are evicted.
+  needs more, the least recently written bricks of that world are evicted down
+  to 7/8 of the bound. Eviction rebuilds the hash tables (O(stored)), so it runs
+  once per bound/8 new bricks, not on every write of a full memory.
 
 Several independent worlds share one memory (``num_worlds``), so a batch of
 worlds is read and written in one call. Every operation is a tensor op on the
@@ -62,6 +64,7 @@ FORMAT_NAME = "mirage_env.LatentSpatialMemory"
 FORMAT_VERSION = 3  # 2: entries carry the origin of the camera that wrote them; 3: entries in a pool
 
 MERGE_POLICIES = ("latest", "closest", "first")
+EVICT_TO_FRACTION = 7 / 8  # of max_bricks_per_world, once a write would exceed it
 _EMPTY = -1
 _AXIS_BITS = 16
 _AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
@@ -537,9 +540,11 @@ class LatentSpatialMemory:
 
     def _evict_for(self, new_worlds: torch.Tensor) -> None:
         incoming = torch.bincount(new_worlds, minlength=self.num_worlds)
-        excess = self._bricks_per_world + incoming - self.max_bricks_per_world
-        if not (excess > 0).any():
+        wanted = self._bricks_per_world + incoming
+        if not (wanted > self.max_bricks_per_world).any():
             return
+        excess = torch.where(wanted > self.max_bricks_per_world, wanted - (self.max_bricks_per_world * EVICT_TO_FRACTION),
+                             torch.zeros_like(wanted)).ceil().long()
         live = self.brick_keys[: self.bricks_in_use] != _EMPTY
         victims = []
         for world in torch.nonzero(excess > 0).flatten().tolist():  # loop over worlds, not points

@@ -293,3 +293,17 @@ def test_entries_freed_by_clearing_a_world_are_reused():
     assert memory.entries_in_use == pool and memory.stats()["bytes"] == held
     assert memory.entries_per_world().tolist() == [64, 0]
     assert memory.read(LATENT, identity().expand(2, 1, 4, 4)).mask[1].sum() == 0
+
+
+def test_a_full_memory_evicts_in_batches_not_on_every_write():
+    """Over the bound, eviction frees down to 7/8 of it, so the next small writes need none."""
+    memory = LatentSpatialMemory(CHANNELS, voxel_size=0.05, brick_size=2, max_bricks_per_world=80)
+    depth = torch.full((8, 8), 3.0)
+    memory.write(features(0), depth, LATENT, translated(x=0.0))  # 64 bricks, one per latent pixel
+    memory.write(features(1), depth, LATENT, translated(x=10.0))  # 128 wanted > 80: evict down to 70
+    assert memory.stats()["bricks"] == 70
+    few = torch.zeros(8, 8, dtype=torch.bool)
+    few[0] = True  # 8 new bricks: 78 <= 80, nothing evicted
+    memory.write(features(2), depth, LATENT, translated(x=20.0), keep=few)
+    assert memory.stats()["bricks"] == 78
+    assert memory.read(LATENT, translated(x=0.0)).mask.sum() == 6, "the 6 survivors of the first view stay"
