@@ -111,6 +111,8 @@ def test_bad_inputs_raise_clear_errors(tmp_path):
         env.step(42)
     with pytest.raises(ValueError, match="outside the action space"):
         env.step(-1)
+    with pytest.raises(ValueError, match="outside the action space"):
+        env.step("forward")
     continuous = make(action_type="continuous")
     continuous.reset(seed=0)
     with pytest.raises(ValueError, match="NaN"):
