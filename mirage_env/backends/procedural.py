@@ -391,6 +391,8 @@ class ProceduralWorldModel:
         winner = nearest & (box == which[ray])
         object_axis = torch.zeros(rays_total, dtype=torch.int64, device=self.device)
         object_axis[ray[winner]] = _argmax3(near[0][winner], near[1][winner], near[2][winner])
+        # Rays that hit no box keep the sentinel until here; any valid index will do, since
+        # their depth is inf and the caller never picks the object surface for them.
         which = torch.where(which == boxes, torch.zeros_like(which), which)
         shape = (batch, frames, pixels)
         return object_depth.reshape(shape), which.reshape(shape), object_axis.reshape(shape)
