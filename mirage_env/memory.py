@@ -260,7 +260,7 @@ class LatentSpatialMemory:
         shifted = self._unpack(keys)
         chunk, local = torch.div(shifted, size, rounding_mode="floor"), shifted % size
         world = keys >> (3 * _AXIS_BITS)
-        chunk_keys = (world << (3 * _AXIS_BITS)) | (chunk[:, 0] << (2 * _AXIS_BITS)) | (chunk[:, 1] << _AXIS_BITS) | chunk[:, 2]
+        chunk_keys = self._pack(world, chunk)
         unique_keys, inverse = torch.unique(chunk_keys, return_inverse=True)
         found = self._chunk_table.lookup(unique_keys)
         missing = found < 0
@@ -340,12 +340,7 @@ class LatentSpatialMemory:
                 f"addresses +-{limit:g} with voxel_size={self.voxel_size}: use a larger voxel_size "
                 f"or keep the scene closer to the first camera"
             )
-        return (
-            (world << (3 * _AXIS_BITS))
-            | (shifted[:, 0] << (2 * _AXIS_BITS))
-            | (shifted[:, 1] << _AXIS_BITS)
-            | shifted[:, 2]
-        )
+        return self._pack(world, shifted)
 
     def _brick_centres(self, slots: torch.Tensor) -> torch.Tensor:
         coords = self._unpack(self.brick_keys[slots])
@@ -712,6 +707,11 @@ class LatentSpatialMemory:
         visible &= (y - bottom * z) <= radius * math.sqrt(1 + bottom * bottom)
         visible &= (-y - top * z) <= radius * math.sqrt(1 + top * top)
         return pair_sphere[visible], pair_view[visible]
+
+    @staticmethod
+    def _pack(world: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+        """int64 keys of (N,) worlds and (N, 3) non-negative coordinates below 2**_AXIS_BITS (brick or chunk)."""
+        return (world << (3 * _AXIS_BITS)) | (coords[:, 0] << (2 * _AXIS_BITS)) | (coords[:, 1] << _AXIS_BITS) | coords[:, 2]
 
     @staticmethod
     def _unpack(keys: torch.Tensor) -> torch.Tensor:
