@@ -29,7 +29,7 @@ class AgentBatch:
         agents_per_world: A; agents of one world share its memory and reset together.
         action_type: "discrete" (mirage_env.geometry.Move) or "continuous" (6-DoF velocity in [-1, 1]).
         frames_per_step: latent frames generated per step along the interpolated path.
-        motion: step lengths and angles.
+        motion: step lengths and angles (a MotionConfig, a dict of its fields, or None for the defaults).
         max_episode_steps: truncation horizon.
         observations: which of "rgb", "pose", "depth", "latent" to return.
         collision_distance: FORWARD motion is refused when the depth straight ahead
@@ -50,7 +50,7 @@ class AgentBatch:
         agents_per_world: int = 1,
         action_type: str = "discrete",
         frames_per_step: int = 1,
-        motion: MotionConfig = MotionConfig(),
+        motion: MotionConfig | dict | None = None,
         max_episode_steps: int = 500,
         observations: tuple[str, ...] = ("rgb", "pose"),
         collision_distance: float = 0.3,
@@ -79,7 +79,7 @@ class AgentBatch:
         self.agent_world = np.repeat(np.arange(self.num_worlds), agents_per_world)
         self.action_type = action_type
         self.frames_per_step = frames_per_step
-        self.motion = motion
+        self.motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
         self.max_episode_steps = max_episode_steps
         self.observation_keys = tuple(observations)
         self.collision_distance = collision_distance

@@ -135,7 +135,6 @@ class MirageEnv(gym.Env):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
-        motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
         self.world = world or make_world(backend, 1, image_size, use_memory, voxel_size, memory_options,
                                          checkpoint, backend_options)
         self.task = make_task(task)

@@ -118,7 +118,6 @@ class MirageParallelEnv(ParallelEnv):
         n_agents = int(n_agents)
         self.render_mode = render_mode
         self.shared_memory = bool(shared_memory)
-        motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
         num_worlds = 1 if self.shared_memory else n_agents
         self.world = make_world(backend, num_worlds, image_size, use_memory, voxel_size, memory_options,
                                 checkpoint, backend_options)

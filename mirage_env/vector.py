@@ -130,7 +130,6 @@ class MirageVectorEnv(VectorEnv):
             raise ValueError(f"world holds {world.num_worlds} worlds but num_envs is {num_envs}; they must match")
         self.num_envs = int(num_envs)
         self.render_mode = render_mode
-        motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
         self.world = world or make_world(backend, self.num_envs, image_size, use_memory, voxel_size, memory_options,
                                          checkpoint, backend_options)
         self.task = make_task(task)
