@@ -82,6 +82,8 @@ def check_checkpoint(directory: str | os.PathLike, components=("vae", "transform
     missing = []
     for name in components:
         required, any_of = _COMPONENT_FILES[name]
+        if name == "vae" and _vae_class_name(directory) == "PatchDCTAutoencoder":
+            any_of = None  # a fixed transform: its config is the whole model
         folder = directory / name
         for file in required:
             if not (folder / file).is_file():
@@ -93,6 +95,13 @@ def check_checkpoint(directory: str | os.PathLike, components=("vae", "transform
             f"Wan checkpoint {directory} is incomplete; missing: {', '.join(missing)}.\n{how}"
         )
     return directory
+
+
+def _vae_class_name(directory: Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / "vae" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def latent_frame_count(frames: int, temporal_factor: int = 4) -> int:
@@ -114,18 +123,23 @@ class WanWorldModel:
 
     Args:
         checkpoint_dir: diffusers-format Wan2.2 directory (vae/, transformer/, scheduler/,
-            text_encoder/, tokenizer/), e.g. a local copy of ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``.
+            text_encoder/, tokenizer/), e.g. a local copy of ``Wan-AI/Wan2.2-TI2V-5B-Diffusers``,
+            or the name of a shipped checkpoint ("procedural-wan-mini"). Settings left as
+            None / "auto" below come from the checkpoint's ``mirage_world.json`` when it has
+            one (see wan_checkpoint), else from the Wan2.2 defaults given here.
         memory_dir: trained memory branch (``memory_branch.safetensors`` + ``memory_branch.json``)
             and optional ``lora/``; None gives a zero-initialised branch (= base model).
         device: "cpu" or "cuda".
         dtype: DiT and text encoder dtype (bf16 on CUDA, fp32 on CPU by default); the VAE
             runs in ``vae_dtype`` (fp32: Wan's VAE is sensitive to low precision).
         offload: keep components on the CPU and move each to ``device`` only while it runs.
-        image_size: (height, width) of frames; multiples of 32 (VAE 16x times DiT patch 2).
-        frames_per_segment: video frames per segment, 1 + 4k (33 -> 9 latent frames).
-        num_inference_steps: UniPC steps per segment.
-        context_frames: previous latent frames kept as clean context.
-        flow_shift: timestep shift of the flow-matching schedule.
+        image_size: (height, width) of frames; multiples of the VAE factor x DiT patch
+            (32 for Wan2.2). Default (704, 1280).
+        frames_per_segment: video frames per segment, 1 + 4k for Wan2.2's VAE (33 -> 9 latent
+            frames, the default); the World generates this many per step.
+        num_inference_steps: UniPC steps per segment (default 20).
+        context_frames: previous latent frames kept as clean context (default 2).
+        flow_shift: timestep shift of the flow-matching schedule (default 5).
         camera: intrinsics of the frames (default: 60 degree horizontal field of view).
         depth_estimator: a DepthEstimator, a path to a local transformers depth model, or
             None (a constant-depth plane, with a warning: memory geometry is then wrong).
@@ -140,17 +154,17 @@ class WanWorldModel:
     def __init__(
         self,
         checkpoint_dir: str | os.PathLike,
-        memory_dir: str | os.PathLike | None = None,
+        memory_dir: str | os.PathLike | None = "auto",
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
         offload: bool = False,
-        image_size: tuple[int, int] = (704, 1280),
-        frames_per_segment: int = 33,
-        num_inference_steps: int = 20,
-        context_frames: int = 2,
-        flow_shift: float = 5.0,
+        image_size: tuple[int, int] | None = None,
+        frames_per_segment: int | None = None,
+        num_inference_steps: int | None = None,
+        context_frames: int | None = None,
+        flow_shift: float | None = None,
         camera: Camera | None = None,
-        depth_estimator: Any = None,
+        depth_estimator: Any = "auto",
         tokenizer: Any = "auto",
         text_encoder: Any = "auto",
         default_prompt: str = "",
@@ -161,27 +175,47 @@ class WanWorldModel:
     ):
         from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanTransformer3DModel
 
+        from .dct_autoencoder import PatchDCTAutoencoder
+        from .wan_checkpoint import read_world_defaults, resolve_checkpoint
         from .wan_memory import build_memory_transformer, load_lora, load_memory_branch
 
         self.device = torch.device(device)
         self.dtype = dtype or (torch.bfloat16 if self.device.type == "cuda" else torch.float32)
         self.vae_dtype = vae_dtype
         self.offload = offload
-        self.checkpoint_dir = Path(checkpoint_dir)
+        self.checkpoint_dir = resolve_checkpoint(checkpoint_dir)
+        # Settings the checkpoint was trained with; explicit arguments win.
+        trained = read_world_defaults(self.checkpoint_dir) if self.checkpoint_dir.is_dir() else {}
+        pick = lambda given, key, fallback: given if given is not None else trained.get(key, fallback)  # noqa: E731
+        image_size = pick(image_size, "image_size", (704, 1280))
+        frames_per_segment = pick(frames_per_segment, "frames_per_segment", 33)
+        num_inference_steps = pick(num_inference_steps, "num_inference_steps", 20)
+        context_frames = pick(context_frames, "context_frames", 2)
+        flow_shift = pick(flow_shift, "flow_shift", 5.0)
+        if isinstance(memory_dir, str) and memory_dir == "auto":
+            memory_dir = trained.get("memory_dir")
+        if isinstance(depth_estimator, str) and depth_estimator == "auto":
+            depth_estimator = trained.get("depth_estimator")
+        if trained.get("text_encoder") is False:
+            tokenizer = None if isinstance(tokenizer, str) and tokenizer == "auto" else tokenizer
+            text_encoder = None if isinstance(text_encoder, str) and text_encoder == "auto" else text_encoder
+        if "voxel_size" in trained:
+            self.suggested_voxel_size = float(trained["voxel_size"])
         self.memory_dir = None if memory_dir is None else Path(memory_dir)
         if num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be >= 1, got {num_inference_steps}")
         if context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {context_frames}")
         needed = ["vae", "transformer", "scheduler"]
-        if tokenizer == "auto":
+        if isinstance(tokenizer, str) and tokenizer == "auto":
             needed.append("tokenizer")
-        if text_encoder == "auto":
+        if isinstance(text_encoder, str) and text_encoder == "auto":
             needed.append("text_encoder")
         check_checkpoint(self.checkpoint_dir, needed)
         home = "cpu" if offload else self.device
         load = dict(local_files_only=True)
-        self.vae = AutoencoderKLWan.from_pretrained(self.checkpoint_dir / "vae", torch_dtype=vae_dtype, **load).to(home).eval()
+        vae_class = PatchDCTAutoencoder if _vae_class_name(self.checkpoint_dir) == "PatchDCTAutoencoder" else AutoencoderKLWan
+        self.vae = vae_class.from_pretrained(self.checkpoint_dir / "vae", torch_dtype=vae_dtype, **load).to(home).eval()
         vae_config = self.vae.config
         self.latent = LatentSpec(
             channels=vae_config.z_dim,
@@ -224,7 +258,7 @@ class WanWorldModel:
         self.image_size = (height, width)
         self.latent_frames = latent_frame_count(frames_per_segment, self.latent.temporal_factor)
         self.frames_per_segment = frames_per_segment
-        self.camera = camera or Camera.from_fov(width, height, 60.0)
+        self.camera = camera or Camera.from_fov(width, height, float(trained.get("fov_degrees", 60.0)))
         if (self.camera.height, self.camera.width) != self.image_size:
             raise ValueError(f"camera is {self.camera.width}x{self.camera.height}, image_size is {width}x{height} (w x h)")
         self.latent_camera = self.latent.latent_camera(self.camera)
