@@ -1,4 +1,4 @@
-"""The ``mirage-env`` command line: rollout | eval | bench | train | evaluate."""
+"""The ``mirage-env`` command line: rollout | eval | bench | train | evaluate | import-branch."""
 
 from __future__ import annotations
 
@@ -188,6 +188,13 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", default=None)
     c.set_defaults(func=eval_consistency)
 
+    p = commands.add_parser("import-branch", help="import a memory branch trained in DiffSynth naming (the published one)")
+    p.add_argument("source", help="safetensors file with DiffSynth keys (vace_blocks.N.self_attn.q.weight, ...)")
+    p.add_argument("--checkpoint", required=True, help="local Wan2.2 diffusers directory the branch was trained on")
+    p.add_argument("--out", required=True, help="memory_dir to write (memory_branch.safetensors + .json)")
+    p.add_argument("--vace-every", type=int, default=None, help="branch spacing in DiT layers (default: inferred)")
+    p.set_defaults(func=import_branch)
+
     _add_optional_commands(commands)
     return parser
 
@@ -196,6 +203,7 @@ def _add_optional_commands(commands) -> None:
     """Commands whose modules may bring heavy imports register here, imported lazily."""
     for module_name, command, help_text in (
         ("mirage_env.bench_memory", "bench", "benchmarks: bench memory (latent vs colour memory)"),
+        ("mirage_env.dataset", "dataset", "posed-video datasets from the procedural world: dataset export"),
         ("mirage_env.agents.train", "train", "train an agent with Stable-Baselines3"),
         ("mirage_env.agents.evaluate", "evaluate", "evaluate a policy over K episodes"),
     ):
@@ -206,6 +214,16 @@ def _add_optional_commands(commands) -> None:
         p = commands.add_parser(command, help=help_text)
         module.add_arguments(p)
         p.set_defaults(func=module.main)
+
+
+def import_branch(args) -> None:
+    """Write a memory_dir from a DiffSynth-named branch file (see backends/wan_import.py)."""
+    from mirage_env.backends.wan_import import import_diffsynth_branch
+
+    result = import_diffsynth_branch(args.source, args.checkpoint, args.out, vace_every=args.vace_every)
+    print(f"imported {result.tensors} branch tensors ({result.dtype}) at DiT layers {result.vace_layers} into "
+          f"{result.out_dir}; skipped {result.ignored} non-branch tensors. Use it with "
+          f"WanWorldModel({args.checkpoint!r}, memory_dir={str(result.out_dir)!r})")
 
 
 def main(argv: list[str] | None = None) -> int:
