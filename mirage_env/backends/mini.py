@@ -1,0 +1,105 @@
+"""procedural-wan-mini: a small Wan-architecture world model trained on the procedural world.
+
+No pretrained video model is small enough for a 2-core CPU, so the published
+recipe (Wan2.2 base + memory branch + LoRA) runs here with a base trained from
+scratch (stage 0) on clips exported from the procedural world
+(mirage_env.dataset). Everything else is the code a GPU user runs on
+Wan2.2-TI2V-5B: ``WanWorldModel``, the VACE memory branch, peft LoRA, the
+flow-matching trainer, the diffusers file layout.
+
+What differs, and why:
+
+- latent space: the DCT codec as a diffusers autoencoder
+  (``PatchDCTAutoencoder``: 8x spatial, no temporal compression, 48 channels,
+  the channel count of Wan2.2's VAE). The procedural frames are made by
+  decoding that codec, so it reconstructs them up to uint8 rounding;
+- sizes: 64x64 frames (8x8 latents, 16 tokens a frame with patch (1, 2, 2)),
+  segments of 4 frames with 2 clean context frames, a DiT of 6 layers of width
+  192 (3 heads x 64), 10 sampler steps, no text (empty-prompt embeddings).
+
+This module holds the configuration and builds the untrained checkpoint
+folder; training is ``benchmarks/learned_memory.py`` (stages 0, 1, 2 with
+``wan_train.MemoryBranchTrainer``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from .wan_checkpoint import write_world_defaults
+
+__all__ = ["MINI_NAME", "MINI_SETTINGS", "mini_transformer_config", "build_mini_checkpoint"]
+
+MINI_NAME = "procedural-wan-mini"
+
+# The settings WanWorldModel reads from the checkpoint (mirage_world.json).
+MINI_SETTINGS = dict(
+    image_size=[64, 64],
+    frames_per_segment=4,
+    num_inference_steps=10,
+    context_frames=2,
+    flow_shift=2.0,
+    fov_degrees=90.0,
+    # The procedural world's voxel at 64x64 (see ProceduralWorldModel.suggested_voxel_size).
+    voxel_size=0.28125,
+    text_encoder=False,
+)
+
+
+def mini_transformer_config(num_layers: int = 6, heads: int = 3, head_dim: int = 64, ffn_dim: int = 768,
+                            latent_channels: int = 48, text_dim: int = 32) -> dict:
+    """WanTransformer3DModel of a few million parameters for 8x8 latents.
+
+    Width 192 matches a token's 2 x 2 x 48 latent values, so a token can carry its
+    patch through the network (and the memory branch can copy one) losslessly.
+    """
+    return dict(
+        patch_size=(1, 2, 2), num_attention_heads=heads, attention_head_dim=head_dim, in_channels=latent_channels,
+        out_channels=latent_channels, text_dim=text_dim, freq_dim=256, ffn_dim=ffn_dim, num_layers=num_layers,
+        cross_attn_norm=True, qk_norm="rms_norm_across_heads", rope_max_seq_len=64,
+    )
+
+
+def build_mini_checkpoint(directory: str | os.PathLike, latents_mean: list[float], latents_std: list[float], *,
+                          transformer_config: dict | None = None, seed: int = 0, settings: dict | None = None,
+                          description: str = "") -> Path:
+    """Write an untrained procedural-wan-mini checkpoint: DCT VAE, random DiT, scheduler, settings.
+
+    Args:
+        latents_mean / latents_std: per-channel statistics of the training latents (48 each).
+        transformer_config: overrides ``mini_transformer_config()`` (tests use a tinier one).
+        seed: torch seed of the DiT's initial weights.
+        settings: overrides of ``MINI_SETTINGS``.
+    """
+    from diffusers import UniPCMultistepScheduler, WanTransformer3DModel
+
+    from .dct_autoencoder import PatchDCTAutoencoder
+    from .tiny import tiny_scheduler_config
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    settings = {**MINI_SETTINGS, **(settings or {})}
+    PatchDCTAutoencoder(scale_factor_spatial=8, dct_keep=4, latents_mean=list(latents_mean),
+                        latents_std=list(latents_std)).save_pretrained(directory / "vae")
+    torch.manual_seed(seed)
+    config = transformer_config or mini_transformer_config()
+    WanTransformer3DModel(**config).save_pretrained(directory / "transformer")
+    UniPCMultistepScheduler(**{**tiny_scheduler_config(), "flow_shift": settings["flow_shift"]}).save_pretrained(directory / "scheduler")
+    index = {
+        "_class_name": "WanPipeline",
+        "expand_timesteps": True,
+        "scheduler": ["diffusers", "UniPCMultistepScheduler"],
+        "transformer": ["diffusers", "WanTransformer3DModel"],
+        "vae": ["mirage_env.backends.dct_autoencoder", "PatchDCTAutoencoder"],
+        "text_encoder": [None, None],
+        "tokenizer": [None, None],
+    }
+    (directory / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    write_world_defaults(directory, name=MINI_NAME, description=description or (
+        "procedural-wan-mini: a small Wan-architecture world model trained on mirage-env's procedural "
+        "indoor world at 64x64 on a CPU; not Wan2.2"), **settings)
+    return directory
