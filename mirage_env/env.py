@@ -12,6 +12,7 @@ import torch
 from .backends import make_model
 from .batch import AgentBatch, validate_options
 from .geometry import MotionConfig
+from .memory import check_horizon
 from .world import World
 
 RESET_OPTIONS = ("image", "prompt")
@@ -29,10 +30,33 @@ def make_task(task):
 
 
 def make_world(backend="procedural", num_worlds=1, image_size=64, use_memory=True, voxel_size=None,
-               memory_options=None, checkpoint=None, backend_options=None) -> World:
+               memory_options=None, checkpoint=None, backend_options=None, memory_horizon=None) -> World:
+    memory_options = with_memory_horizon(memory_options, memory_horizon)
     model = make_model(backend, image_size=image_size, checkpoint=checkpoint, **(backend_options or {}))
     return World(model, num_worlds=num_worlds, use_memory=use_memory, voxel_size=voxel_size,
                  memory_options=memory_options)
+
+
+def with_memory_horizon(memory_options: dict | None, memory_horizon: int | None) -> dict | None:
+    """``memory_options`` with the envs' ``memory_horizon`` keyword as the memory's ``horizon``."""
+    memory_horizon = check_horizon(memory_horizon, "memory_horizon")
+    if memory_horizon is None:
+        return memory_options
+    options = dict(memory_options or {})
+    if options.get("horizon", memory_horizon) != memory_horizon:
+        raise ValueError(f"memory_horizon={memory_horizon} contradicts memory_options['horizon']="
+                         f"{options['horizon']!r}; give the horizon once")
+    options["horizon"] = memory_horizon
+    return options
+
+
+def check_world_horizon(world: World, memory_horizon: int | None) -> None:
+    """A prebuilt ``world`` already has its horizon: ``memory_horizon`` may only repeat it."""
+    memory_horizon = check_horizon(memory_horizon, "memory_horizon")
+    if memory_horizon is not None and world.memory.horizon != memory_horizon:
+        raise ValueError(f"memory_horizon={memory_horizon} but the given world's memory has horizon "
+                         f"{world.memory.horizon}; build the World with memory_options={{'horizon': "
+                         f"{memory_horizon}}} or drop memory_horizon")
 
 
 def _as_discrete(action):
@@ -96,6 +120,9 @@ class MirageEnv(gym.Env):
     ## Arguments
     ``task``, ``backend`` ("procedural" | "wan"), ``image_size`` (int or (height, width)),
     ``frames_per_step``, ``use_memory`` (False: ablation, the generator ignores memory),
+    ``memory_horizon`` (int K >= 1: ablation, short-term memory on the same model: only
+    what the last K steps wrote to memory or were shown from it is read; None: full memory;
+    anything else raises ``ValueError``),
     ``max_episode_steps``, ``action_type``, ``observations``, ``render_mode``
     ("rgb_array"), ``checkpoint`` (wan), ``backend_options``, ``memory_options``,
     ``voxel_size``, ``motion`` (MotionConfig or dict).
@@ -131,12 +158,15 @@ class MirageEnv(gym.Env):
         voxel_size: float | None = None,
         motion: MotionConfig | dict | None = None,
         world: World | None = None,
+        memory_horizon: int | None = None,
     ):
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         self.render_mode = render_mode
+        if world is not None:
+            check_world_horizon(world, memory_horizon)
         self.world = world or make_world(backend, 1, image_size, use_memory, voxel_size, memory_options,
-                                         checkpoint, backend_options)
+                                         checkpoint, backend_options, memory_horizon)
         self.task = make_task(task)
         self.batch = AgentBatch(
             self.world, self.task, action_type=action_type, frames_per_step=frames_per_step, motion=motion,

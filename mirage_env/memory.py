@@ -39,6 +39,23 @@ Policies, stated once:
   needs more, the least recently written bricks of that world are evicted down
   to 7/8 of the bound. Eviction rebuilds the hash tables (O(stored)), so it runs
   once per bound/8 new bricks, not on every write of a full memory.
+- Horizon (an ablation: short-term memory only): each world has a *write clock*
+  that advances by one on every ``write`` touching it (a World writes once per
+  segment, so it counts segments), and each entry records the clock of the last
+  write that observed its voxel: the write that created it, a later write whose
+  own samples fell in that voxel (whatever the merge policy kept), or one told
+  through ``seen`` that a read showed it to the generator for that segment. With
+  ``horizon=K``, a write frees the entries of its worlds that no write among
+  their last K observed, so a read shows only what was seen in the last K
+  segments, and the voxel of a freed entry is empty again (a later view writes
+  it anew, whatever the merge policy). Expiry frees entries through the entry
+  pool and releases bricks it left empty in batches (a table rebuild per 1/8 of
+  the bricks turned over, as eviction), so memory size is bounded by K segments
+  and per-step cost stays flat. ``horizon=None`` (the default) never expires.
+  Counting from the last observation rather than from creation matters: a world
+  written with ``write="unseen"`` never writes back what memory supplied, so
+  counting from creation would make a camera that stares at a wall forget it
+  every K segments and have the generator draw it anew.
 
 Several independent worlds share one memory (``num_worlds``), so a batch of
 worlds is read and written in one call. Every operation is a tensor op on the
@@ -50,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import numbers
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,10 +76,13 @@ import torch
 
 from .geometry import Camera, check_pose, invert_pose, unproject
 
-__all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError"]
+__all__ = ["LatentSpatialMemory", "MemoryRead", "MemoryFileError", "check_horizon"]
 
 FORMAT_NAME = "mirage_env.LatentSpatialMemory"
-FORMAT_VERSION = 3  # 2: entries carry the origin of the camera that wrote them; 3: entries in a pool
+# 2: entries carry the origin of the camera that wrote them; 3: entries in a pool;
+# 4: per-world write clocks and each entry's last write (the memory horizon).
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (3, 4)  # a version 3 file loads with its clocks derived (see from_state)
 
 MERGE_POLICIES = ("latest", "closest", "first")
 EVICT_TO_FRACTION = 7 / 8  # of max_bricks_per_world, once a write would exceed it
@@ -75,6 +96,18 @@ class MemoryFileError(ValueError):
     """A saved memory or world file is missing, truncated, tampered with or of another version."""
 
 
+def check_horizon(value, name: str = "horizon") -> int | None:
+    """``value`` as a memory horizon (a positive int, or None: full memory); a ValueError naming ``name`` otherwise."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+        raise ValueError(
+            f"{name} must be a positive integer (read only what the last {name} segments wrote or saw) "
+            f"or None (full memory), got {value!r}"
+        )
+    return int(value)
+
+
 @dataclass
 class MemoryRead:
     """The memory projected onto target cameras at latent resolution.
@@ -83,11 +116,14 @@ class MemoryRead:
         latents: (..., C, h, w) float32 features of the winning entries (0 where no hit).
         mask: (..., h, w) bool, True where memory has something to say.
         depth: (..., h, w) z-depth of the winning entries (+inf where no hit).
+        points: (..., h, w, 3) float32 world points of the winning entries (NaN where no
+            hit), or None; what a write's ``seen`` takes to refresh the entries shown.
     """
 
     latents: torch.Tensor
     mask: torch.Tensor
     depth: torch.Tensor
+    points: torch.Tensor | None = None
 
     def __iter__(self):
         return iter((self.latents, self.mask, self.depth))
@@ -169,6 +205,8 @@ class LatentSpatialMemory:
         revisit_radius: entries written from within this distance of a reading camera are
             preferred at the pixels they reach (default: half a voxel, "the same place" at
             the memory's resolution; 0: plain z-buffer).
+        horizon: K, read only what the last K writes of a world wrote or saw (an ablation:
+            short-term memory only); None (default): full memory. See the module docstring.
         device: where every tensor lives.
     """
 
@@ -186,6 +224,7 @@ class LatentSpatialMemory:
         max_read_depth: float = 1e4,
         surface_tolerance: float = 0.05,
         revisit_radius: float | None = None,
+        horizon: int | None = None,
         device: str | torch.device = "cpu",
     ):
         if channels <= 0:
@@ -214,6 +253,7 @@ class LatentSpatialMemory:
         self.revisit_radius = float(0.5 * self.voxel_size if revisit_radius is None else revisit_radius)
         if not self.revisit_radius >= 0:
             raise ValueError(f"revisit_radius must be >= 0 (0 turns the preference off), got {revisit_radius}")
+        self.horizon = check_horizon(horizon)
         self.device = torch.device(device)
         self._voxels_per_brick = brick_size**3
         self._allocate(initial_bricks=64)
@@ -234,6 +274,8 @@ class LatentSpatialMemory:
         self._bricks_per_world = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
         self._entries_per_world = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
         self.step = 0
+        # Writes that touched each world since it was last cleared (the horizon's clock).
+        self._write_clock = torch.zeros(self.num_worlds, dtype=torch.int64, device=dev)
         self._table = _BrickTable(n, dev)
         self._reset_chunks()
 
@@ -289,6 +331,8 @@ class LatentSpatialMemory:
         self.points = torch.zeros(e, 3, dtype=torch.float32, device=dev)
         self.observed_depth = torch.zeros(e, dtype=torch.float32, device=dev)
         self.origins = torch.zeros(e, 3, dtype=torch.float32, device=dev)
+        # Write clock of its world at the last write that observed the entry (int32: 2**31 segments).
+        self.entry_last_write = torch.zeros(e, dtype=torch.int32, device=dev)
         self.entries_in_use = 0  # high-water mark of the pool; freed entries below it are in _free_entries
         self._free_entries = torch.zeros(0, dtype=torch.int64, device=dev)
 
@@ -304,6 +348,7 @@ class LatentSpatialMemory:
                 pad = lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])  # noqa: E731
                 self.features, self.points = pad(self.features), pad(self.points)
                 self.observed_depth, self.origins = pad(self.observed_depth), pad(self.origins)
+                self.entry_last_write = pad(self.entry_last_write)
             self.entries_in_use += fresh
             reused = torch.cat([reused, torch.arange(start, start + fresh, device=self.device)])
         return reused
@@ -387,6 +432,7 @@ class LatentSpatialMemory:
         poses: torch.Tensor,
         keep: torch.Tensor | None = None,
         worlds=None,
+        seen: torch.Tensor | None = None,
     ) -> int:
         """Lift every latent pixel to a world point and store its feature.
 
@@ -399,9 +445,18 @@ class LatentSpatialMemory:
             poses: camera-to-world pose of each latent frame, (4,4), (T,4,4) or (B,T,4,4).
             keep: optional bool mask at latent resolution; False entries are not written.
             worlds: which worlds of the memory the batch addresses (default: all, in order).
+            seen: optional world points (..., 3), leading shape that of ``poses``, NaN where
+                none: entries memory showed the generator for this segment (typically
+                ``MemoryRead.points`` of the read that conditioned it). Their voxels count
+                as observed by this write, so under a horizon what stays in view stays
+                remembered though it is not written back.
 
         Returns:
             The number of entries written (after filtering).
+
+        Every world in ``worlds`` advances its write clock by one, even if nothing is written;
+        with a horizon, entries of those worlds that none of their last ``horizon`` writes
+        observed are freed before the new entries are merged.
         """
         poses, lead = self._as_batch(poses)
         batch, frames = poses.shape[:2]
@@ -440,10 +495,22 @@ class LatentSpatialMemory:
             if keep.numel() != valid.numel():
                 raise ValueError(f"keep must match the latent grid {(batch, frames, h, w)}, got {tuple(keep.shape)}")
             valid &= keep.reshape(valid.shape).bool()
+        if seen is not None:
+            seen = torch.as_tensor(seen, device=self.device)
+            if tuple(seen.shape[: len(lead)]) != lead or seen.dim() < len(lead) + 1 or seen.shape[-1] != 3:
+                raise ValueError(f"seen must have shape {(*lead, '...', 3)} (world points, NaN where none) to match "
+                                 f"poses {tuple(poses.shape)}, got {tuple(seen.shape)}")
+            seen = seen.reshape(batch, -1, 3).to(torch.float32)
         flat_valid = valid.reshape(-1)
         index = torch.nonzero(flat_valid).flatten()
         self.step += 1
+        touched = torch.zeros(self.num_worlds, dtype=torch.bool, device=self.device)
+        touched[world_index] = True
+        self._write_clock += touched
+        if seen is not None:
+            self._observe_again(seen.reshape(-1, 3), world_index.repeat_interleave(seen.shape[1]))
         if index.numel() == 0:
+            self._release_empty(self._expire(touched))
             return 0
 
         if all_points is None:
@@ -455,12 +522,7 @@ class LatentSpatialMemory:
         entry_world = world_index.repeat_interleave(frames * h * w)[index]
         entry_frame = torch.arange(frames, device=self.device).repeat_interleave(h * w).repeat(batch)[index]
 
-        voxel = torch.floor(points / self.voxel_size).to(torch.int64)
-        brick = torch.div(voxel, self.brick_size, rounding_mode="floor")
-        local = voxel - brick * self.brick_size
-        local_index = (local[:, 0] * self.brick_size + local[:, 1]) * self.brick_size + local[:, 2]
-        keys = self._brick_key(entry_world, brick)
-
+        keys, local_index = self._voxel_address(points, entry_world)
         slots = self._slots_for(keys, entry_world)
         voxel_id = slots * self._voxels_per_brick + local_index
 
@@ -480,6 +542,11 @@ class LatentSpatialMemory:
         voxel_slot = flat_slots - brick_slot * self._voxels_per_brick
         entry = self.entry_of[brick_slot, voxel_slot].long()
         was_occupied = entry >= 0
+        clock = self._write_clock[entry_world[winners]].to(torch.int32)
+        # A stored entry whose voxel this write observed again was seen now, whatever the merge keeps;
+        # so expiry below never frees an entry this write hits, and ``entry`` stays valid.
+        self.entry_last_write[entry[was_occupied]] = clock[was_occupied]
+        emptied = self._expire(touched)
         if self.merge == "first":
             accept = ~was_occupied
         elif self.merge == "closest":
@@ -488,7 +555,7 @@ class LatentSpatialMemory:
         else:
             accept = torch.ones_like(was_occupied)
         winners, brick_slot, voxel_slot = winners[accept], brick_slot[accept], voxel_slot[accept]
-        entry, new = entry[accept], ~was_occupied[accept]
+        entry, new, clock = entry[accept], ~was_occupied[accept], clock[accept]
         entry[new] = self._take_entries(int(new.sum()))
         self.entry_of[brick_slot[new], voxel_slot[new]] = entry[new].to(torch.int32)
         self._entries_per_world += torch.bincount(entry_world[winners][new], minlength=self.num_worlds)
@@ -496,8 +563,67 @@ class LatentSpatialMemory:
         self.points[entry] = points[winners]
         self.observed_depth[entry] = observed[winners]
         self.origins[entry] = origins[winners]
+        self.entry_last_write[entry] = clock
         self.brick_last_write[slots] = self.step
+        self._release_empty(emptied)
         return int(winners.numel())
+
+    def _voxel_address(self, points: torch.Tensor, world: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Brick keys (N,) and voxel indices within the brick (N,) of (N, 3) float32 points of ``world`` (N,)."""
+        voxel = torch.floor(points / self.voxel_size).to(torch.int64)
+        brick = torch.div(voxel, self.brick_size, rounding_mode="floor")
+        local = voxel - brick * self.brick_size
+        local_index = (local[:, 0] * self.brick_size + local[:, 1]) * self.brick_size + local[:, 2]
+        return self._brick_key(world, brick), local_index
+
+    def _observe_again(self, points: torch.Tensor, world: torch.Tensor) -> None:
+        """Stamp the entries in the voxels of ``points`` (N, 3) (NaN: none) with their world's write clock."""
+        finite = torch.isfinite(points).all(-1)
+        points, world = points[finite], world[finite]
+        if points.numel() == 0:
+            return
+        keys, local_index = self._voxel_address(points, world)
+        slots = self._table.lookup(keys)
+        found = slots >= 0
+        entry = self.entry_of[slots[found], local_index[found]].long()
+        live = entry >= 0
+        self.entry_last_write[entry[live]] = self._write_clock[world[found][live]].to(torch.int32)
+
+    def _expire(self, touched: torch.Tensor) -> torch.Tensor:
+        """Free the entries of ``touched`` worlds (bool (num_worlds,)) none of their last ``horizon`` writes observed.
+
+        Returns the slots of bricks of those worlds that hold no entry now (for ``_release_empty``).
+        """
+        empty = torch.zeros(0, dtype=torch.int64, device=self.device)
+        if self.horizon is None:
+            return empty
+        used = self.bricks_in_use
+        slots = torch.nonzero((self.brick_keys[:used] != _EMPTY) & touched[self.brick_world[:used]]).flatten()
+        if slots.numel() == 0:
+            return empty
+        entries = self.entry_of[slots].long()  # O(stored bricks): bounded by what K segments hold
+        occupied = entries >= 0
+        deadline = (self._write_clock[self.brick_world[slots]] - self.horizon).to(torch.int32)
+        expired = occupied & (self.entry_last_write[entries.clamp_min(0)] <= deadline[:, None])
+        if expired.any():
+            row, voxel = torch.nonzero(expired, as_tuple=True)
+            self._free_entries = torch.cat([self._free_entries, entries[row, voxel].sort().values])
+            self.entry_of[slots[row], voxel] = _EMPTY
+            self._entries_per_world -= torch.bincount(self.brick_world[slots[row]], minlength=self.num_worlds)
+            occupied &= ~expired
+        return slots[~occupied.any(1)]
+
+    def _release_empty(self, candidates: torch.Tensor) -> None:
+        """Release the bricks among ``candidates`` still empty, once they are 1/8 of the bricks in use.
+
+        Releasing rebuilds the hash tables (O(stored)), so, as eviction, it waits until enough
+        bricks have turned over; empty bricks meanwhile cost a read nothing but their cull.
+        """
+        if candidates.numel() == 0:
+            return
+        candidates = candidates[(self.entry_of[candidates] < 0).all(1)]  # a write may have refilled some
+        if 8 * candidates.numel() >= int(self._bricks_per_world.sum()):
+            self._release(candidates)
 
     def _slots_for(self, keys: torch.Tensor, entry_world: torch.Tensor) -> torch.Tensor:
         """Brick slot of every key, allocating (and evicting) bricks as needed."""
@@ -574,6 +700,7 @@ class LatentSpatialMemory:
         in_use = self.brick_keys[: self.bricks_in_use] != _EMPTY
         belongs = torch.isin(self.brick_world[: self.bricks_in_use], worlds)
         self._release(torch.nonzero(in_use & belongs).flatten())
+        self._write_clock[worlds] = 0
 
     # ------------------------------------------------------------------ read
 
@@ -587,8 +714,9 @@ class LatentSpatialMemory:
             worlds: which worlds of the memory the batch addresses (default: all, in order).
 
         Returns:
-            MemoryRead with latents (..., C, h, w), mask (..., h, w), depth (..., h, w);
-            the leading shape is that of ``poses``.
+            MemoryRead with latents (..., C, h, w), mask (..., h, w), depth (..., h, w) and
+            points (..., h, w, 3); the leading shape is that of ``poses``. With a horizon,
+            only what the last ``horizon`` writes of each world wrote or saw is left to read.
         """
         poses, lead = self._as_batch(poses)
         batch, frames = poses.shape[:2]
@@ -599,6 +727,7 @@ class LatentSpatialMemory:
         out_latents = torch.zeros(pixels, self.channels, dtype=torch.float32, device=self.device)
         out_depth = torch.full((pixels,), math.inf, dtype=torch.float32, device=self.device)
         out_mask = torch.zeros(pixels, dtype=torch.bool, device=self.device)
+        out_points = torch.full((pixels, 3), math.nan, dtype=torch.float32, device=self.device)
 
         w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
         brick_slot, view = self._visible_bricks(camera, w2c, world_index, frames)
@@ -646,6 +775,7 @@ class LatentSpatialMemory:
                 winners = keep[winner_of[hit_pixels]]
                 out_latents[hit_pixels] = self.features[entry[winners]].to(torch.float32)
                 out_depth[hit_pixels] = z[winner_of[hit_pixels]]
+                out_points[hit_pixels] = self.points[entry[winners]]
                 out_mask[hit_pixels] = True
                 out_depth[~out_mask] = math.inf
         latents = out_latents.reshape(batch, frames, h, w, self.channels).permute(0, 1, 4, 2, 3)
@@ -656,6 +786,7 @@ class LatentSpatialMemory:
             latents=latents.reshape(*shape, self.channels, h, w).contiguous(),
             mask=mask.reshape(*shape, h, w),
             depth=depth.reshape(*shape, h, w),
+            points=out_points.reshape(*shape, h, w, 3),
         )
 
     def _visible_bricks(self, camera: Camera, w2c: torch.Tensor, world_index: torch.Tensor, frames: int):
@@ -722,9 +853,10 @@ class LatentSpatialMemory:
     # ------------------------------------------------------------------ inspection
 
     def stats(self, bounds: bool = True) -> dict:
-        """Entries, bytes held, voxel size and (optionally, O(entries)) the bounds of what is stored."""
+        """Entries, bytes held, voxel size, horizon and (optionally, O(entries)) the bounds of what is stored."""
         entries = int(self._entries_per_world.sum())
-        held = [self.features, self.points, self.observed_depth, self.origins, self.entry_of, self.brick_keys,
+        held = [self.features, self.points, self.observed_depth, self.origins, self.entry_last_write, self.entry_of,
+                self._write_clock, self.brick_keys,
                 self.brick_world, self.brick_last_write, self._table.keys, self._table.values,
                 self.chunk_keys, self.chunk_members, self._chunk_table.keys, self._chunk_table.values]
         bytes_held = sum(t.numel() * t.element_size() for t in held)
@@ -738,6 +870,7 @@ class LatentSpatialMemory:
             "bricks": int(self._bricks_per_world.sum()),
             "bytes": int(bytes_held),
             "voxel_size": self.voxel_size,
+            "horizon": self.horizon,
             "bounds": bounds,
         }
 
@@ -748,6 +881,18 @@ class LatentSpatialMemory:
     def entries_per_world(self) -> torch.Tensor:
         """(num_worlds,) number of stored entries of each world."""
         return self._entries_per_world.clone()
+
+    def write_clock(self) -> torch.Tensor:
+        """(num_worlds,) int64 writes that touched each world since it was last cleared."""
+        return self._write_clock.clone()
+
+    def stored_ages(self, world: int = 0) -> torch.Tensor:
+        """(entries,) int64 writes of ``world`` since each of its stored entries was last observed
+        (0: by the last write), in storage order (O(stored); for inspection and tests)."""
+        used = self.bricks_in_use
+        mine = (self.brick_keys[:used] != _EMPTY) & (self.brick_world[:used] == world)
+        entries = self.entry_of[:used][mine]
+        return self._write_clock[world] - self.entry_last_write[entries[entries >= 0].long()].to(torch.int64)
 
     # ------------------------------------------------------------------ persistence
 
@@ -765,6 +910,7 @@ class LatentSpatialMemory:
             "max_read_depth": self.max_read_depth,
             "surface_tolerance": self.surface_tolerance,
             "revisit_radius": self.revisit_radius,
+            "horizon": self.horizon,
         }
 
     def state_tensors(self, prefix: str = "memory.") -> dict[str, torch.Tensor]:
@@ -775,6 +921,7 @@ class LatentSpatialMemory:
             "points": self.points[:entries],
             "observed_depth": self.observed_depth[:entries],
             "origins": self.origins[:entries],
+            "entry_last_write": self.entry_last_write[:entries],
             "free_entries": self._free_entries,
             "entry_of": self.entry_of[:used],
             "brick_keys": self.brick_keys[:used],
@@ -784,6 +931,7 @@ class LatentSpatialMemory:
             "bricks_per_world": self._bricks_per_world,
             "entries_per_world": self._entries_per_world,
             "step": torch.tensor([self.step], dtype=torch.int64),
+            "write_clock": self._write_clock,
             # Capacities, so a loaded memory holds (and reports) the same bytes.
             "capacity": torch.tensor([self.brick_keys.numel(), self._table.mask + 1, self.features.shape[0]],
                                      dtype=torch.int64),
@@ -792,14 +940,26 @@ class LatentSpatialMemory:
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], prefix: str = "memory.",
-                   device: str | torch.device = "cpu") -> "LatentSpatialMemory":
+                   device: str | torch.device = "cpu", version: int = FORMAT_VERSION) -> "LatentSpatialMemory":
+        """Rebuild a memory from ``config()`` and ``state_tensors()`` written by format ``version``.
+
+        Version 3 predates the horizon: its files load with horizon None, each world's write
+        clock set to the memory's write count and each entry's last write to its brick's
+        (exact for one world written on every write; ages only matter under a horizon).
+        """
         config = dict(config)
         config["feature_dtype"] = getattr(torch, config["feature_dtype"])
-        memory = cls(**config, device=device)
         try:
-            part = {k: tensors[prefix + k] for k in (
-                "features", "points", "observed_depth", "origins", "free_entries", "entry_of", "brick_keys", "brick_world",
-                "brick_last_write", "free", "bricks_per_world", "entries_per_world", "step", "capacity")}
+            check_horizon(config.get("horizon"))
+        except ValueError as error:
+            raise MemoryFileError(f"saved memory configuration is invalid: {error}; the file was altered") from None
+        memory = cls(**config, device=device)
+        names = ["features", "points", "observed_depth", "origins", "free_entries", "entry_of", "brick_keys",
+                 "brick_world", "brick_last_write", "free", "bricks_per_world", "entries_per_world", "step", "capacity"]
+        if version >= 4:
+            names += ["entry_last_write", "write_clock"]
+        try:
+            part = {k: tensors[prefix + k] for k in names}
         except KeyError as missing:
             raise MemoryFileError(f"saved memory lacks tensor {missing}; the file is incomplete or not a memory") from None
         used, entries = part["brick_keys"].shape[0], part["features"].shape[0]
@@ -809,6 +969,8 @@ class LatentSpatialMemory:
             and part["observed_depth"].shape == (entries,)
             and part["origins"].shape == (entries, 3)
             and part["entry_of"].shape == (used, memory._voxels_per_brick)
+            and part["brick_world"].shape == (used,)
+            and part["brick_last_write"].shape == (used,)
             and part["bricks_per_world"].shape == (memory.num_worlds,)
             and part["capacity"].shape == (3,)
         )
@@ -821,12 +983,35 @@ class LatentSpatialMemory:
         capacity, table_size, entry_capacity = (int(v) for v in part["capacity"])
         if capacity < used or table_size < 2 * used or entry_capacity < entries:
             raise MemoryFileError("saved memory capacities are inconsistent with its contents; the file was altered")
+        brick_world = part["brick_world"]
+        if (brick_world < 0).any() or (brick_world >= memory.num_worlds).any():
+            raise MemoryFileError("saved memory assigns bricks to worlds it does not have; the file was altered")
+        stored = entry_of >= 0
+        world_of_stored = brick_world[:, None].expand_as(entry_of)[stored]
+        if version < 4:  # derive what version 3 did not save (see the docstring)
+            part["write_clock"] = torch.full((memory.num_worlds,), int(part["step"][0]), dtype=torch.int64)
+            part["entry_last_write"] = torch.zeros(entries, dtype=torch.int32)
+            brick_of_stored = torch.arange(used)[:, None].expand_as(entry_of)[stored]
+            part["entry_last_write"][entry_of[stored].long()] = part["brick_last_write"][brick_of_stored].to(torch.int32)
+        clock, last_write = part["write_clock"], part["entry_last_write"]
+        if clock.dtype != torch.int64 or clock.shape != (memory.num_worlds,):
+            raise MemoryFileError(f"saved memory's write_clock must be int64 of shape ({memory.num_worlds},) (one per "
+                                  f"world), got {clock.dtype} {tuple(clock.shape)}; the file was altered")
+        if last_write.dtype != torch.int32 or last_write.shape != (entries,):
+            raise MemoryFileError(f"saved memory's entry_last_write must be int32 of shape ({entries},) (one per "
+                                  f"entry), got {last_write.dtype} {tuple(last_write.shape)}; the file was altered")
+        if (clock < 0).any() or (last_write < 0).any():
+            raise MemoryFileError("saved memory has negative write clocks or entry write indices; the file was altered")
+        if (last_write[entry_of[stored].long()].to(torch.int64) > clock[world_of_stored]).any():
+            raise MemoryFileError("saved memory has entries observed after their world's last write (entry_last_write "
+                                  "> write_clock); the file was altered")
         memory._allocate(initial_bricks=capacity)
         memory._allocate_entries(initial_entries=entry_capacity)
         memory.features[:entries] = part["features"].to(memory.device, memory.feature_dtype)
         memory.points[:entries] = part["points"].to(memory.device)
         memory.observed_depth[:entries] = part["observed_depth"].to(memory.device)
         memory.origins[:entries] = part["origins"].to(memory.device)
+        memory.entry_last_write[:entries] = last_write.to(memory.device)
         memory.entries_in_use = entries
         memory._free_entries = free_entries.to(memory.device, torch.int64)
         memory.entry_of[:used] = entry_of.to(memory.device, torch.int32)
@@ -838,6 +1023,7 @@ class LatentSpatialMemory:
         memory._entries_per_world = part["entries_per_world"].to(memory.device)
         memory.bricks_in_use = used
         memory.step = int(part["step"][0])
+        memory._write_clock = clock.to(memory.device).clone()
         memory._rebuild_table(table_size // 2)
         memory._rebuild_chunks()
         return memory
@@ -849,7 +1035,7 @@ class LatentSpatialMemory:
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> "LatentSpatialMemory":
         meta, tensors = load_state(path, kind="memory")
-        return cls.from_state(meta["config"], tensors, device=device)
+        return cls.from_state(meta["config"], tensors, device=device, version=meta["version"])
 
 
 # ---------------------------------------------------------------------- helpers
@@ -963,10 +1149,10 @@ def load_state(path: str | os.PathLike, kind: str) -> tuple[dict, dict[str, torc
         raise MemoryFileError(f"{path} has corrupted metadata; restore it from a copy") from None
     if meta.get("format") != FORMAT_NAME:
         raise MemoryFileError(f"{path} has format {meta.get('format')!r}, expected {FORMAT_NAME!r}")
-    if meta.get("version") != FORMAT_VERSION:
+    if meta.get("version") not in READABLE_VERSIONS:
         raise MemoryFileError(
-            f"{path} was written by format version {meta.get('version')}, this mirage-env reads version "
-            f"{FORMAT_VERSION}; use the mirage-env release that wrote it"
+            f"{path} was written by format version {meta.get('version')}, this mirage-env reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}; use the mirage-env release that wrote it"
         )
     if meta.get("kind") != kind:
         raise MemoryFileError(f"{path} holds a saved {meta.get('kind')!r}, not a {kind!r}")

@@ -65,7 +65,8 @@ class MirageParallelEnv(ParallelEnv):
     ## Arguments
     ``n_agents``, ``task`` (name or Task instance), ``shared_memory`` (False: the
     separate-memories ablation), ``start_spread``, and ``MirageEnv``'s
-    ``backend``, ``image_size``, ``frames_per_step``, ``use_memory``,
+    ``backend``, ``image_size``, ``frames_per_step``, ``use_memory``, ``memory_horizon``
+    (K: read only what the last K segments of the world wrote or saw; None: full memory),
     ``max_episode_steps``, ``action_type``, ``observations``, ``render_mode``
     ("rgb_array": the agents' frames side by side), ``checkpoint``,
     ``backend_options``, ``memory_options``, ``voxel_size``, ``motion``.
@@ -110,6 +111,7 @@ class MirageParallelEnv(ParallelEnv):
         memory_options: dict | None = None,
         voxel_size: float | None = None,
         motion: MotionConfig | dict | None = None,
+        memory_horizon: int | None = None,
     ):
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents must be a positive integer, got {n_agents!r}")
@@ -120,7 +122,7 @@ class MirageParallelEnv(ParallelEnv):
         self.shared_memory = bool(shared_memory)
         num_worlds = 1 if self.shared_memory else n_agents
         self.world = make_world(backend, num_worlds, image_size, use_memory, voxel_size, memory_options,
-                                checkpoint, backend_options)
+                                checkpoint, backend_options, memory_horizon)
         self.task = make_task(task)
         self.batch = AgentBatch(
             self.world, self.task, agents_per_world=n_agents // num_worlds, action_type=action_type,

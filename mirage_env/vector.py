@@ -16,7 +16,7 @@ from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
 from .batch import AgentBatch, validate_options
-from .env import RESET_OPTIONS, make_task, make_world
+from .env import RESET_OPTIONS, check_world_horizon, make_task, make_world
 from .geometry import MotionConfig, Move
 from .world import World
 
@@ -81,7 +81,9 @@ class MirageVectorEnv(VectorEnv):
 
     ## Arguments
     ``num_envs`` (N) and every ``MirageEnv`` argument: ``task``, ``backend``,
-    ``image_size``, ``frames_per_step``, ``use_memory``, ``max_episode_steps``,
+    ``image_size``, ``frames_per_step``, ``use_memory``, ``memory_horizon`` (K: every
+    world reads only what its last K segments wrote or saw; None: full memory),
+    ``max_episode_steps``,
     ``action_type``, ``observations``, ``render_mode``, ``checkpoint``,
     ``backend_options``, ``memory_options``, ``voxel_size``, ``motion``, ``world``
     (a prebuilt ``World`` with ``num_worlds == num_envs``). One task instance
@@ -121,6 +123,7 @@ class MirageVectorEnv(VectorEnv):
         voxel_size: float | None = None,
         motion: MotionConfig | dict | None = None,
         world: World | None = None,
+        memory_horizon: int | None = None,
     ):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
@@ -128,10 +131,12 @@ class MirageVectorEnv(VectorEnv):
             raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         if world is not None and world.num_worlds != num_envs:
             raise ValueError(f"world holds {world.num_worlds} worlds but num_envs is {num_envs}; they must match")
+        if world is not None:
+            check_world_horizon(world, memory_horizon)
         self.num_envs = int(num_envs)
         self.render_mode = render_mode
         self.world = world or make_world(backend, self.num_envs, image_size, use_memory, voxel_size, memory_options,
-                                         checkpoint, backend_options)
+                                         checkpoint, backend_options, memory_horizon)
         self.task = make_task(task)
         self.batch = AgentBatch(
             self.world, self.task, action_type=action_type, frames_per_step=frames_per_step, motion=motion,

@@ -59,7 +59,8 @@ class World:
             coverage with it) but the model is not conditioned on it.
         voxel_size: memory voxel edge in world units (default: the model's suggestion or 0.1).
         filters: keep-mask for what may enter memory (default: mirage_env.filters.default_filters).
-        memory_options: extra keyword arguments for LatentSpatialMemory.
+        memory_options: extra keyword arguments for LatentSpatialMemory, e.g. ``{"horizon": K}``
+            to read only what the last K segments wrote or saw (the short-term-memory ablation).
         write: "unseen" (default) writes only latent pixels memory did not supply, so
             remembered content is never re-sampled at new points (each re-write of a
             projected sample would drift it); "all" writes everything back, as the
@@ -171,10 +172,16 @@ class World:
             predicted_mask=read.mask,
             model_keep=segment.keep,
         ))
+        # What memory showed the generator for this segment counts as observed now, so under a
+        # horizon what stays in view stays remembered though "unseen" does not write it back (and
+        # filters that doubt a pixel's depth at an edge do not make a still camera forget it).
+        # Without a horizon ages are never used, so the lookup is skipped.
+        seen = read.points if self.memory.horizon is not None else None
         if self.write == "unseen":
             keep &= ~read.mask
         depth = segment.image_depth if segment.image_depth is not None else segment.depth
-        self.memory.write(segment.latents, depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds)
+        self.memory.write(segment.latents, depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds,
+                          seen=seen)
         gained = (self.memory.entries_per_world() - before)[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
         return WorldStep(
@@ -275,7 +282,8 @@ class World:
         world.write = config.get("write", "unseen")
         world.camera = model.camera
         world.latent_camera = model.latent.latent_camera(model.camera)
-        world.memory = LatentSpatialMemory.from_state(config["memory"], tensors, prefix="memory.", device=device)
+        world.memory = LatentSpatialMemory.from_state(config["memory"], tensors, prefix="memory.", device=device,
+                                                      version=meta["version"])
         world.filters = filters or default_filters()
         world.context_frames = int(getattr(model, "context_frames", 1))
         world.generators = []
