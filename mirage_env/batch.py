@@ -28,7 +28,10 @@ class AgentBatch:
         task: a tasks.base.Task.
         agents_per_world: A; agents of one world share its memory and reset together.
         action_type: "discrete" (mirage_env.geometry.Move) or "continuous" (6-DoF velocity in [-1, 1]).
-        frames_per_step: latent frames generated per step along the interpolated path.
+        frames_per_step: latent frames (poses) generated per step along the interpolated path.
+            None (default): the world model's segment length when it declares one
+            (``latent_frames``, e.g. Wan's ``frames_per_segment``), else 1. A number that
+            conflicts with the model's segment length is refused.
         motion: step lengths and angles (a MotionConfig, a dict of its fields, or None for the defaults).
         max_episode_steps: truncation horizon.
         observations: which of "rgb", "pose", "depth", "latent" to return.
@@ -49,7 +52,7 @@ class AgentBatch:
         task,
         agents_per_world: int = 1,
         action_type: str = "discrete",
-        frames_per_step: int = 1,
+        frames_per_step: int | None = None,
         motion: MotionConfig | dict | None = None,
         max_episode_steps: int = 500,
         observations: tuple[str, ...] = ("rgb", "pose"),
@@ -62,8 +65,7 @@ class AgentBatch:
         unknown = set(observations) - set(OBSERVATION_KEYS)
         if unknown or not observations:
             raise ValueError(f"observations must be a non-empty subset of {OBSERVATION_KEYS}, got {observations}")
-        if frames_per_step < 1:
-            raise ValueError(f"frames_per_step must be >= 1, got {frames_per_step}")
+        frames_per_step = self._frames_per_step(world.model, frames_per_step)
         if max_episode_steps < 1:
             raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
         if agents_per_world > 1 and world.model.latent.temporal_factor > 1:
@@ -79,6 +81,9 @@ class AgentBatch:
         self.agent_world = np.repeat(np.arange(self.num_worlds), agents_per_world)
         self.action_type = action_type
         self.frames_per_step = frames_per_step
+        # A model with a fixed segment length starts worlds with a segment of it too (the camera
+        # standing still); any other model starts from one frame.
+        self.start_frames = frames_per_step if getattr(world.model, "latent_frames", None) is not None else 1
         self.motion = MotionConfig(**motion) if isinstance(motion, dict) else (motion or MotionConfig())
         self.max_episode_steps = max_episode_steps
         self.observation_keys = tuple(observations)
@@ -126,6 +131,24 @@ class AgentBatch:
         self.last_step: WorldStep | None = None
         self._rngs = [np.random.default_rng() for _ in range(n)]
 
+    @staticmethod
+    def _frames_per_step(model, frames_per_step: int | None) -> int:
+        """``frames_per_step`` checked against the segment length the model declares (if any)."""
+        declared = getattr(model, "latent_frames", None)
+        if frames_per_step is None:
+            return int(declared) if declared is not None else 1
+        if isinstance(frames_per_step, bool) or not isinstance(frames_per_step, (int, np.integer)) or frames_per_step < 1:
+            raise ValueError(f"frames_per_step must be a positive integer or None, got {frames_per_step!r}")
+        if declared is not None and frames_per_step != declared:
+            segment = getattr(model, "frames_per_segment", None)
+            made_of = f" (frames_per_segment={segment})" if segment is not None else ""
+            raise ValueError(
+                f"frames_per_step={frames_per_step} conflicts with the world model: {type(model).__name__} generates "
+                f"{declared} latent frames per segment{made_of}; leave frames_per_step unset (it follows the model) "
+                f"or build the model with a segment of {frames_per_step} latent frames"
+            )
+        return int(frames_per_step)
+
     # ------------------------------------------------------------------ helpers for tasks
 
     def rng(self, agent: int) -> np.random.Generator:
@@ -150,7 +173,8 @@ class AgentBatch:
         self.rigs[agents] = 0.0
         self.rigs[agents, 0] = offsets
         self.start_rigs[agents] = self.rigs[agents]
-        poses = torch.from_numpy(poses_from_rigs(self.rigs[agents])).reshape(len(worlds), self.agents_per_world, 4, 4)
+        poses = torch.from_numpy(poses_from_rigs(self.rigs[agents])).reshape(len(worlds), self.agents_per_world, 1, 4, 4)
+        poses = poses.expand(-1, -1, self.start_frames, -1, -1).reshape(len(worlds), -1, 4, 4)
         result = self.world.reset(poses, seeds=[int(s) for s in seeds], worlds=worlds, conditioning=conditioning,
                                   views=self.agents_per_world)
         self._absorb(result, worlds)
@@ -225,10 +249,9 @@ class AgentBatch:
         worlds_array = np.asarray(worlds)
         agents = self.agents_of(worlds_array)
         a = self.agents_per_world
-        frames = result.frames
-        per_agent_frames = frames.shape[1] // a
+        frames = result.pose_frames  # one per latent frame; a video VAE decodes more (result.frames)
         per_agent_latents = result.latents.shape[1] // a
-        last_frame = frames.reshape(len(worlds), a, per_agent_frames, *frames.shape[2:])[:, :, -1]
+        last_frame = frames.reshape(len(worlds), a, per_agent_latents, *frames.shape[2:])[:, :, -1]
         last_latent = result.latents.reshape(len(worlds), a, per_agent_latents, *result.latents.shape[2:])[:, :, -1]
         last_depth = result.depth.reshape(len(worlds), a, per_agent_latents, *result.depth.shape[2:])[:, :, -1]
         hit = result.memory_hit.reshape(len(worlds), a, per_agent_latents).mean(-1)

@@ -8,11 +8,17 @@ and a latent-frame dimension T:
     depth           (B, T, h, w)      z-depth at latent resolution, +inf = sky/none
     memory_latents  (B, T, C, h, w)   the memory projected onto the target cameras
     memory_mask     (B, T, h, w)      bool, where memory had something to say
-    frames          (B, T * temporal_factor', H, W, 3) uint8, decoded on demand
+    frames          (B, F, H, W, 3) uint8, decoded on demand; F = 1 + temporal_factor * (T - 1)
+                    (a causal video VAE codes the first frame alone), the pose of latent
+                    frame k is that of frame k * temporal_factor (LatentSpec.frame_indices)
 
 Poses are camera-to-world (B, T, 4, 4) float64 (see mirage_env.geometry).
 Randomness comes from one ``torch.Generator`` per world, so world i of a batch
-produces exactly what a batch of one with the same generator state produces.
+produces exactly what a batch of one with the same generator state produces:
+bit for bit with the procedural model. A neural model (Wan) draws the same noise,
+but its batched convolutions and matmuls may round differently from a batch of
+one (latents agree to ~1e-6, decoded pixels to +-1). The same batch is always
+reproduced bit for bit, which is what saving and resuming a world relies on.
 """
 
 from __future__ import annotations
@@ -41,6 +47,20 @@ class LatentSpec:
                 f"spatial factor {self.spatial_factor}; use sides that are multiples of it"
             )
         return camera.scaled(1.0 / self.spatial_factor)
+
+    def video_frames(self, latent_frames: int) -> int:
+        """Frames decoded from ``latent_frames`` latent frames: 1 + temporal_factor * (T - 1).
+
+        A causal video VAE (Wan's) codes the first frame alone and each further
+        ``temporal_factor`` frames together; without temporal compression F = T.
+        """
+        if latent_frames < 1:
+            raise ValueError(f"latent_frames must be >= 1, got {latent_frames}")
+        return 1 + self.temporal_factor * (latent_frames - 1)
+
+    def frame_indices(self, latent_frames: int) -> list[int]:
+        """Index of the decoded frame each latent frame's pose belongs to: 0, tf, 2 tf, ..., F - 1."""
+        return [k * self.temporal_factor for k in range(latent_frames)]
 
 
 @dataclass
@@ -161,6 +181,10 @@ class WorldModel(Protocol):
         ...
 
 
-# Optional attributes a model may define, read with getattr by the World:
+# Optional attributes a model may define, read with getattr by the World and the envs:
 #   suggested_voxel_size: float   memory voxel edge that fits the model's scene scale
 #   context_frames: int           latent frames of the previous segment it wants as context
+#   latent_frames: int            latent frames (poses) per view that every segment has, start
+#                                 included; start/generate refuse other counts, and the envs
+#                                 step with this many (AgentBatch.frames_per_step). Absent: any
+#                                 count (the procedural model).

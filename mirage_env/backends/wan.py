@@ -136,7 +136,11 @@ class WanWorldModel:
         image_size: (height, width) of frames; multiples of the VAE factor x DiT patch
             (32 for Wan2.2). Default (704, 1280).
         frames_per_segment: video frames per segment, 1 + 4k for Wan2.2's VAE (33 -> 9 latent
-            frames, the default); the World generates this many per step.
+            frames, the default); any count for a VAE without temporal compression (the DCT
+            autoencoder: frames = latent frames). Every segment, the first included, has exactly
+            ``latent_frames`` latent frames: ``start`` / ``generate`` refuse other pose counts
+            (the model is trained on, and its positions sized for, this length), and the envs
+            step with ``latent_frames`` poses per step by default.
         num_inference_steps: UniPC steps per segment (default 20).
         context_frames: previous latent frames kept as clean context (default 2).
         flow_shift: timestep shift of the flow-matching schedule (default 5).
@@ -256,6 +260,7 @@ class WanWorldModel:
                 f"{self.latent.spatial_factor} x DiT patch {self.patch_size[1]}), got {image_size}"
             )
         self.image_size = (height, width)
+        # Latent frames (poses) of every segment; an optional protocol attribute the envs read.
         self.latent_frames = latent_frame_count(frames_per_segment, self.latent.temporal_factor)
         self.frames_per_segment = frames_per_segment
         self.camera = camera or Camera.from_fov(width, height, float(trained.get("fov_degrees", 60.0)))
@@ -275,6 +280,8 @@ class WanWorldModel:
         mean = torch.tensor(vae_config.latents_mean, dtype=torch.float32).view(1, -1, 1, 1, 1)
         std = torch.tensor(vae_config.latents_std, dtype=torch.float32).view(1, -1, 1, 1, 1)
         self._latents_mean, self._latents_std = mean, std
+        # Recorded in config() so that from_config rebuilds the same model.
+        self.vace_every = vace_every
 
     # ------------------------------------------------------------------ loading helpers
 
@@ -496,11 +503,19 @@ class WanWorldModel:
             raise ValueError(f"poses must be (B, T, 4, 4), got {tuple(poses.shape)}")
         if len(generators) != poses.shape[0]:
             raise ValueError(f"need one torch.Generator per world: {poses.shape[0]} worlds, {len(generators)} generators")
+        asked = poses.shape[1]
+        if asked != self.latent_frames:
+            raise ValueError(
+                f"this Wan model makes segments of {self.latent_frames} latent frames (frames_per_segment="
+                f"{self.frames_per_segment}, VAE temporal factor {self.latent.temporal_factor}), got poses for {asked}; "
+                f"pass {self.latent_frames} poses per segment (the envs' default frames_per_step), or build the model "
+                f"with frames_per_segment={self.latent.video_frames(asked) if asked >= 1 else 'N'} for {asked}"
+            )
         return poses.to(torch.float64)
 
     def start(self, poses: torch.Tensor, generators: list[torch.Generator], conditioning: list[dict[str, Any]] | None = None,
               worlds: list[int] | None = None, views: int = 1) -> Segment:
-        """First segment of n worlds seen from ``poses`` (n, T, 4, 4).
+        """First segment of n worlds seen from ``poses`` (n, T, 4, 4), T = ``latent_frames``.
 
         ``worlds`` are the indices of the restarted worlds in the full batch (default
         0..n-1); their prompt embeddings replace the cached ones.
@@ -561,7 +576,7 @@ class WanWorldModel:
         return Segment(latents=latents.cpu(), depth=depth.cpu(), poses=poses, frames=decoded)
 
     def generate(self, request: SegmentRequest) -> Segment:
-        """The next segment of each world, conditioned on projected memory and the previous tail."""
+        """The next segment of each world (T = ``latent_frames`` poses), conditioned on projected memory and the previous tail."""
         self._check_views(request.views)
         poses = self._check_poses(request.poses, request.generators)
         batch, frames = poses.shape[:2]
@@ -605,33 +620,81 @@ class WanWorldModel:
     suggested_voxel_size = 0.05
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Per-world prompt embeddings (B, L, text_dim), so a loaded world needs no text encoder."""
+        """Per-world prompt embeddings, so a loaded world needs no text encoder.
+
+        ``prompt_embeds`` (W, L, text_dim) for worlds 0..W-1 and ``prompt_embeds_set`` (W,) bool,
+        False for a world not started yet (its row is zeros).
+        """
         if not self._world_embeds:
             return {}
         count = max(self._world_embeds) + 1
-        if set(self._world_embeds) != set(range(count)):
-            return {}
-        return {"prompt_embeds": torch.cat([self._world_embeds[i] for i in range(count)]).cpu()}
+        some = next(iter(self._world_embeds.values()))
+        embeds = torch.zeros(count, *some.shape[1:], dtype=some.dtype)
+        given = torch.zeros(count, dtype=torch.bool)
+        for world, embed in self._world_embeds.items():
+            embeds[world], given[world] = embed[0].cpu(), True
+        return {"prompt_embeds": embeds, "prompt_embeds_set": given}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what ``state_dict`` saved (every cached world embedding is replaced)."""
+        unknown = sorted(set(state) - {"prompt_embeds", "prompt_embeds_set"})
+        if unknown:
+            raise ValueError(f"unknown Wan model state {unknown}; expected prompt_embeds and prompt_embeds_set")
         embeds = state.get("prompt_embeds")
-        self._world_embeds = {} if embeds is None else {i: e[None].to(self.device, self.dtype) for i, e in enumerate(embeds)}
+        if embeds is None:
+            self._world_embeds = {}
+            return
+        text_dim = self.transformer.config.text_dim
+        if embeds.dim() != 3 or embeds.shape[-1] != text_dim:
+            raise ValueError(f"saved prompt_embeds must be (worlds, L, {text_dim}) for this model's text_dim, "
+                             f"got {tuple(embeds.shape)}; the world was saved with another model")
+        given = state.get("prompt_embeds_set", torch.ones(embeds.shape[0], dtype=torch.bool))
+        if tuple(given.shape) != (embeds.shape[0],):
+            raise ValueError(f"prompt_embeds_set must be ({embeds.shape[0]},), got {tuple(given.shape)}")
+        self._world_embeds = {i: embeds[i : i + 1].to(self.device, self.dtype) for i in range(embeds.shape[0]) if given[i]}
 
     @classmethod
     def from_config(cls, config: dict[str, Any], **overrides) -> "WanWorldModel":
-        """Rebuild from ``config()`` (device and depth estimator may be overridden)."""
+        """Rebuild from ``config()``; keyword arguments (device, depth_estimator, ...) override it.
+
+        A depth estimator that was a local model folder or a ``ConstantDepth`` is rebuilt; any
+        other (an object the caller made) must be passed as ``depth_estimator``, since a different
+        one would change the world's depth and break a bit-exact resume.
+        """
+        from .depth import ConstantDepth
+
         dtype = getattr(torch, config.get("dtype", "float32"))
-        depth = config.get("depth_estimator")
+        vae_dtype = getattr(torch, config.get("vae_dtype", "float32"))
+        text = config.get("text_encoder", True)
         options = dict(
-            memory_dir=config.get("memory_dir"), dtype=dtype, image_size=tuple(config["image_size"]),
+            memory_dir=config.get("memory_dir"), dtype=dtype, vae_dtype=vae_dtype, image_size=tuple(config["image_size"]),
             frames_per_segment=config["frames_per_segment"], num_inference_steps=config["num_inference_steps"],
             context_frames=config["context_frames"], flow_shift=config["flow_shift"], camera=Camera.from_dict(config["camera"]),
             default_prompt=config.get("default_prompt", ""), max_sequence_length=config["max_sequence_length"],
-            depth_estimator=depth if depth and os.path.isdir(str(depth)) else None,
-            device=config.get("device", "cpu"),
+            vace_every=config.get("vace_every", 2), device=config.get("device", "cpu"),
+            tokenizer="auto" if text else None, text_encoder="auto" if text else None,
         )
+        if "depth_estimator" not in overrides:
+            depth = config.get("depth_estimator")
+            if isinstance(depth, dict) and depth.get("name") == "ConstantDepth":
+                options["depth_estimator"] = ConstantDepth(float(depth["depth"]))
+            elif isinstance(depth, str) and os.path.isdir(depth):
+                options["depth_estimator"] = depth
+            else:
+                raise ValueError(
+                    f"the saved Wan model used the depth estimator {depth!r}, which cannot be rebuilt from its config; "
+                    f"pass it: WanWorldModel.from_config(config, depth_estimator=...), or World.load(path, model=...)"
+                )
         options.update(overrides)
         return cls(config["checkpoint_dir"], **options)
+
+    def _depth_config(self) -> str | dict[str, Any]:
+        """The depth estimator as from_config can rebuild it: a model folder, a constant, else its class name."""
+        from .depth import ConstantDepth
+
+        if type(self.depth_estimator) is ConstantDepth:  # a subclass may estimate otherwise
+            return {"name": "ConstantDepth", "depth": self.depth_estimator.depth}
+        return getattr(self.depth_estimator, "path", type(self.depth_estimator).__name__)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -646,9 +709,12 @@ class WanWorldModel:
             "flow_shift": self.flow_shift,
             "camera": self.camera.to_dict(),
             "dtype": str(self.dtype).removeprefix("torch."),
+            "vae_dtype": str(self.vae_dtype).removeprefix("torch."),
             "default_prompt": self.default_prompt,
             "max_sequence_length": self.max_sequence_length,
-            "depth_estimator": getattr(self.depth_estimator, "path", type(self.depth_estimator).__name__),
+            "vace_every": self.vace_every,
+            "text_encoder": self.tokenizer is not None and self.text_encoder is not None,
+            "depth_estimator": self._depth_config(),
             "latent": {"channels": self.latent.channels, "spatial_factor": self.latent.spatial_factor,
                        "temporal_factor": self.latent.temporal_factor},
         }
