@@ -119,7 +119,9 @@ class MirageEnv(gym.Env):
 
     ## Arguments
     ``task``, ``backend`` ("procedural" | "wan"), ``image_size`` (int or (height, width)),
-    ``frames_per_step``, ``use_memory`` (False: ablation, the generator ignores memory),
+    ``frames_per_step`` (latent frames per step; None, the default: the world model's
+    segment length if it has one, e.g. Wan's ``frames_per_segment``, else 1; a conflicting
+    number raises ``ValueError``), ``use_memory`` (False: ablation, the generator ignores memory),
     ``memory_horizon`` (int K >= 1: ablation, short-term memory on the same model: only
     what the last K steps wrote to memory or were shown from it is read; None: full memory;
     anything else raises ``ValueError``),
@@ -146,7 +148,7 @@ class MirageEnv(gym.Env):
         task="explore",
         backend: str = "procedural",
         image_size: int | tuple[int, int] = 64,
-        frames_per_step: int = 1,
+        frames_per_step: int | None = None,
         use_memory: bool = True,
         max_episode_steps: int = 500,
         action_type: str = "discrete",
@@ -211,7 +213,7 @@ class MirageEnv(gym.Env):
         return None
 
     def step_frames(self) -> np.ndarray:
-        """Every frame the last step generated, (T, H, W, 3) uint8 (for videos)."""
+        """Every frame the last step generated, (F, H, W, 3) uint8 (for videos); the last is ``rgb``."""
         return self.batch.last_step.frames[0].cpu().numpy()
 
     # ------------------------------------------------------------------ persistence

@@ -100,7 +100,7 @@ class MirageParallelEnv(ParallelEnv):
         start_spread: float = 0.5,
         backend: str = "procedural",
         image_size: int | tuple[int, int] = 64,
-        frames_per_step: int = 1,
+        frames_per_step: int | None = None,
         use_memory: bool = True,
         max_episode_steps: int = 500,
         action_type: str = "discrete",

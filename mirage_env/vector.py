@@ -31,7 +31,9 @@ class MirageVectorEnv(VectorEnv):
     moves every camera, then reads memory, generates and writes memory for all N
     worlds in one call each. Sub-environment ``i`` behaves exactly as a
     ``MirageEnv`` with the same arguments and the same seed: same frames, rewards,
-    terminations and truncations, episode after episode.
+    terminations and truncations, episode after episode (bit for bit with the
+    procedural model; with Wan up to the rounding of batched kernels, see
+    ``mirage_env.backends.base``).
 
     ## Action Space
     ``single_action_space`` is ``MirageEnv``'s: ``Discrete(9)`` (see the move table
@@ -111,7 +113,7 @@ class MirageVectorEnv(VectorEnv):
         task="explore",
         backend: str = "procedural",
         image_size: int | tuple[int, int] = 64,
-        frames_per_step: int = 1,
+        frames_per_step: int | None = None,
         use_memory: bool = True,
         max_episode_steps: int = 500,
         action_type: str = "discrete",

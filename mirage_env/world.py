@@ -31,7 +31,10 @@ class WorldStep:
     """What one step (or reset) of the World produced for the worlds it touched.
 
     Attributes:
-        frames: (B, T, H, W, 3) uint8 decoded frames, T latent frames x temporal factor.
+        frames: (B, F, H, W, 3) uint8, every decoded frame (for videos); F = 1 + temporal
+            factor x (T - 1) (see LatentSpec.video_frames).
+        pose_frames: (B, T, H, W, 3) uint8, the decoded frame at each latent frame's pose
+            (frame k x temporal factor); ``pose_frames[:, -1]`` is what the camera sees last.
         latents: (B, T, C, h, w) generated latents.
         depth: (B, T, h, w) latent-resolution z-depth (+inf = sky).
         poses: (B, T, 4, 4) camera-to-world of each latent frame.
@@ -41,6 +44,7 @@ class WorldStep:
     """
 
     frames: torch.Tensor
+    pose_frames: torch.Tensor
     latents: torch.Tensor
     depth: torch.Tensor
     poses: torch.Tensor
@@ -184,8 +188,17 @@ class World:
                           seen=seen)
         gained = (self.memory.entries_per_world() - before)[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
+        latent_frames = segment.latents.shape[1]
+        expected = self.model.latent.video_frames(latent_frames)
+        if frames.shape[1] != expected:
+            raise RuntimeError(
+                f"{type(self.model).__name__} returned {frames.shape[1]} frames for {latent_frames} latent frames; "
+                f"with temporal factor {self.model.latent.temporal_factor} a segment decodes to {expected} "
+                f"(1 + factor x (T - 1)), so frames could not be matched to poses"
+            )
         return WorldStep(
             frames=frames,
+            pose_frames=frames[:, self.model.latent.frame_indices(latent_frames)],
             latents=segment.latents,
             depth=segment.depth,
             poses=segment.poses,
