@@ -47,6 +47,8 @@ MINI_SETTINGS = dict(
     # The procedural world's voxel at 64x64 (see ProceduralWorldModel.suggested_voxel_size).
     voxel_size=0.28125,
     text_encoder=False,
+    # No text: the empty prompt's zero embeddings; one token keeps cross-attention cheap.
+    max_sequence_length=1,
 )
 
 

@@ -150,7 +150,7 @@ class WanWorldModel:
         tokenizer / text_encoder: "auto" loads them from the checkpoint; None skips them
             (then prompts must come as ``prompt_embeds``, or the empty prompt is zeros).
         default_prompt: prompt of worlds given none.
-        max_sequence_length: text tokens (Wan uses 512).
+        max_sequence_length: text tokens (default 512, as Wan).
         vace_every: when building an untrained branch: one branch block every this many layers.
         progress: show tqdm bars over denoising steps.
     """
@@ -172,7 +172,7 @@ class WanWorldModel:
         tokenizer: Any = "auto",
         text_encoder: Any = "auto",
         default_prompt: str = "",
-        max_sequence_length: int = 512,
+        max_sequence_length: int | None = None,
         vace_every: int = 2,
         vae_dtype: torch.dtype = torch.float32,
         progress: bool = False,
@@ -196,6 +196,7 @@ class WanWorldModel:
         num_inference_steps = pick(num_inference_steps, "num_inference_steps", 20)
         context_frames = pick(context_frames, "context_frames", 2)
         flow_shift = pick(flow_shift, "flow_shift", 5.0)
+        max_sequence_length = pick(max_sequence_length, "max_sequence_length", 512)
         if isinstance(memory_dir, str) and memory_dir == "auto":
             memory_dir = trained.get("memory_dir")
         if isinstance(depth_estimator, str) and depth_estimator == "auto":

@@ -42,6 +42,7 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "memory_dir": (lambda v: v is None or isinstance(v, str), "a folder name inside the checkpoint, or null"),
     "depth_estimator": (lambda v: v is None or isinstance(v, str), "a folder name inside the checkpoint, or null"),
     "text_encoder": (lambda v: isinstance(v, bool), "true or false"),
+    "max_sequence_length": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "training": (lambda v: isinstance(v, dict), "an object"),
 }
 

@@ -1,4 +1,4 @@
-"""Training the memory branch (stage 1) and LoRA on the DiT (stage 2) on posed video.
+"""Training the base continuation model (stage 0), the memory branch (stage 1) and LoRA (stage 2) on posed video.
 
 Reads top to bottom like the published recipe:
 
@@ -12,6 +12,9 @@ Reads top to bottom like the published recipe:
   clean context, exactly as at generation time (see wan.py);
 - loss: flow matching (x_t = (1 - s) x_0 + s noise, the DiT predicts noise - x_0)
   on the target frames, with s drawn uniformly and shifted like the sampler;
+- stage 0 (only where no pretrained base exists, e.g. procedural-wan-mini) trains
+  the whole DiT as a memory-free continuation model: the branch is not run and
+  the checkpoint holds ``transformer/`` (diffusers ``save_pretrained``);
 - stage 1 trains only the branch (``vace_*``); stage 2 freezes it and trains LoRA
   (rank 32, alpha 32, attention q/k/v/out and FFN of the DiT blocks); lr 1e-5;
   bf16 autocast on GPU;
@@ -44,8 +47,10 @@ __all__ = [
     "read_camera_file",
     "write_camera_file",
     "write_posed_clip",
+    "read_clip_frames",
     "PosedClipDataset",
     "MemoryBranchTrainer",
+    "save_base_transformer",
     "train",
     "main",
 ]
@@ -68,6 +73,8 @@ class TrainArgs:
     context_frames: int = 2
     frame_stride: int = 1
     learning_rate: float = 1e-5
+    warmup_steps: int = 0
+    lr_schedule: str = "constant"  # or "cosine": to 10% of learning_rate at max_steps
     weight_decay: float = 0.0
     lora_rank: int = 32
     lora_alpha: float = 32.0
@@ -86,17 +93,20 @@ class TrainArgs:
     device: str = "auto"
     progress: bool = True
 
-    def check(self) -> None:
-        if self.stage not in (1, 2):
-            raise ValueError(f"stage must be 1 (branch) or 2 (LoRA), got {self.stage}")
+    def check(self, temporal_factor: int = 4) -> None:
+        """Validate; frame counts must be 1 + temporal_factor * k for the model's VAE."""
+        if self.stage not in (0, 1, 2):
+            raise ValueError(f"stage must be 0 (base), 1 (branch) or 2 (LoRA), got {self.stage}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
         if self.context_frames < 0:
             raise ValueError(f"context_frames must be >= 0, got {self.context_frames}")
+        if self.lr_schedule not in ("constant", "cosine"):
+            raise ValueError(f"lr_schedule must be 'constant' or 'cosine', got {self.lr_schedule!r}")
         for name in ("past_frames", "segment_frames"):
             value = getattr(self, name)
-            if value < 1 or (value - 1) % 4:
-                raise ValueError(f"{name} must be 1 + 4k, got {value}")
+            if value < 1 or (value - 1) % temporal_factor:
+                raise ValueError(f"{name} must be 1 + {temporal_factor}k for this VAE, got {value}")
 
 
 # --------------------------------------------------------------------------- RealEstate10K cameras
@@ -197,6 +207,18 @@ def write_posed_clip(root: str | os.PathLike, name: str, frames: np.ndarray, c2w
     return clip
 
 
+def read_clip_frames(folder: str | os.PathLike, picks: np.ndarray) -> np.ndarray:
+    """uint8 (len(picks), H, W, 3) frames of a clip folder (``frames.npz`` or ``frames/*.png|jpg``)."""
+    folder = Path(folder)
+    if (folder / "frames.npz").is_file():
+        with np.load(folder / "frames.npz") as data:
+            return data["frames"][picks]
+    import imageio.v3 as iio
+
+    files = sorted((folder / "frames").glob("*.png")) + sorted((folder / "frames").glob("*.jpg"))
+    return np.stack([iio.imread(files[i])[..., :3] for i in picks])
+
+
 class PosedClipDataset(torch.utils.data.Dataset):
     """Fixed-length posed clips cut from every sequence folder under ``root``.
 
@@ -231,21 +253,12 @@ class PosedClipDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def _frames(self, folder: Path, picks: np.ndarray) -> np.ndarray:
-        if (folder / "frames.npz").is_file():
-            with np.load(folder / "frames.npz") as data:
-                return data["frames"][picks]
-        import imageio.v3 as iio
-
-        files = sorted((folder / "frames").glob("*.png")) + sorted((folder / "frames").glob("*.jpg"))
-        return np.stack([iio.imread(files[i])[..., :3] for i in picks])
-
     def __getitem__(self, item: int) -> dict[str, torch.Tensor]:
         index, start = self.items[item]
         folder = self.sequences[index]
         track = read_camera_file(folder / "cameras.txt")
         picks = start + np.arange(self.clip_frames) * self.stride
-        frames = torch.from_numpy(self._frames(folder, picks))
+        frames = torch.from_numpy(read_clip_frames(folder, picks))
         height, width = self.image_size
         resize = tuple(frames.shape[1:3]) != (height, width)
         if resize:
@@ -302,12 +315,14 @@ class MemoryBranchTrainer:
     def __init__(self, model, args: TrainArgs, accelerator=None):
         from .wan_memory import add_dit_lora, branch_parameters
 
-        args.check()
+        args.check(model.latent.temporal_factor)
         self.model, self.args, self.accelerator = model, args, accelerator
         self.transformer = model.transformer
         self.transformer.requires_grad_(False)
         self.lora_config = None
-        if args.stage == 1:
+        if args.stage == 0:
+            params = [p for n, p in self.transformer.named_parameters() if p not in set(branch_parameters(self.transformer))]
+        elif args.stage == 1:
             params = branch_parameters(self.transformer)
         else:
             has_lora = any("lora_" in n for n, _ in self.transformer.named_parameters())
@@ -416,13 +431,35 @@ class MemoryBranchTrainer:
         control[:, :, tc:] = memory_control(batch["memory_latents"].to(device).float(), batch["memory_mask"].to(device))
         dtype = self.model.dtype
         with torch.autocast(device.type, dtype=self.autocast_dtype or torch.float32, enabled=self.autocast_dtype is not None):
-            pred = self.transformer(
-                xt.to(dtype), timestep, batch["prompt_embeds"].to(device, dtype), control_hidden_states=control.to(dtype), return_dict=False
-            )[0]
+            if self.args.stage == 0:
+                # The base alone: the memory transformer's DiT weights through WanTransformer3DModel's
+                # forward, so the untrained branch costs nothing.
+                from diffusers import WanTransformer3DModel
+
+                pred = WanTransformer3DModel.forward(
+                    self._unwrapped(), xt.to(dtype), timestep, batch["prompt_embeds"].to(device, dtype), return_dict=False
+                )[0]
+            else:
+                pred = self.transformer(
+                    xt.to(dtype), timestep, batch["prompt_embeds"].to(device, dtype), control_hidden_states=control.to(dtype),
+                    return_dict=False,
+                )[0]
         return torch.nn.functional.mse_loss(pred[:, :, tc:].float(), (noise - x0)[:, :, tc:])
+
+    def learning_rate(self) -> float:
+        """Learning rate of the next step: linear warm-up, then constant or cosine to 10%."""
+        a = self.args
+        if self.step < a.warmup_steps:
+            return a.learning_rate * (self.step + 1) / a.warmup_steps
+        if a.lr_schedule == "constant":
+            return a.learning_rate
+        progress = min(1.0, (self.step - a.warmup_steps) / max(1, a.max_steps - a.warmup_steps))
+        return a.learning_rate * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
     def train_step(self, batch: dict[str, torch.Tensor], generator: torch.Generator | None = None) -> float:
         """One optimizer step on a prepared batch; returns the loss before the step."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.learning_rate()
         self.transformer.train()
         loss = self.loss(batch, generator)
         if self.accelerator is not None:
@@ -445,7 +482,10 @@ class MemoryBranchTrainer:
 
         directory = Path(directory)
         model = self._unwrapped()
-        save_memory_branch(model, directory)
+        if self.args.stage == 0:
+            save_base_transformer(model, directory / "transformer")
+        else:
+            save_memory_branch(model, directory)
         if self.lora_config is not None:
             save_lora(model, directory / "lora", self.lora_config)
         tensors, meta = _flatten_optimizer(self.optimizer.state_dict())
@@ -469,7 +509,8 @@ class MemoryBranchTrainer:
             raise ValueError(f"checkpoint {directory} is from stage {state['stage']}, this trainer runs stage {self.args.stage}")
         model = self._unwrapped()
         device = next(model.parameters()).device
-        branch = load_file(directory / BRANCH_WEIGHTS, device=str(device))
+        trained = "transformer/diffusion_pytorch_model.safetensors" if self.args.stage == 0 else BRANCH_WEIGHTS
+        branch = load_file(directory / trained, device=str(device))
         current = model.state_dict()
         with torch.no_grad():
             for key, value in branch.items():
@@ -479,6 +520,21 @@ class MemoryBranchTrainer:
         tensors = load_file(directory / "optimizer.safetensors")
         self.optimizer.load_state_dict(_unflatten_optimizer(tensors, state["optimizer"]))
         self.step = int(state["step"])
+
+
+def save_base_transformer(model: torch.nn.Module, directory: str | os.PathLike) -> Path:
+    """Write the DiT of a memory transformer, without its branch, as a diffusers ``WanTransformer3DModel``."""
+    from diffusers import WanTransformer3DModel
+
+    from .wan_memory import branch_state_dict
+
+    branch = set(branch_state_dict(model))
+    config = {k: v for k, v in model.config.items() if not k.startswith("_") and k not in ("vace_layers", "vace_in_channels")}
+    base = WanTransformer3DModel(**config)
+    state = {k: v for k, v in model.state_dict().items() if k not in branch and "lora_" not in k}
+    base.load_state_dict(state, strict=True)
+    base.save_pretrained(directory)
+    return Path(directory)
 
 
 # --------------------------------------------------------------------------- entry point
