@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mirage_env.backends.mini import MINI_NAME, MINI_SETTINGS, build_mini_checkpoint, mini_transformer_config
+from mirage_env.backends.mini import MINI_NAME, MINI_SETTINGS, build_mini_checkpoint, mini_transformer_config, train_on_samples
 from mirage_env.backends.wan_checkpoint import SHIPPED_DIR, read_world_defaults, write_world_defaults
 from mirage_env.backends.wan_samples import ClipSamples, list_clips, load_clip, prepare_clip_samples
 from mirage_env.dataset import ExportConfig, export_dataset, revisit_pairs
@@ -95,32 +95,6 @@ def load_model(out: Path, memory: bool = True):
     return WanWorldModel(out, memory_dir="auto" if memory else None, depth_estimator=ConstantDepth())
 
 
-def train_stage(model, samples: ClipSamples, stage: int, steps: int, lr: float, args, progress: bool) -> tuple[list[float], object]:
-    from mirage_env.backends.wan_train import MemoryBranchTrainer, TrainArgs
-
-    train_args = TrainArgs(
-        checkpoint_dir=str(model.checkpoint_dir), stage=stage, learning_rate=lr, max_steps=steps, warmup_steps=min(100, steps // 10),
-        lr_schedule="cosine", batch_size=args.batch, past_frames=1, segment_frames=model.frames_per_segment,
-        context_frames=model.context_frames, flow_shift=model.flow_shift, lora_rank=args.lora_rank,
-        lora_alpha=float(args.lora_rank), seed=args.seed, max_sequence_length=model.max_sequence_length,
-    )
-    trainer = MemoryBranchTrainer(model, train_args)
-    embeds = model.prompt_embeds([""])
-    if stage == 0:  # the base learns without memory
-        samples = ClipSamples(**{**samples.__dict__, "memory_mask": torch.zeros_like(samples.memory_mask)})
-    order = torch.Generator().manual_seed(args.seed + stage)
-    noise = torch.Generator().manual_seed(args.seed + 100 + stage)
-    losses = []
-    bar = tqdm(range(steps), desc=f"stage {stage}", disable=not progress)
-    for _ in bar:
-        index = torch.randint(len(samples), (args.batch,), generator=order)
-        losses.append(trainer.train_step(samples.batch(index, embeds), noise))
-        if len(losses) % 50 == 0:
-            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{trainer.learning_rate():.1e}")
-    model.transformer.eval().requires_grad_(False)
-    return losses, trainer
-
-
 def train(args, data: Path, out: Path, progress: bool) -> dict:
     from mirage_env.backends.wan_memory import save_lora, save_memory_branch
     from mirage_env.backends.wan_train import save_base_transformer
@@ -140,19 +114,20 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     timings["prepare_s"] = time.perf_counter() - t0
 
     losses = {}
+    options = dict(batch_size=args.batch, lora_rank=args.lora_rank, seed=args.seed, progress=progress)
     t = time.perf_counter()
-    losses[0], _ = train_stage(model, samples, 0, args.steps[0], args.lr[0], args, progress)
+    losses[0], _ = train_on_samples(model, samples, stage=0, steps=args.steps[0], learning_rate=args.lr[0], **options)
     save_base_transformer(model.transformer, out / "transformer")
     timings["stage0_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     model = load_model(out, memory=False)  # the branch starts as copies of the *trained* DiT layers
-    losses[1], _ = train_stage(model, samples, 1, args.steps[1], args.lr[1], args, progress)
+    losses[1], _ = train_on_samples(model, samples, stage=1, steps=args.steps[1], learning_rate=args.lr[1], **options)
     save_memory_branch(model.transformer, out / "memory")
     timings["stage1_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    losses[2], trainer = train_stage(model, samples, 2, args.steps[2], args.lr[2], args, progress)
+    losses[2], trainer = train_on_samples(model, samples, stage=2, steps=args.steps[2], learning_rate=args.lr[2], **options)
     save_lora(model.transformer, out / "memory" / "lora", trainer.lora_config)
     timings["stage2_s"] = time.perf_counter() - t
 

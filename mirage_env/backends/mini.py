@@ -17,9 +17,10 @@ What differs, and why:
   segments of 4 frames with 2 clean context frames, a DiT of 6 layers of width
   192 (3 heads x 64), 10 sampler steps, no text (empty-prompt embeddings).
 
-This module holds the configuration and builds the untrained checkpoint
-folder; training is ``benchmarks/learned_memory.py`` (stages 0, 1, 2 with
-``wan_train.MemoryBranchTrainer``).
+This module holds the configuration, builds the untrained checkpoint folder
+and runs one training stage on in-memory samples (``train_on_samples``, with
+``wan_train.MemoryBranchTrainer``); ``benchmarks/learned_memory.py`` runs the
+whole recipe.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import torch
 
 from .wan_checkpoint import write_world_defaults
 
-__all__ = ["MINI_NAME", "MINI_SETTINGS", "mini_transformer_config", "build_mini_checkpoint"]
+__all__ = ["MINI_NAME", "MINI_SETTINGS", "mini_transformer_config", "build_mini_checkpoint", "train_on_samples"]
 
 MINI_NAME = "procedural-wan-mini"
 
@@ -105,3 +106,44 @@ def build_mini_checkpoint(directory: str | os.PathLike, latents_mean: list[float
         "procedural-wan-mini: a small Wan-architecture world model trained on mirage-env's procedural "
         "indoor world at 64x64 on a CPU; not Wan2.2"), **settings)
     return directory
+
+
+def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: float, batch_size: int = 8,
+                     lora_rank: int = 16, seed: int = 0, progress: bool = True) -> tuple[list[float], object]:
+    """One stage of the recipe on prepared ``ClipSamples`` (held in memory: a few hundred MB at most).
+
+    Stage 0 trains the whole DiT without memory (the samples' hit masks are zeroed),
+    stage 1 the memory branch, stage 2 LoRA (rank ``lora_rank``) on the DiT. Minibatches
+    and noise come from generators seeded by ``seed`` and the stage, so a run repeats.
+
+    Returns:
+        The loss of every step and the ``MemoryBranchTrainer`` (its ``lora_config`` for saving).
+    """
+    import dataclasses
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from .wan_train import MemoryBranchTrainer, TrainArgs
+
+    args = TrainArgs(
+        checkpoint_dir=str(model.checkpoint_dir), stage=stage, learning_rate=learning_rate, max_steps=steps,
+        warmup_steps=min(100, steps // 10), lr_schedule="cosine", batch_size=batch_size, past_frames=1,
+        segment_frames=model.frames_per_segment, context_frames=model.context_frames, flow_shift=model.flow_shift,
+        lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed, max_sequence_length=model.max_sequence_length,
+    )
+    trainer = MemoryBranchTrainer(model, args)
+    embeds = model.prompt_embeds([""])
+    if stage == 0:
+        samples = dataclasses.replace(samples, memory_mask=torch.zeros_like(samples.memory_mask))
+    order = torch.Generator().manual_seed(seed + stage)
+    noise = torch.Generator().manual_seed(seed + 100 + stage)
+    losses: list[float] = []
+    bar = tqdm(range(steps), desc=f"stage {stage}", disable=not progress)
+    for _ in bar:
+        index = torch.randint(len(samples), (batch_size,), generator=order)
+        losses.append(trainer.train_step(samples.batch(index, embeds), noise))
+        if len(losses) % 50 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-50:]):.4f}", lr=f"{trainer.learning_rate():.1e}")
+    model.transformer.eval().requires_grad_(False)
+    return losses, trainer
