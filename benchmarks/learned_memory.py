@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 
 from mirage_env.backends.mini import MINI_NAME, MINI_SETTINGS, build_mini_checkpoint, mini_transformer_config, train_on_samples
 from mirage_env.backends.wan_checkpoint import SHIPPED_DIR, read_world_defaults, write_world_defaults
-from mirage_env.backends.wan_samples import ClipSamples, list_clips, load_clip, prepare_clip_samples
+from mirage_env.clip_samples import ClipSamples, list_clips, load_clip, prepare_clip_samples
 from mirage_env.dataset import ExportConfig, export_dataset, revisit_pairs
 from mirage_env.metrics import masked_psnr, psnr, ssim
 
@@ -75,15 +75,22 @@ def parse_args(argv=None):
 
 
 def latent_statistics(clips: list[Path], limit: int = 512) -> tuple[list[float], list[float]]:
-    """Per-channel mean / std of the raw DCT latents of (up to ``limit``) training clips."""
+    """Per-channel mean and ONE shared std of the raw DCT latents of (up to ``limit``) training clips.
+
+    The DCT is orthonormal, so with a shared scale the flow-matching loss is the
+    pixel-space error: the model spends its capacity where PSNR is measured, not on
+    the tiny high-frequency coefficients a per-channel std would blow up to unit size.
+    """
     from mirage_env.backends.dct_autoencoder import PatchDCTAutoencoder
 
     codec = PatchDCTAutoencoder()
     frames = torch.from_numpy(np.concatenate([load_clip(c)["frames"] for c in clips[:limit]]))
     video = frames.permute(3, 0, 1, 2)[None].float() / 127.5 - 1.0
     z = codec.encode(video).latent_dist.mode()[0]  # (C, F, h, w)
-    flat = z.transpose(0, 1).reshape(-1, z.shape[0], z.shape[2] * z.shape[3]).transpose(1, 2).reshape(-1, z.shape[0])
-    return flat.mean(0).tolist(), flat.std(0).clamp_min(1e-3).tolist()
+    flat = z.reshape(z.shape[0], -1)
+    mean = flat.mean(1, keepdim=True)
+    shared = float((flat - mean).pow(2).mean().sqrt().clamp_min(1e-3))
+    return mean[:, 0].tolist(), [shared] * z.shape[0]
 
 
 def load_model(out: Path, memory: bool = True):

@@ -24,6 +24,8 @@ def _make_env(args, **overrides):
         kwargs["checkpoint"] = args.checkpoint
     if getattr(args, "scene", None):
         kwargs["backend_options"] = {"scene": args.scene}
+    if getattr(args, "memory_horizon", None):
+        kwargs["memory_horizon"] = args.memory_horizon
     kwargs.update(overrides)
     return gym.make(args.env, render_mode="rgb_array", disable_env_checker=True, **kwargs).unwrapped
 
@@ -159,7 +161,10 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-memory", action="store_true", help="ablation: the generator ignores memory")
     parser.add_argument("--backend", default=None, help="procedural (default) or wan")
-    parser.add_argument("--checkpoint", default=None, help="local Wan2.2 diffusers directory (backend wan)")
+    parser.add_argument("--checkpoint", default=None,
+                        help="backend wan: a local Wan2.2 diffusers directory, or procedural-wan-mini (shipped)")
+    parser.add_argument("--memory-horizon", type=int, default=None,
+                        help="ablation: read only what the last K segments wrote or saw (default: full memory)")
     parser.add_argument("--scene", default=None, choices=["indoor", "outdoor"], help="procedural scene kind")
 
 

@@ -20,7 +20,7 @@ from mirage_env.backends.dct_autoencoder import PatchDCTAutoencoder  # noqa: E40
 from mirage_env.backends.depth import ConstantDepth  # noqa: E402
 from mirage_env.backends.mini import MINI_NAME, build_mini_checkpoint, mini_transformer_config  # noqa: E402
 from mirage_env.backends.wan_checkpoint import SHIPPED_DIR, read_world_defaults, write_world_defaults  # noqa: E402
-from mirage_env.backends.wan_samples import list_clips, prepare_clip_samples  # noqa: E402
+from mirage_env.clip_samples import list_clips, prepare_clip_samples  # noqa: E402
 from mirage_env.dataset import TEST_SEED_OFFSET, ExportConfig, export_dataset  # noqa: E402
 
 SHIPPED = SHIPPED_DIR / MINI_NAME

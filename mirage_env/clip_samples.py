@@ -1,15 +1,16 @@
-"""Training and evaluation samples from posed clips, with memory built as the World builds it.
+"""Training and evaluation samples from posed clips, with memory built by the World itself.
 
 A clip of S segments gives S - 1 samples: for target segment s, the clean
 context is the last ``context_frames`` latent frames before it, and the memory
-read is what a World would read there after generating segments 0 .. s - 1: a
-``LatentSpatialMemory`` that, segment by segment, is read at the segment's
-cameras and then written with what memory did not already supply, minus moving
-content (the clip's ground-truth ``moving`` mask stands in for the write
-filter). Clips are processed many at once: one memory holds one world per clip.
+read is exactly what a World reads there: the clips are *replayed* through an
+ordinary ``World`` (same filters, same write rule, same lift, optional
+horizon) by :class:`ReplayModel`, a world model that returns the clip's own
+frames instead of generating and records every request the World makes. So a
+model trained on these samples sees at training time the memory it will see in
+an episode. Clips are replayed many at once, one world per clip.
 
-All latents are in the DiT's normalised space (``WanWorldModel.encode``), as the
-World stores them.
+All latents are in the model's DiT space (``WanWorldModel.encode``), as a World
+holding that model stores them.
 """
 
 from __future__ import annotations
@@ -21,9 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..geometry import invert_pose
+from .backends.base import LatentSpec, Segment, SegmentRequest
+from .geometry import Camera, invert_pose
 
-__all__ = ["ClipSamples", "list_clips", "load_clip", "prepare_clip_samples"]
+__all__ = ["ClipSamples", "ReplayModel", "list_clips", "load_clip", "prepare_clip_samples"]
 
 
 @dataclass
@@ -75,7 +77,7 @@ def list_clips(root: str | os.PathLike) -> list[Path]:
 def load_clip(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """``frames`` uint8 (F, H, W, 3), ``poses`` (F, 4, 4) relative to the first camera,
     ``intrinsics`` (4,) normalised, ``depth`` (F, H, W) and ``moving`` (F, h, w) when present."""
-    from .wan_train import read_camera_file, read_clip_frames
+    from .backends.wan_train import read_camera_file, read_clip_frames
 
     folder = Path(folder)
     track = read_camera_file(folder / "cameras.txt")
@@ -94,12 +96,68 @@ def load_clip(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     return out
 
 
+class ReplayModel:
+    """A WorldModel that replays given segments (teacher forcing) and records the World's requests.
+
+    Args:
+        latent: the latent space of the model whose latents these are.
+        camera: image-resolution intrinsics of the frames.
+        latents: (B, F, C, h, w) latents of B clips, F = segments x segment length.
+        depth: (B, F, H, W) image-resolution z-depth (the World lifts through it).
+        frames: (B, F, H, W, 3) uint8 frames (returned as the segments' frames).
+        segment_frames: latent frames per segment.
+        context_frames / suggested_voxel_size: as the replayed model's.
+    """
+
+    def __init__(self, latent: LatentSpec, camera: Camera, latents: torch.Tensor, depth: torch.Tensor, frames: torch.Tensor,
+                 segment_frames: int, context_frames: int, suggested_voxel_size: float):
+        self.latent, self.camera = latent, camera
+        self.latents, self.depth, self.frames = latents, depth, frames
+        self.segment_frames, self.context_frames = segment_frames, context_frames
+        self.suggested_voxel_size = suggested_voxel_size
+        self.segment = 0
+        self.requests: dict[int, SegmentRequest] = {}
+
+    def _segment(self, poses: torch.Tensor) -> Segment:
+        from .memory import pool_depth
+
+        window = slice(self.segment * self.segment_frames, (self.segment + 1) * self.segment_frames)
+        if poses.shape[1] != self.segment_frames:
+            raise ValueError(f"replay serves segments of {self.segment_frames} frames, the World asked for {poses.shape[1]}")
+        image_depth = self.depth[:, window]
+        segment = Segment(latents=self.latents[:, window], depth=pool_depth(image_depth, self.latent.spatial_factor),
+                          poses=poses, image_depth=image_depth, frames=self.frames[:, window])
+        self.segment += 1
+        return segment
+
+    def start(self, poses, generators, conditioning=None, worlds=None, views: int = 1) -> Segment:
+        self.segment = 0
+        return self._segment(poses)
+
+    def generate(self, request: SegmentRequest) -> Segment:
+        self.requests[self.segment] = request
+        return self._segment(request.poses)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError("replayed segments carry their frames")
+
+    def config(self) -> dict:
+        return {"name": "replay"}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if state:
+            raise ValueError("a replay model has no state to load")
+
+
 @torch.no_grad()
 def prepare_clip_samples(
     model,
     clips: list[Path],
     *,
-    voxel_size: float,
+    voxel_size: float | None = None,
     segments: list[int] | None = None,
     memory_options: dict | None = None,
     chunk: int = 64,
@@ -108,20 +166,20 @@ def prepare_clip_samples(
     """Samples of every clip for target ``segments`` (default: all but the first).
 
     Args:
-        model: a ``WanWorldModel`` (its encoder, latent camera, segment and context lengths).
+        model: a ``WanWorldModel`` (its encoder, camera, segment and context lengths).
         clips: clip folders of equal length, a multiple of the model's segment length.
-        voxel_size: memory voxel edge (the World's: the model's ``suggested_voxel_size``).
+        voxel_size: memory voxel edge (default: the model's ``suggested_voxel_size``, as a World).
         memory_options: extra ``LatentSpatialMemory`` options, e.g. ``{"horizon": 1}``.
-        chunk: clips processed (and held in one memory) at once.
+        chunk: clips replayed (as the worlds of one World) at once.
     """
     from tqdm.auto import tqdm
 
-    from ..memory import LatentSpatialMemory, pool_depth
+    from .world import World
 
     n = model.latent_frames
     if model.latent.temporal_factor != 1:
         raise ValueError("clip samples are cut per latent frame; use a model without temporal compression")
-    camera = model.latent_camera
+    camera = model.camera
     parts = []
     bar = tqdm(total=len(clips), desc="prepare samples", unit="clip", disable=not progress)
     for first in range(0, len(clips), chunk):
@@ -136,26 +194,24 @@ def prepare_clip_samples(
         if not np.allclose(loaded[0]["intrinsics"], expected, atol=1e-4):
             raise ValueError(f"{clips[first]} was filmed with intrinsics {loaded[0]['intrinsics']}, the model's are {expected}")
         latents = model.encode(frames)  # (B, F, C, h, w)
-        depth = pool_depth(torch.from_numpy(np.stack([c["depth"] for c in loaded])), model.latent.spatial_factor)
-        moving = torch.from_numpy(np.stack([c.get("moving", np.zeros(depth.shape[1:], bool)) for c in loaded]))
+        depth = torch.from_numpy(np.stack([c["depth"] for c in loaded]))
         poses = torch.from_numpy(np.stack([c["poses"] for c in loaded]))
         batch = frames.shape[0]
-        memory = LatentSpatialMemory(latents.shape[2], voxel_size=voxel_size, num_worlds=batch, **(memory_options or {}))
+        replay = ReplayModel(model.latent, camera, latents, depth, frames, n, model.context_frames,
+                             voxel_size or model.suggested_voxel_size)
+        world = World(replay, num_worlds=batch, memory_options=memory_options)
+        world.reset(poses[:, :n])
         wanted = segments or list(range(1, total // n))
-        for s in range(total // n):
-            window = slice(s * n, (s + 1) * n)
-            read = memory.read(camera, poses[:, window])
+        for s in range(1, total // n):
+            world.step(poses[:, s * n : (s + 1) * n])
             if s in wanted:
-                start = max(0, s * n - model.context_frames)
+                read = replay.requests[s]
                 parts.append(ClipSamples(
-                    context=latents[:, start : s * n].clone(), target=latents[:, window].clone(),
-                    memory_latents=read.latents, memory_mask=read.mask, memory_depth=read.depth,
-                    poses=poses[:, window].clone(), clip=torch.arange(first, first + batch),
+                    context=latents[:, s * n - model.context_frames : s * n].clone(), target=latents[:, s * n : (s + 1) * n].clone(),
+                    memory_latents=read.memory_latents, memory_mask=read.memory_mask, memory_depth=read.memory_depth,
+                    poses=read.poses.clone(), clip=torch.arange(first, first + batch),
                     segment=torch.full((batch,), s, dtype=torch.int64),
                 ))
-            keep = ~read.mask & ~moving[:, window]
-            seen = read.points if memory.horizon is not None else None
-            memory.write(latents[:, window], depth[:, window], camera, poses[:, window], keep=keep, seen=seen)
         bar.update(batch)
     bar.close()
     return ClipSamples.cat(parts)
