@@ -65,6 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--layers", type=int, default=6)
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--horizon", type=int, default=1, help="segments the short-term memory keeps")
+    p.add_argument("--min-hit", type=float, default=0.5, help="stages 1-2 train on samples with at least this memory coverage")
+    p.add_argument("--sampler-steps", type=int, default=None, help="sampler steps of the shipped settings (default: MINI_SETTINGS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-train", action="store_true", help="evaluate the checkpoint at --out as it is")
@@ -112,6 +114,8 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     mean, std = latent_statistics(clips)
     depth_dir = out / "depth"
     settings = {**MINI_SETTINGS, "depth_estimator": "depth"} if depth_dir.is_dir() else dict(MINI_SETTINGS)
+    if args.sampler_steps:
+        settings["num_inference_steps"] = args.sampler_steps
     config = mini_transformer_config(num_layers=args.layers, ffn_dim=args.ffn)
     for stale in ("transformer", "memory", "vae", "scheduler"):
         shutil.rmtree(out / stale, ignore_errors=True)
@@ -129,12 +133,14 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
 
     t = time.perf_counter()
     model = load_model(out, memory=False)  # the branch starts as copies of the *trained* DiT layers
-    losses[1], _ = train_on_samples(model, samples, stage=1, steps=args.steps[1], learning_rate=args.lr[1], **options)
+    losses[1], _ = train_on_samples(model, samples, stage=1, steps=args.steps[1], learning_rate=args.lr[1],
+                                    min_hit_fraction=args.min_hit, **options)
     save_memory_branch(model.transformer, out / "memory")
     timings["stage1_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    losses[2], trainer = train_on_samples(model, samples, stage=2, steps=args.steps[2], learning_rate=args.lr[2], **options)
+    losses[2], trainer = train_on_samples(model, samples, stage=2, steps=args.steps[2], learning_rate=args.lr[2],
+                                          min_hit_fraction=args.min_hit, **options)
     save_lora(model.transformer, out / "memory" / "lora", trainer.lora_config)
     timings["stage2_s"] = time.perf_counter() - t
 

@@ -109,12 +109,15 @@ def build_mini_checkpoint(directory: str | os.PathLike, latents_mean: list[float
 
 
 def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: float, batch_size: int = 8,
-                     lora_rank: int = 16, seed: int = 0, progress: bool = True) -> tuple[list[float], object]:
+                     lora_rank: int = 16, seed: int = 0, min_hit_fraction: float = 0.0,
+                     progress: bool = True) -> tuple[list[float], object]:
     """One stage of the recipe on prepared ``ClipSamples`` (held in memory: a few hundred MB at most).
 
     Stage 0 trains the whole DiT without memory (the samples' hit masks are zeroed),
     stage 1 the memory branch, stage 2 LoRA (rank ``lora_rank``) on the DiT. Minibatches
     and noise come from generators seeded by ``seed`` and the stage, so a run repeats.
+    Stages 1 and 2 draw only samples where memory covers at least ``min_hit_fraction``
+    of the target: where memory says little, the branch has nothing to learn from.
 
     Returns:
         The loss of every step and the ``MemoryBranchTrainer`` (its ``lora_config`` for saving).
@@ -124,6 +127,7 @@ def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: f
     import numpy as np
     from tqdm.auto import tqdm
 
+    from ..clip_samples import ClipSamples
     from .wan_train import MemoryBranchTrainer, TrainArgs
 
     args = TrainArgs(
@@ -136,6 +140,11 @@ def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: f
     embeds = model.prompt_embeds([""])
     if stage == 0:
         samples = dataclasses.replace(samples, memory_mask=torch.zeros_like(samples.memory_mask))
+    elif min_hit_fraction > 0:
+        covered = samples.memory_mask.flatten(1).float().mean(1) >= min_hit_fraction
+        if not covered.any():
+            raise ValueError(f"no sample has memory on {min_hit_fraction:.0%} of its target; lower min_hit_fraction")
+        samples = ClipSamples(**{f.name: getattr(samples, f.name)[covered] for f in dataclasses.fields(samples)})
     order = torch.Generator().manual_seed(seed + stage)
     noise = torch.Generator().manual_seed(seed + 100 + stage)
     losses: list[float] = []
