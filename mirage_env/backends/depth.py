@@ -61,11 +61,13 @@ class TransformersDepth:
         kind: "metric" or "disparity"; by default read from the config's
             ``depth_estimation_type`` ("relative" means disparity).
         batch_size: frames per forward pass.
-        max_depth: depths beyond it (and non-positive disparities) become +inf.
+        max_depth: depths beyond it (and non-positive disparities) become +inf; default: the
+            config's ``sky_depth_threshold`` when it has one (a model trained to put sky at a
+            ceiling depth, e.g. procedural-wan-mini's), else 1e4.
     """
 
     def __init__(self, path: str | os.PathLike, device: str | torch.device = "cpu", kind: str | None = None,
-                 batch_size: int = 16, max_depth: float = 1e4, dtype: torch.dtype = torch.float32):
+                 batch_size: int = 16, max_depth: float | None = None, dtype: torch.dtype = torch.float32):
         path = Path(path)
         if not path.is_dir() or not (path / "config.json").is_file():
             raise DepthModelNotFoundError(
@@ -84,7 +86,7 @@ class TransformersDepth:
         self.kind = kind
         self.device = torch.device(device)
         self.batch_size = batch_size
-        self.max_depth = max_depth
+        self.max_depth = float(max_depth if max_depth is not None else getattr(self.model.config, "sky_depth_threshold", 1e4))
         self.path = str(path)
 
     @torch.no_grad()
