@@ -56,13 +56,15 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=str(SHIPPED_DIR / MINI_NAME), help="checkpoint folder to write (or read with --no-train)")
     p.add_argument("--data", default="runs/learned_memory/data", help="exported clips (made if missing)")
-    p.add_argument("--train-clips", type=int, default=1536)
+    p.add_argument("--train-clips", type=int, default=3072)
     p.add_argument("--test-clips", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs=3, default=[3000, 2000, 600], metavar=("STAGE0", "STAGE1", "STAGE2"))
-    p.add_argument("--lr", type=float, nargs=3, default=[1e-3, 5e-4, 2e-4], metavar=("STAGE0", "STAGE1", "STAGE2"))
+    p.add_argument("--steps", type=int, nargs=3, default=[2500, 5500, 1000], metavar=("STAGE0", "STAGE1", "STAGE2"))
+    p.add_argument("--lr", type=float, nargs=3, default=[1e-3, 2e-3, 5e-4], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--layers", type=int, default=6)
+    p.add_argument("--vace-every", type=int, default=5,
+                   help="a branch block at DiT layers 0, k, 2k, ...; 5 on 6 layers puts one at the last layer, next to the output")
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--horizon", type=int, default=1, help="segments the short-term memory keeps")
     p.add_argument("--min-hit", type=float, default=0.5, help="stages 1-2 train on samples with at least this memory coverage")
@@ -95,13 +97,13 @@ def latent_statistics(clips: list[Path], limit: int = 512) -> tuple[list[float],
     return mean[:, 0].tolist(), [shared] * z.shape[0]
 
 
-def load_model(out: Path, memory: bool = True):
+def load_model(out: Path, memory: bool = True, vace_every: int = 2):
     from mirage_env.backends.depth import ConstantDepth
     from mirage_env.backends.wan import WanWorldModel
 
     # Training and the teacher-forced evaluation take depth from the clips, so the
     # model's own depth estimator is not needed (and not timed) here.
-    return WanWorldModel(out, memory_dir="auto" if memory else None, depth_estimator=ConstantDepth())
+    return WanWorldModel(out, memory_dir="auto" if memory else None, depth_estimator=ConstantDepth(), vace_every=vace_every)
 
 
 def train(args, data: Path, out: Path, progress: bool) -> dict:
@@ -132,7 +134,7 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     timings["stage0_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = load_model(out, memory=False)  # the branch starts as copies of the *trained* DiT layers
+    model = load_model(out, memory=False, vace_every=args.vace_every)  # branch blocks start as copies of the *trained* DiT layers
     losses[1], _ = train_on_samples(model, samples, stage=1, steps=args.steps[1], learning_rate=args.lr[1],
                                     min_hit_fraction=args.min_hit, **options)
     save_memory_branch(model.transformer, out / "memory")
@@ -151,6 +153,14 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
         "final_loss": {str(k): float(np.mean(v[-100:])) for k, v in losses.items()},
         "minutes": round((time.perf_counter() - t0) / 60, 2), "machine": f"{platform.machine()} CPU, {args.threads} threads",
     }})
+    (out / "TRAINING.md").write_text(
+        f"# {MINI_NAME}\n\n"
+        "A small Wan-architecture world model (WanTransformer3DModel + VACE memory branch + peft LoRA, DCT\n"
+        "autoencoder) trained from scratch on a 2-core CPU on clips of mirage-env's procedural indoor world.\n"
+        "It is NOT Wan2.2: it knows only 64x64 procedural rooms.\n\n"
+        f"Remake it (seed {args.seed}; the clips are exported first if missing):\n\n    {command.strip()}\n\n"
+        "Its training settings and losses are in mirage_world.json under \"training\"; its figures in\n"
+        "benchmarks/results/learned_memory.json; the depth model in depth/ has its own TRAINING.md.\n")
     return {"timings": timings, "losses": {k: [float(x) for x in v] for k, v in losses.items()}}
 
 
