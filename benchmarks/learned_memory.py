@@ -58,7 +58,7 @@ def parse_args(argv=None):
     p.add_argument("--data", default="runs/learned_memory/data", help="exported clips (made if missing)")
     p.add_argument("--train-clips", type=int, default=3072)
     p.add_argument("--test-clips", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs=3, default=[2500, 5500, 1000], metavar=("STAGE0", "STAGE1", "STAGE2"))
+    p.add_argument("--steps", type=int, nargs=3, default=[2000, 4500, 800], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--lr", type=float, nargs=3, default=[1e-3, 2e-3, 5e-4], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -146,6 +146,11 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     save_lora(model.transformer, out / "memory" / "lora", trainer.lora_config)
     timings["stage2_s"] = time.perf_counter() - t
 
+    # Trained in float32; shipped in float16 (half the bytes; WanWorldModel loads them back to float32).
+    shipped_weights = [out / "transformer" / "diffusion_pytorch_model.safetensors", out / "memory" / "memory_branch.safetensors",
+                       out / "memory" / "lora" / "lora.safetensors"]
+    for path in shipped_weights:
+        store_half(path)
     command = "python benchmarks/learned_memory.py " + " ".join(sys.argv[1:])
     write_world_defaults(out, **{**read_world_defaults_raw(out), "memory_dir": "memory", "training": {
         "command": command.strip(), "seed": args.seed, "steps": args.steps, "learning_rates": args.lr, "batch": args.batch,
@@ -162,6 +167,17 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
         "Its training settings and losses are in mirage_world.json under \"training\"; its figures in\n"
         "benchmarks/results/learned_memory.json; the depth model in depth/ has its own TRAINING.md.\n")
     return {"timings": timings, "losses": {k: [float(x) for x in v] for k, v in losses.items()}}
+
+
+def store_half(path: Path) -> None:
+    """Rewrite a safetensors file with its float tensors in float16."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    with safe_open(str(path), "pt") as handle:
+        metadata = handle.metadata()
+    tensors = {k: v.half() if v.is_floating_point() else v for k, v in load_file(path).items()}
+    save_file(tensors, path, metadata=metadata)
 
 
 def read_world_defaults_raw(out: Path) -> dict:
