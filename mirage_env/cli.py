@@ -65,7 +65,7 @@ def rollout(args) -> dict:
         observation = {"rgb": env.render()}
         info = {}
     else:
-        observation, info = env.reset(seed=args.seed)
+        observation, info = env.reset(seed=args.seed, options=_start_options(args, env))
     policy = _policy(args.policy, env, args.seed)
     frames = [_upscale(env.render(), args.video_scale)]
     start = time.perf_counter()
@@ -94,6 +94,21 @@ def rollout(args) -> dict:
           f"memory {stats['entries']:,} entries / {stats['bytes'] / 2**20:.2f} MiB"
           + (f", video {args.out}" if args.out else "") + (f", world saved to {args.save_world}" if args.save_world else ""))
     return summary
+
+
+def _start_options(args, env) -> dict | None:
+    """Reset options that start a generated world from a procedural scene's first view (--start procedural)."""
+    if getattr(args, "start", None) != "procedural":
+        return None
+    import torch
+
+    from mirage_env.backends.procedural import ProceduralWorldModel
+
+    camera = env.world.camera
+    fov = math.degrees(2 * math.atan(0.5 * camera.width / camera.fx))
+    scene = ProceduralWorldModel(image_size=(camera.height, camera.width), fov_degrees=fov)
+    view = scene.start(torch.eye(4, dtype=torch.float64)[None, None], [torch.Generator().manual_seed(args.seed)])
+    return {"image": view.frames[0, 0].numpy(), "depth": view.image_depth[0, 0].numpy()}
 
 
 def _upscale(frame: np.ndarray, scale: int) -> np.ndarray:
@@ -179,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="rollout.mp4", help="video path (.mp4 or .gif)")
     p.add_argument("--fps", type=int, default=15)
     p.add_argument("--video-scale", type=int, default=4, help="nearest-neighbour upscaling of the video")
+    p.add_argument("--start", default=None, choices=["procedural"],
+                   help="backend wan: start from the first view (and depth) of a procedural scene of --seed")
     p.add_argument("--save-world", default=None, help="save the world here at the end")
     p.add_argument("--load-world", default=None, help="resume a saved world instead of starting one")
     p.add_argument("--quiet", action="store_true")

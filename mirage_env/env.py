@@ -15,7 +15,7 @@ from .geometry import MotionConfig
 from .memory import check_horizon
 from .world import World
 
-RESET_OPTIONS = ("image", "prompt")
+RESET_OPTIONS = ("image", "prompt", "depth")
 
 
 def make_task(task):
@@ -130,7 +130,8 @@ class MirageEnv(gym.Env):
     ``voxel_size``, ``motion`` (MotionConfig or dict).
 
     Reset options: ``image`` (HxWx3 uint8 array or path) and ``prompt`` (str) start a
-    world from a picture (backends that support it).
+    world from a picture, ``depth`` (HxW z-depth of that picture) gives it its scale
+    (backends that support it: wan).
 
     ## Example
     >>> import gymnasium as gym, mirage_env

@@ -235,3 +235,22 @@ def test_shipped_model_remembers_held_out_scenes(tmp_path):
 def test_write_world_defaults_validates_what_it_writes(tmp_path):
     with pytest.raises(ValueError, match="flow_shift must be"):
         write_world_defaults(tmp_path, flow_shift=-1)
+
+
+@shipped
+def test_a_start_image_with_depth_is_the_memory_of_the_start_segment():
+    """reset(options={"image", "depth"}): the frames after the given one are generated from it."""
+    from mirage_env.backends.procedural import ProceduralWorldModel
+    from mirage_env.metrics import psnr
+
+    scene = ProceduralWorldModel(image_size=(64, 64))
+    view = scene.start(torch.eye(4, dtype=torch.float64)[None, None], [torch.Generator().manual_seed(3)])
+    image, depth = view.frames[0, 0].numpy(), view.image_depth[0, 0].numpy()
+    model = _load(SHIPPED)
+    poses = torch.eye(4, dtype=torch.float64).repeat(1, model.latent_frames, 1, 1)
+    with_depth = model.start(poses, [torch.Generator().manual_seed(0)], [{"image": image, "depth": depth}])
+    without = model.start(poses, [torch.Generator().manual_seed(0)], [{"image": image}])
+    assert np.array_equal(with_depth.frames[0, 0].numpy(), image)
+    remembered = np.mean([psnr(with_depth.frames[0, i].numpy(), image) for i in range(1, model.latent_frames)])
+    generated = np.mean([psnr(without.frames[0, i].numpy(), image) for i in range(1, model.latent_frames)])
+    assert remembered > generated + 3.0, (remembered, generated)

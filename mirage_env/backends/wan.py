@@ -565,6 +565,8 @@ class WanWorldModel:
         for world, embed in zip(worlds, embeds):
             self._world_embeds[world] = embed[None]
         control = torch.zeros(batch, 2 * channels, frames, h, w, device=self.device)
+        if frames > 1:
+            control = self._start_memory_control(control, clean[:, :, 0], reference[:, 0], poses)
         latents = self.denoise(self._noise(generators, frames), clean, clean_mask, control, embeds)
         latents = latents.transpose(1, 2).contiguous()
         decoded = self.decode(latents)
@@ -575,6 +577,29 @@ class WanWorldModel:
         depth = self.estimate_depth(decoded, frames, reference if has_reference.any() else None, has_reference)
         depth = torch.where(has_reference, reference, depth)
         return Segment(latents=latents.cpu(), depth=depth.cpu(), poses=poses, frames=decoded)
+
+    def _start_memory_control(self, control: torch.Tensor, first: torch.Tensor, first_depth: torch.Tensor,
+                              poses: torch.Tensor) -> torch.Tensor:
+        """Branch input for a start segment: a given first image with known depth is the memory
+        of the frames after it, exactly as the World would hand it over one step later.
+
+        Args:
+            control: (B, 2C, T, h, w) zeros; first: (B, C, h, w) first-frame latents;
+            first_depth: (B, h, w) its depth (+inf where unknown); poses: (B, T, 4, 4).
+        """
+        from ..memory import LatentSpatialMemory
+        from .wan_memory import memory_control
+
+        known = torch.isfinite(first_depth).flatten(1).any(1)
+        if not bool(known.any()):
+            return control
+        rows = torch.nonzero(known).flatten()
+        voxel = float(getattr(self, "suggested_voxel_size", 0.05))
+        memory = LatentSpatialMemory(self.latent.channels, voxel_size=voxel, num_worlds=len(rows), device=self.device)
+        memory.write(first[rows, None], first_depth[rows, None], self.latent_camera, poses[rows, :1].to(self.device))
+        read = memory.read(self.latent_camera, poses[rows, 1:].to(self.device))
+        control[rows, :, 1:] = memory_control(read.latents, read.mask).to(control.dtype)
+        return control
 
     def generate(self, request: SegmentRequest) -> Segment:
         """The next segment of each world (T = ``latent_frames`` poses), conditioned on projected memory and the previous tail."""
