@@ -300,7 +300,9 @@ def main(argv=None) -> dict:
     data, out = Path(args.data), Path(args.out)
     started = time.perf_counter()
     if not (data / "dataset.json").is_file():
-        export_dataset(data, ExportConfig(train_clips=args.train_clips, test_clips=args.test_clips), progress=progress)
+        # Evaluating shipped weights needs only the held-out clips.
+        train_clips = 0 if args.no_train else args.train_clips
+        export_dataset(data, ExportConfig(train_clips=train_clips, test_clips=args.test_clips), progress=progress)
     export_s = time.perf_counter() - started
     training = {}
     if not args.no_train:
