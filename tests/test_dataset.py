@@ -91,3 +91,13 @@ def test_cli_exports(tmp_path):
     clip = tmp_path / "d" / "train" / "clip-000001"
     assert len(list((clip / "frames").glob("*.png"))) == 16
     assert torch.as_tensor(PosedClipDataset(tmp_path / "d" / "train", 16, (64, 64))[1]["frames"]).dtype == torch.uint8
+
+
+def test_a_clip_does_not_depend_on_what_was_exported_before_it(tmp_path):
+    """Same scene seed, same clip, whether the batch before it held other scenes or none."""
+    export_dataset(tmp_path / "a", ExportConfig(train_clips=6, test_clips=2, batch=4), progress=False)
+    export_dataset(tmp_path / "b", ExportConfig(train_clips=0, test_clips=2, batch=4), progress=False)
+    for i in range(2):
+        a = np.load(tmp_path / "a" / "test" / f"clip-{i:06d}" / "frames.npz")["frames"]
+        b = np.load(tmp_path / "b" / "test" / f"clip-{i:06d}" / "frames.npz")["frames"]
+        assert np.array_equal(a, b)

@@ -220,6 +220,10 @@ class ProceduralWorldModel:
         self.motion[world] = motion.to(dtype)
         self.time[world] = 0
         self.in_view[world] = False  # nothing carries over into a new world
+        # Nor the looks a previous world at this index recorded: a surface memory shows at a
+        # pixel whose centre now lands on a never-seen surface would otherwise recall one,
+        # and a reset world would depend on the episode before it.
+        self.committed[world] = 0.5
 
     # ------------------------------------------------------------------ rendering
 
