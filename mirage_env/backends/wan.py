@@ -49,7 +49,6 @@ __all__ = [
     "CheckpointNotFoundError",
     "check_checkpoint",
     "latent_frame_count",
-    "latent_frame_indices",
     "HF_REPO",
 ]
 
@@ -111,11 +110,6 @@ def latent_frame_count(frames: int, temporal_factor: int = 4) -> int:
             f"frames must be 1 + {temporal_factor} * k (1, {1 + temporal_factor}, {1 + 2 * temporal_factor}, ...), got {frames}"
         )
     return 1 + (frames - 1) // temporal_factor
-
-
-def latent_frame_indices(latent_frames: int, temporal_factor: int = 4) -> list[int]:
-    """Index of the video frame each latent frame ends on (its pose): 0, 4, 8, ..."""
-    return [k * temporal_factor for k in range(latent_frames)]
 
 
 class WanWorldModel:
@@ -476,7 +470,7 @@ class WanWorldModel:
         from ..memory import pool_depth
         from .depth import align_depth_scale
 
-        index = latent_frame_indices(latent_frames, self.latent.temporal_factor)
+        index = self.latent.frame_indices(latent_frames)
         picked = frames[:, index]
         batch = picked.shape[0]
         raw = torch.as_tensor(self.depth_estimator(picked.reshape(-1, *picked.shape[2:]))).float()
@@ -594,7 +588,7 @@ class WanWorldModel:
         if not bool(known.any()):
             return control
         rows = torch.nonzero(known).flatten()
-        voxel = float(getattr(self, "suggested_voxel_size", 0.05))
+        voxel = float(self.suggested_voxel_size)
         memory = LatentSpatialMemory(self.latent.channels, voxel_size=voxel, num_worlds=len(rows), device=self.device)
         memory.write(first[rows, None], first_depth[rows, None], self.latent_camera, poses[rows, :1].to(self.device))
         read = memory.read(self.latent_camera, poses[rows, 1:].to(self.device))

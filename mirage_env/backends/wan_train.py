@@ -369,7 +369,6 @@ class MemoryBranchTrainer:
             ``prompt_embeds`` (B, L, D).
         """
         from ..memory import LatentSpatialMemory, pool_depth
-        from .wan import latent_frame_indices
 
         m, a = self.model, self.args
         frames = clips["frames"]
@@ -380,8 +379,8 @@ class MemoryBranchTrainer:
         past_latents, target_latents = m.encode(past), m.encode(target)
         tp, tt = past_latents.shape[1], target_latents.shape[1]
         f = m.latent.spatial_factor
-        past_index = latent_frame_indices(tp, m.latent.temporal_factor)
-        target_index = [a.past_frames + i for i in latent_frame_indices(tt, m.latent.temporal_factor)]
+        past_index = m.latent.frame_indices(tp)
+        target_index = [a.past_frames + i for i in m.latent.frame_indices(tt)]
         if "depth" in clips:
             depth = pool_depth(clips["depth"][:, past_index].float(), f)
         else:
