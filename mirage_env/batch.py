@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from gymnasium import spaces
 
+from .actions import check_actions
 from .geometry import MotionConfig, Move, apply_moves, apply_velocities, interpolate_rigs, poses_from_rigs
 from .world import World, WorldStep
 
@@ -184,9 +185,14 @@ class AgentBatch:
         self.collided[agents] = False
         self.task.reset(self, agents)
 
-    def step(self, actions) -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
-        """Move every agent, generate one segment for every world, score with the task."""
-        actions = self._check_actions(actions)
+    def step(self, actions, labels: list[str] | str = "agent") -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
+        """Move every agent, generate one segment for every world, score with the task.
+
+        ``actions``: one per agent, checked by :func:`mirage_env.actions.check_actions`
+        (the one action check of every env) before anything moves; ``labels`` name the
+        agents in its errors.
+        """
+        actions = check_actions(actions, self.action_type, self.num_agents, labels)
         before = self.rigs.copy()
         if self.action_type == "discrete":
             after = apply_moves(before, actions, self.motion)
@@ -213,29 +219,6 @@ class AgentBatch:
         truncated = (self.steps >= self.max_episode_steps) & ~scored.terminated
         infos = self._infos(all_agents, scored.metrics)
         return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
-
-    def _check_actions(self, actions) -> np.ndarray:
-        actions = np.asarray(actions)
-        if self.action_type == "discrete":
-            actions = actions.reshape(self.num_agents)
-            if actions.dtype.kind == "f":
-                if not np.isfinite(actions).all() or (actions != np.round(actions)).any():
-                    raise ValueError(f"discrete actions must be integers in [0, {len(Move)}), got {actions.tolist()}")
-                actions = actions.astype(np.int64)
-            if actions.dtype.kind not in "iu" or ((actions < 0) | (actions >= len(Move))).any():
-                raise ValueError(
-                    f"action {actions.tolist()} is outside the action space Discrete({len(Move)}): "
-                    f"{', '.join(f'{m.value}={m.name}' for m in Move)}"
-                )
-            return actions
-        if actions.size != self.num_agents * 6:
-            raise ValueError(f"continuous actions must have shape ({self.num_agents}, 6), got {actions.shape}")
-        actions = actions.reshape(self.num_agents, 6).astype(np.float64)
-        if not np.isfinite(actions).all():
-            raise ValueError(f"action contains NaN or inf: {actions.tolist()}; expected values in [-1, 1]")
-        if (np.abs(actions) > 1.0 + 1e-6).any():
-            raise ValueError(f"action {actions.tolist()} is outside the action space Box(-1, 1, (6,))")
-        return actions
 
     def _free_distance_ahead(self) -> np.ndarray:
         """Nearest depth in the central latent columns, middle rows (not floor or ceiling)."""

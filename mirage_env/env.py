@@ -7,63 +7,12 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-import torch
 
-from .backends import make_model
-from .batch import AgentBatch, validate_options
-from .geometry import MotionConfig
-from .memory import check_horizon
+from .batch import validate_options
+from .config import EnvConfig
 from .world import World
 
 RESET_OPTIONS = ("image", "prompt", "depth")
-
-
-def make_task(task):
-    """A Task instance from a name ("explore", "pointnav", "returnhome", ...) or an instance."""
-    if not isinstance(task, str):
-        return task
-    from mirage_env.tasks import TASKS
-
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
-    return TASKS[task]()
-
-
-def make_world(backend="procedural", num_worlds=1, image_size=64, use_memory=True, voxel_size=None,
-               memory_options=None, checkpoint=None, backend_options=None, memory_horizon=None) -> World:
-    memory_options = with_memory_horizon(memory_options, memory_horizon)
-    model = make_model(backend, image_size=image_size, checkpoint=checkpoint, **(backend_options or {}))
-    return World(model, num_worlds=num_worlds, use_memory=use_memory, voxel_size=voxel_size,
-                 memory_options=memory_options)
-
-
-def with_memory_horizon(memory_options: dict | None, memory_horizon: int | None) -> dict | None:
-    """``memory_options`` with the envs' ``memory_horizon`` keyword as the memory's ``horizon``."""
-    memory_horizon = check_horizon(memory_horizon, "memory_horizon")
-    if memory_horizon is None:
-        return memory_options
-    options = dict(memory_options or {})
-    if options.get("horizon", memory_horizon) != memory_horizon:
-        raise ValueError(f"memory_horizon={memory_horizon} contradicts memory_options['horizon']="
-                         f"{options['horizon']!r}; give the horizon once")
-    options["horizon"] = memory_horizon
-    return options
-
-
-def check_world_horizon(world: World, memory_horizon: int | None) -> None:
-    """A prebuilt ``world`` already has its horizon: ``memory_horizon`` may only repeat it."""
-    memory_horizon = check_horizon(memory_horizon, "memory_horizon")
-    if memory_horizon is not None and world.memory.horizon != memory_horizon:
-        raise ValueError(f"memory_horizon={memory_horizon} but the given world's memory has horizon "
-                         f"{world.memory.horizon}; build the World with memory_options={{'horizon': "
-                         f"{memory_horizon}}} or drop memory_horizon")
-
-
-def _as_discrete(action):
-    """An integer-valued scalar as np.int64 (so 3.0 is move 3); anything else unchanged, for the space to refuse."""
-    if isinstance(action, (int, float, np.integer, np.floating)) and float(action).is_integer():
-        return np.int64(action)
-    return action
 
 
 class MirageEnv(gym.Env):
@@ -118,16 +67,19 @@ class MirageEnv(gym.Env):
     - Truncation: ``max_episode_steps`` steps.
 
     ## Arguments
-    ``task``, ``backend`` ("procedural" | "wan"), ``image_size`` (int or (height, width)),
-    ``frames_per_step`` (latent frames per step; None, the default: the world model's
-    segment length if it has one, e.g. Wan's ``frames_per_segment``, else 1; a conflicting
-    number raises ``ValueError``), ``use_memory`` (False: ablation, the generator ignores memory),
-    ``memory_horizon`` (int K >= 1: ablation, short-term memory on the same model: only
-    what the last K steps wrote to memory or were shown from it is read; None: full memory;
-    anything else raises ``ValueError``),
-    ``max_episode_steps``, ``action_type``, ``observations``, ``render_mode``
-    ("rgb_array"), ``checkpoint`` (wan), ``backend_options``, ``memory_options``,
-    ``voxel_size``, ``motion`` (MotionConfig or dict).
+    ``task`` (a name from ``mirage_env.tasks.TASKS`` or a Task instance) and any option
+    of :class:`mirage_env.config.EnvConfig` as a keyword: ``task_options``, ``render_mode``
+    ("rgb_array"); world: ``backend`` ("procedural" | "wan"), ``image_size`` (int or
+    (height, width)), ``checkpoint`` (wan), ``backend_options``; memory: ``use_memory``
+    (False: ablation, the generator ignores memory), ``memory_horizon`` (int K >= 1:
+    ablation, short-term memory on the same model: only what the last K steps wrote to
+    memory or were shown from it is read; None: full memory), ``voxel_size``,
+    ``memory_options``; agent: ``action_type``, ``frames_per_step`` (latent frames per
+    step; None: the world model's segment length if it has one, else 1),
+    ``max_episode_steps``, ``observations``, ``motion`` (MotionConfig or dict),
+    ``collision_distance``. A misspelt option raises ``ValueError`` naming the closest
+    valid one. ``config=EnvConfig(...)`` gives them all at once (keywords override it);
+    ``world=`` a prebuilt ``World``.
 
     Reset options: ``image`` (HxWx3 uint8 array or path) and ``prompt`` (str) start a
     world from a picture, ``depth`` (HxW z-depth of that picture) gives it its scale
@@ -144,37 +96,10 @@ class MirageEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
 
-    def __init__(
-        self,
-        task="explore",
-        backend: str = "procedural",
-        image_size: int | tuple[int, int] = 64,
-        frames_per_step: int | None = None,
-        use_memory: bool = True,
-        max_episode_steps: int = 500,
-        action_type: str = "discrete",
-        observations: tuple[str, ...] = ("rgb", "pose"),
-        render_mode: str | None = None,
-        checkpoint: str | None = None,
-        backend_options: dict | None = None,
-        memory_options: dict | None = None,
-        voxel_size: float | None = None,
-        motion: MotionConfig | dict | None = None,
-        world: World | None = None,
-        memory_horizon: int | None = None,
-    ):
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        self.render_mode = render_mode
-        if world is not None:
-            check_world_horizon(world, memory_horizon)
-        self.world = world or make_world(backend, 1, image_size, use_memory, voxel_size, memory_options,
-                                         checkpoint, backend_options, memory_horizon)
-        self.task = make_task(task)
-        self.batch = AgentBatch(
-            self.world, self.task, action_type=action_type, frames_per_step=frames_per_step, motion=motion,
-            max_episode_steps=max_episode_steps, observations=tuple(observations),
-        )
+    def __init__(self, task="explore", *, config: EnvConfig | None = None, world: World | None = None, **options):
+        self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
+        self.render_mode = self.config.render_mode
+        self.world, self.task, self.batch = self.config.build(num_worlds=1, world=world)
         self.action_space = self.batch.action_space
         self.observation_space = self.batch.observation_space
         self.metadata = dict(self.metadata)
@@ -193,16 +118,7 @@ class MirageEnv(gym.Env):
     def step(self, action):
         if self._needs_reset:
             raise RuntimeError("call reset() before step() (and again after an episode ends)")
-        if self.batch.action_type == "discrete":
-            if not self.action_space.contains(_as_discrete(action)):
-                raise ValueError(
-                    f"action {action!r} is outside the action space {self.action_space}; "
-                    f"see MirageEnv's docstring for what each value does"
-                )
-            actions = np.array([int(action)])
-        else:
-            actions = np.asarray(action, dtype=np.float64)[None]
-        observations, reward, terminated, truncated, infos = self.batch.step(actions)
+        observations, reward, terminated, truncated, infos = self.batch.step([action], labels=["the action"])
         if terminated[0] or truncated[0]:
             self._needs_reset = True
         observation = {k: v[0] for k, v in observations.items()}

@@ -357,10 +357,10 @@ def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
 
 def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
     """Batched ``apply_move``: (N, 6) rigs and (N,) moves -> (N, 6) rigs."""
-    moves = np.asarray(moves).reshape(-1)
-    if moves.dtype.kind not in "iu" or ((moves < 0) | (moves >= len(Move))).any():
-        raise ValueError(f"moves must be integers in [0, {len(Move)}) ({', '.join(m.name for m in Move)}), got {moves.tolist()}")
+    from .actions import check_actions
+
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
+    moves = check_actions(moves, "discrete", len(rigs), "rig")
     yaw = rigs[:, 3]
     forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
     right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)
@@ -377,12 +377,10 @@ def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = Moti
 
 def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
     """Batched ``apply_velocity``: (N, 6) rigs and (N, 6) velocities in [-1, 1] -> (N, 6) rigs."""
-    velocities = np.asarray(velocities, dtype=np.float64).reshape(-1, 6)
-    if not np.isfinite(velocities).all():
-        raise ValueError(f"velocity actions contain NaN or inf: {velocities.tolist()}")
-    if np.abs(velocities).max(initial=0.0) > 1.0 + 1e-6:
-        raise ValueError(f"velocity action components must lie in [-1, 1], got {velocities.tolist()}")
+    from .actions import check_actions
+
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
+    velocities = check_actions(velocities, "continuous", len(rigs), "rig")
     yaw = rigs[:, 3]
     forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
     right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)

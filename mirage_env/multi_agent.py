@@ -16,9 +16,9 @@ import numpy as np
 from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 
-from .batch import AgentBatch
-from .env import RESET_OPTIONS, make_task, make_world
-from .geometry import MotionConfig, Move
+from .config import EnvConfig
+from .env import RESET_OPTIONS
+from .geometry import Move
 
 __all__ = ["MirageParallelEnv"]
 
@@ -64,12 +64,11 @@ class MirageParallelEnv(ParallelEnv):
 
     ## Arguments
     ``n_agents``, ``task`` (name or Task instance), ``shared_memory`` (False: the
-    separate-memories ablation), ``start_spread``, and ``MirageEnv``'s
-    ``backend``, ``image_size``, ``frames_per_step``, ``use_memory``, ``memory_horizon``
-    (K: read only what the last K segments of the world wrote or saw; None: full memory),
-    ``max_episode_steps``, ``action_type``, ``observations``, ``render_mode``
-    ("rgb_array": the agents' frames side by side), ``checkpoint``,
-    ``backend_options``, ``memory_options``, ``voxel_size``, ``motion``.
+    separate-memories ablation), ``config``, and any :class:`mirage_env.config.EnvConfig`
+    option as a keyword, as ``MirageEnv`` takes them (``start_spread``: metres between
+    the agents' starting places; ``memory_horizon`` K: read only what the last K
+    segments of the world wrote or saw; ``render_mode="rgb_array"``: the agents'
+    frames side by side).
     The world model must not compress time (the procedural one does not): a
     video VAE would mix the frames of different agents.
 
@@ -92,42 +91,17 @@ class MirageParallelEnv(ParallelEnv):
     metadata = {"name": "mirage_shared_world_v0", "render_modes": ["rgb_array"], "render_fps": 15,
                 "is_parallelizable": True}
 
-    def __init__(
-        self,
-        n_agents: int = 2,
-        task="coverage",
-        shared_memory: bool = True,
-        start_spread: float = 0.5,
-        backend: str = "procedural",
-        image_size: int | tuple[int, int] = 64,
-        frames_per_step: int | None = None,
-        use_memory: bool = True,
-        max_episode_steps: int = 500,
-        action_type: str = "discrete",
-        observations: tuple[str, ...] = ("rgb", "pose"),
-        render_mode: str | None = None,
-        checkpoint: str | None = None,
-        backend_options: dict | None = None,
-        memory_options: dict | None = None,
-        voxel_size: float | None = None,
-        motion: MotionConfig | dict | None = None,
-        memory_horizon: int | None = None,
-    ):
+    def __init__(self, n_agents: int = 2, task="coverage", *, shared_memory: bool = True,
+                 config: EnvConfig | None = None, **options):
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents must be a positive integer, got {n_agents!r}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
         n_agents = int(n_agents)
-        self.render_mode = render_mode
+        self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
+        self.render_mode = self.config.render_mode
         self.shared_memory = bool(shared_memory)
         num_worlds = 1 if self.shared_memory else n_agents
-        self.world = make_world(backend, num_worlds, image_size, use_memory, voxel_size, memory_options,
-                                checkpoint, backend_options, memory_horizon)
-        self.task = make_task(task)
-        self.batch = AgentBatch(
-            self.world, self.task, agents_per_world=n_agents // num_worlds, action_type=action_type,
-            frames_per_step=frames_per_step, motion=motion, max_episode_steps=max_episode_steps,
-            observations=tuple(observations), start_spread=start_spread,
+        self.world, self.task, self.batch = self.config.build(
+            num_worlds=num_worlds, agents_per_world=n_agents // num_worlds,
             # Copies of the world keep the team's layout: agent i starts where it would in the shared world.
             team_slots=None if self.shared_memory else np.arange(n_agents),
         )
@@ -176,8 +150,8 @@ class MirageParallelEnv(ParallelEnv):
     def step(self, actions: dict[str, Any]):
         if not self.agents:
             raise RuntimeError("no live agents: call reset() before step() (and again after every agent is done)")
-        batch_actions = self._batch_actions(actions)
-        observations, rewards, terminated, truncated, infos = self.batch.step(batch_actions)
+        observations, rewards, terminated, truncated, infos = self.batch.step(self._batch_actions(actions),
+                                                                              labels=self.possible_agents)
         live = np.flatnonzero(self._live)
         names = [self.possible_agents[i] for i in live]
         result = (
@@ -211,7 +185,7 @@ class MirageParallelEnv(ParallelEnv):
         return {self.possible_agents[i]: {key: value[j] for key, value in observations.items()}
                 for j, i in enumerate(indices)}
 
-    def _batch_actions(self, actions: dict[str, Any]) -> np.ndarray:
+    def _batch_actions(self, actions: dict[str, Any]) -> list:
         if not isinstance(actions, dict):
             raise ValueError(f"actions must be a dict from agent name to action, got {type(actions).__name__}")
         extra = sorted(set(actions) - set(self.agents))
@@ -219,25 +193,6 @@ class MirageParallelEnv(ParallelEnv):
         if extra or missing:
             raise ValueError(f"step needs one action for each live agent {self.agents}; "
                              f"missing {missing}, not live or unknown {extra}")
-        discrete = self.batch.action_type == "discrete"
         # Agents whose episode ended stand still: STAY, or zero velocity.
-        batch_actions = np.zeros(len(self.possible_agents), dtype=np.int64) if discrete \
-            else np.zeros((len(self.possible_agents), 6))
-        for agent, action in actions.items():
-            batch_actions[self._index[agent]] = self._check_action(agent, action)
-        return batch_actions
-
-    def _check_action(self, agent: str, action):
-        space = self.action_spaces[agent]
-        if self.batch.action_type == "discrete":
-            value = np.asarray(action)
-            whole = value.shape == () and value.dtype.kind in "iuf" and np.isfinite(value) and value == np.round(value)
-            if not whole or not 0 <= value < len(Move):
-                raise ValueError(f"action {action!r} of {agent} is outside the action space {space}: "
-                                 f"{', '.join(f'{m.value}={m.name}' for m in Move)}")
-            return int(value)
-        value = np.asarray(action, dtype=np.float64) if np.asarray(action).dtype.kind in "iuf" else None
-        if value is None or value.shape != (6,) or not np.isfinite(value).all() or (np.abs(value) > 1.0 + 1e-6).any():
-            raise ValueError(f"action {action!r} of {agent} is outside the action space {space} "
-                             f"(6 finite velocities in [-1, 1])")
-        return value
+        stay = Move.STAY if self.batch.action_type == "discrete" else np.zeros(6)
+        return [actions[agent] if agent in actions else stay for agent in self.possible_agents]

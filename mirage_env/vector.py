@@ -15,9 +15,9 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .batch import AgentBatch, validate_options
-from .env import RESET_OPTIONS, check_world_horizon, make_task, make_world
-from .geometry import MotionConfig, Move
+from .batch import validate_options
+from .config import EnvConfig
+from .env import RESET_OPTIONS
 from .world import World
 
 __all__ = ["MirageVectorEnv"]
@@ -82,12 +82,9 @@ class MirageVectorEnv(VectorEnv):
     ``collided``, ``path_length`` and the task's measures.
 
     ## Arguments
-    ``num_envs`` (N) and every ``MirageEnv`` argument: ``task``, ``backend``,
-    ``image_size``, ``frames_per_step``, ``use_memory``, ``memory_horizon`` (K: every
-    world reads only what its last K segments wrote or saw; None: full memory),
-    ``max_episode_steps``,
-    ``action_type``, ``observations``, ``render_mode``, ``checkpoint``,
-    ``backend_options``, ``memory_options``, ``voxel_size``, ``motion``, ``world``
+    ``num_envs`` (N) and every ``MirageEnv`` argument (``task``, ``config``, any
+    :class:`mirage_env.config.EnvConfig` option as a keyword, e.g. ``memory_horizon``
+    K: every world reads only what its last K segments wrote or saw), and ``world``
     (a prebuilt ``World`` with ``num_worlds == num_envs``). One task instance
     serves all N worlds (tasks are batched).
 
@@ -107,43 +104,15 @@ class MirageVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(
-        self,
-        num_envs: int = 1,
-        task="explore",
-        backend: str = "procedural",
-        image_size: int | tuple[int, int] = 64,
-        frames_per_step: int | None = None,
-        use_memory: bool = True,
-        max_episode_steps: int = 500,
-        action_type: str = "discrete",
-        observations: tuple[str, ...] = ("rgb", "pose"),
-        render_mode: str | None = None,
-        checkpoint: str | None = None,
-        backend_options: dict | None = None,
-        memory_options: dict | None = None,
-        voxel_size: float | None = None,
-        motion: MotionConfig | dict | None = None,
-        world: World | None = None,
-        memory_horizon: int | None = None,
-    ):
+    def __init__(self, num_envs: int = 1, task="explore", *, config: EnvConfig | None = None,
+                 world: World | None = None, **options):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")
-        if render_mode is not None and render_mode not in self.metadata["render_modes"]:
-            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
-        if world is not None and world.num_worlds != num_envs:
-            raise ValueError(f"world holds {world.num_worlds} worlds but num_envs is {num_envs}; they must match")
-        if world is not None:
-            check_world_horizon(world, memory_horizon)
         self.num_envs = int(num_envs)
-        self.render_mode = render_mode
-        self.world = world or make_world(backend, self.num_envs, image_size, use_memory, voxel_size, memory_options,
-                                         checkpoint, backend_options, memory_horizon)
-        self.task = make_task(task)
-        self.batch = AgentBatch(
-            self.world, self.task, action_type=action_type, frames_per_step=frames_per_step, motion=motion,
-            max_episode_steps=max_episode_steps, observations=tuple(observations),
-        )
+        self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
+        self.render_mode = self.config.render_mode
+        # One task instance serves all N worlds: tasks are batched over agents.
+        self.world, self.task, self.batch = self.config.build(num_worlds=self.num_envs, world=world)
         self.single_action_space = self.batch.action_space
         self.single_observation_space = self.batch.observation_space
         self.action_space = batch_space(self.single_action_space, self.num_envs)
@@ -176,8 +145,7 @@ class MirageVectorEnv(VectorEnv):
     def step(self, actions):
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
-        actions = self._check_actions(actions)
-        observations, rewards, terminated, truncated, step_infos = self.batch.step(actions)
+        observations, rewards, terminated, truncated, step_infos = self.batch.step(actions, "sub-environment")
         ended = np.flatnonzero(terminated | truncated)
         infos: dict[str, Any] = {}
         if ended.size:
@@ -229,44 +197,3 @@ class MirageVectorEnv(VectorEnv):
         if self._needs_reset and not mask.all():
             raise RuntimeError("the first reset() must reset every sub-environment; drop reset_mask")
         return mask
-
-    def _check_actions(self, actions) -> np.ndarray:
-        n = self.num_envs
-        try:
-            array = np.asarray(actions)
-        except ValueError as error:  # ragged nested sequences
-            raise ValueError(f"actions must be an array of shape {self.action_space.shape}: {error}") from None
-        if self.batch.action_type == "discrete":
-            if array.shape != (n,):
-                raise ValueError(f"actions must have shape ({n},), one Discrete({len(Move)}) move per "
-                                 f"sub-environment, got shape {array.shape}")
-            if array.dtype.kind == "f":
-                bad = ~np.isfinite(array) | (array != np.round(array))
-                if bad.any():
-                    raise ValueError(f"discrete actions must be whole numbers; sub-environment(s) "
-                                     f"{np.flatnonzero(bad).tolist()} got {array[bad].tolist()}")
-                array = array.astype(np.int64)
-            if array.dtype.kind not in "iu":
-                raise ValueError(f"discrete actions must be integers, got dtype {array.dtype}")
-            bad = (array < 0) | (array >= len(Move))
-            if bad.any():
-                raise ValueError(
-                    f"sub-environment(s) {np.flatnonzero(bad).tolist()} got action(s) {array[bad].tolist()} outside "
-                    f"Discrete({len(Move)}): {', '.join(f'{m.value}={m.name}' for m in Move)}"
-                )
-            return array.astype(np.int64)
-        if array.shape != (n, 6):
-            raise ValueError(f"actions must have shape ({n}, 6), one velocity per sub-environment, "
-                             f"got shape {array.shape}")
-        if array.dtype.kind not in "iuf":
-            raise ValueError(f"continuous actions must be numbers, got dtype {array.dtype}")
-        array = array.astype(np.float64)
-        bad = ~np.isfinite(array).all(axis=1)
-        if bad.any():
-            raise ValueError(f"sub-environment(s) {np.flatnonzero(bad).tolist()} got NaN or inf actions "
-                             f"{array[bad].tolist()}; expected values in [-1, 1]")
-        bad = (np.abs(array) > 1.0 + 1e-6).any(axis=1)
-        if bad.any():
-            raise ValueError(f"sub-environment(s) {np.flatnonzero(bad).tolist()} got actions {array[bad].tolist()} "
-                             f"outside Box(-1, 1, (6,))")
-        return array

@@ -122,5 +122,5 @@ def test_batched_motion_matches_single_rig_motion():
     for i, rig in enumerate(rigs):
         assert flown[i] == pytest.approx(apply_velocity(rig, velocity[i]).as_array())
     assert poses_from_rigs(array) == pytest.approx(np.stack([r.c2w() for r in rigs]))
-    with pytest.raises(ValueError, match="moves must be integers"):
+    with pytest.raises(ValueError, match="outside the action space"):
         apply_moves(array[:1], np.array([99]))

@@ -139,8 +139,8 @@ def test_an_agent_whose_episode_ended_leaves_and_its_camera_stands_still():
 
 @pytest.mark.parametrize("actions, message", [
     ({"camera_0": 0}, "missing \\['camera_1'\\]"),
-    ({"camera_0": 0, "camera_1": 9}, "9 of camera_1"),
-    ({"camera_0": 0, "camera_1": float("nan")}, "nan of camera_1"),
+    ({"camera_0": 0, "camera_1": 9}, r"camera_1 got action\(s\) \[9\]"),
+    ({"camera_0": 0, "camera_1": float("nan")}, r"camera_1 got action\(s\) \[nan\]"),
     ({"camera_0": 0, "camera_1": 0, "camera_7": 0}, "camera_7"),
     ([0, 0], "dict"),
 ])
