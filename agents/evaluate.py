@@ -21,43 +21,36 @@ from pathlib import Path
 
 import numpy as np
 
-# Settings that make a task's env; train writes them beside a model so evaluate can rebuild it.
-ENV_DEFAULTS = {"task": "pointnav", "task_options": {}, "image_size": 64, "observations": ["rgb", "pose"],
-                "max_episode_steps": 50}
+from mirage_env.config import add_env_arguments, options_from_args
+
+# Where training and evaluation differ from the env's defaults (EnvConfig): a shorter
+# episode and a task with a goal. Everything else is an EnvConfig option, spelt the same
+# in Python, on the command line and in the JSON saved beside a trained model.
+AGENT_ENV_DEFAULTS = {"task": "pointnav", "max_episode_steps": 50}
 
 
-def make_task_instance(task: str, task_options: dict | None = None):
-    """A fresh task (tasks hold per-episode state, so never share one between envs)."""
-    from mirage_env.tasks import TASKS
+def env_config(**options):
+    """The ``EnvConfig`` of training / evaluation: its defaults under ``options``."""
+    from mirage_env.config import EnvConfig
 
-    if task not in TASKS:
-        raise ValueError(f"unknown task {task!r}; available: {sorted(TASKS)}")
-    try:
-        return TASKS[task](**(task_options or {}))
-    except TypeError as error:
-        raise ValueError(f"bad --task-option for {task!r}: {error}") from None
+    return EnvConfig.from_options({**AGENT_ENV_DEFAULTS, **options})
 
 
-def make_env(task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
-             observations=("rgb", "pose"), max_episode_steps: int = 50, render_mode: str | None = None, **kwargs):
-    """A MirageEnv with a fresh task instance."""
+def make_env(**options):
+    """A MirageEnv with its own task instance (tasks hold per-episode state)."""
     from mirage_env.env import MirageEnv
 
-    return MirageEnv(task=make_task_instance(task, task_options), image_size=image_size,
-                     observations=tuple(observations), max_episode_steps=max_episode_steps,
-                     render_mode=render_mode, **kwargs)
+    return MirageEnv(config=env_config(**options))
 
 
-def make_vector_env(num_envs: int, task: str = "pointnav", task_options: dict | None = None, image_size: int = 64,
-                    observations=("rgb", "pose"), max_episode_steps: int = 50, **kwargs):
-    """``num_envs`` worlds batched in one MirageVectorEnv, from the same settings as ``make_env``.
+def make_vector_env(num_envs: int, **options):
+    """``num_envs`` worlds batched in one MirageVectorEnv, from the same options as ``make_env``.
 
     One task instance serves every world: tasks are batched over agents.
     """
     from mirage_env.vector import MirageVectorEnv
 
-    return MirageVectorEnv(num_envs, task=make_task_instance(task, task_options), image_size=image_size,
-                           observations=tuple(observations), max_episode_steps=max_episode_steps, **kwargs)
+    return MirageVectorEnv(num_envs, config=env_config(**options))
 
 
 def parse_task_options(pairs: list[str] | None) -> dict:
@@ -89,19 +82,23 @@ class ModelPolicy:
 
 
 def model_settings(path: str | Path, model) -> dict:
-    """Env settings a saved model was trained with: sidecar JSON, then what its observation space implies."""
+    """Env options a saved model was trained with: its sidecar JSON (validated as an
+    EnvConfig), then what its observation space implies."""
     from mirage_env.tasks import TASKS
 
-    settings = dict(ENV_DEFAULTS)
+    settings = env_config().options()
     sidecar = Path(path).with_suffix(".json")
     if sidecar.exists():
-        settings.update({k: v for k, v in json.loads(sidecar.read_text()).items() if k in ENV_DEFAULTS})
+        saved = json.loads(sidecar.read_text())
+        if not isinstance(saved, dict):
+            raise ValueError(f"{sidecar} should hold the env options of the model as a JSON object")
+        settings = env_config(**saved).options()
     keys = list(model.observation_space.spaces)
     if "rgb" in keys:
         # SB3 stores image spaces channel-first (it transposes them for its CNN).
         shape = model.observation_space["rgb"].shape
         settings["image_size"] = int(shape[1] if shape[0] in (1, 3) else shape[0])
-    task_keys = set(TASKS[settings["task"]]().observation_spaces())
+    task_keys = set(TASKS[settings["task"]](**settings["task_options"]).observation_spaces())
     settings["observations"] = [k for k in keys if k not in task_keys]
     return settings
 
@@ -158,9 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=10_000, help="episode i uses seed + i")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
-    parser.add_argument("--image-size", type=int, default=None)
-    parser.add_argument("--max-episode-steps", type=int, default=None)
-    parser.add_argument("--no-memory", action="store_true", help="ablation: the generator ignores memory")
+    # Env flags given here override the settings saved beside a model; others keep them.
+    add_env_arguments(parser, suppress=True)
     parser.add_argument("--stochastic", action="store_true", help="sample a model's actions instead of argmax")
     parser.add_argument("--video", default=None, help="write the first --video-episodes episodes here (.mp4/.gif)")
     parser.add_argument("--video-episodes", type=int, default=3)
@@ -193,19 +189,18 @@ def _main(args) -> dict:
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
     policy, settings = load_policy(args.policy, seed=args.seed, deterministic=not args.stochastic)
-    settings = dict(settings or ENV_DEFAULTS)
-    for key, value in (("task", args.task), ("image_size", args.image_size),
-                       ("max_episode_steps", args.max_episode_steps)):
-        if value is not None:
-            settings[key] = value
+    settings = dict(settings or env_config().options())
+    settings.update(options_from_args(args))
+    if args.task is not None:
+        settings["task"] = args.task
     settings["task_options"] = {**settings["task_options"], **parse_task_options(args.task_option)}
-    env = make_env(**settings, use_memory=not args.no_memory)
+    env = make_env(**settings)
     results = evaluate(env, policy, args.episodes, seed=args.seed,
                        video_episodes=args.video_episodes if args.video else 0, progress=not args.quiet)
     frames = results.pop("frames")
     if args.video:
         _write_video(args.video, [_upscale(f, 4) for f in frames], fps=15)
-    results = {"policy": args.policy, **settings, "use_memory": not args.no_memory, **results}
+    results = {"policy": args.policy, **env.config.options(), **results}
     line = (f"{args.policy} on {settings['task']}: success {results['success']:.1%}, SPL {results['spl']:.3f}, "
             f"path {results['path_length']:.2f} m over {args.episodes} episodes")
     if "revisit_psnr" in results and not math.isnan(results["revisit_psnr"]):

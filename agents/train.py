@@ -18,7 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .evaluate import (ENV_DEFAULTS, ModelPolicy, evaluate, make_env, make_task_instance, make_vector_env,
+from mirage_env.config import add_env_arguments, options_from_args
+
+from .evaluate import (AGENT_ENV_DEFAULTS, ModelPolicy, env_config, evaluate, make_env, make_vector_env,
                        parse_task_options, torch_threads)
 
 ALGOS = ("ppo",)
@@ -36,9 +38,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "over single envs")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
-    parser.add_argument("--image-size", type=int, default=64, help=">= 36: NatureCNN's smallest input")
-    parser.add_argument("--observations", default="rgb,pose", help="env observation keys (the task adds its own)")
-    parser.add_argument("--max-episode-steps", type=int, default=50)
+    # Every env option (--image-size: >= 36 with rgb, NatureCNN's smallest input).
+    add_env_arguments(parser, defaults=AGENT_ENV_DEFAULTS)
     parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--n-epochs", type=int, default=4)
@@ -93,17 +94,7 @@ def build_vec_env(settings: dict, num_envs: int, seed: int, kind: str = "native"
 
 def episode_keywords(settings: dict) -> tuple[str, ...]:
     """``("success",)`` when the task reports success (the monitors need it in every final info), else ``()``."""
-    task = make_task_instance(settings["task"], settings.get("task_options"))
-    return ("success",) if "success" in task_measures(task) else ()
-
-
-def task_measures(task) -> set[str]:
-    """Names of the measures a task puts in ``info``, from one step of a tiny world."""
-    from mirage_env.env import MirageEnv
-
-    env = MirageEnv(task=task, image_size=16, max_episode_steps=2)
-    env.reset(seed=0)
-    return set(env.step(0)[4])
+    return ("success",) if "success" in env_config(**settings).make_task().measures else ()
 
 
 def progress_callback(total: int, disable: bool = False, max_seconds: float | None = None):
@@ -137,6 +128,10 @@ def progress_callback(total: int, disable: bool = False, max_seconds: float | No
     return TqdmProgress()
 
 
+def _sides(image_size) -> tuple[int, int]:
+    return (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+
+
 def main(args) -> dict:
     with torch_threads(args.threads):
         return _main(args)
@@ -145,12 +140,11 @@ def main(args) -> dict:
 def _main(args) -> dict:
     from stable_baselines3 import PPO
 
-    if args.image_size < 36 and "rgb" in args.observations.split(","):
-        raise ValueError(f"--image-size {args.image_size} is too small for NatureCNN (needs >= 36); "
+    config = env_config(**options_from_args(args), task=args.task, task_options=parse_task_options(args.task_option))
+    if "rgb" in config.agent.observations and min(_sides(config.world.image_size)) < 36:
+        raise ValueError(f"--image-size {config.world.image_size} is too small for NatureCNN (needs >= 36); "
                          f"use a larger image or --observations pose")
-    settings = {**ENV_DEFAULTS, "task": args.task, "task_options": parse_task_options(args.task_option),
-                "image_size": args.image_size, "observations": [k for k in args.observations.split(",") if k],
-                "max_episode_steps": args.max_episode_steps}
+    settings = config.options()
     venv = build_vec_env(settings, args.num_envs, args.seed, args.vec, args.threads)
 
     model = PPO(

@@ -17,6 +17,7 @@ from gymnasium import spaces
 from .actions import check_actions
 from .geometry import MotionConfig, Move, apply_moves, apply_velocities, interpolate_rigs, poses_from_rigs
 from .world import World, WorldStep
+from .tasks.base import TaskView
 
 OBSERVATION_KEYS = ("rgb", "pose", "depth", "latent")
 
@@ -74,8 +75,11 @@ class AgentBatch:
                 "several agents per world need a world model without temporal compression: a video VAE "
                 "would mix frames of different agents; use the procedural model or one agent per world"
             )
+        task.bind(self)
         self.world = world
         self.task = task
+        # What the task may read; it never gets the batch itself.
+        self.view = TaskView(self)
         self.num_worlds = world.num_worlds
         self.agents_per_world = agents_per_world
         self.num_agents = self.num_worlds * agents_per_world
@@ -183,7 +187,7 @@ class AgentBatch:
         self.steps[agents] = 0
         self.path_length[agents] = 0.0
         self.collided[agents] = False
-        self.task.reset(self, agents)
+        self.task.reset(self.view, agents)
 
     def step(self, actions, labels: list[str] | str = "agent") -> tuple[dict, np.ndarray, np.ndarray, np.ndarray, list[dict]]:
         """Move every agent, generate one segment for every world, score with the task.
@@ -215,7 +219,7 @@ class AgentBatch:
         self._absorb(result, list(range(self.num_worlds)))
 
         all_agents = np.arange(self.num_agents)
-        scored = self.task.step(self, all_agents)
+        scored = self.task.step(self.view, all_agents)
         truncated = (self.steps >= self.max_episode_steps) & ~scored.terminated
         infos = self._infos(all_agents, scored.metrics)
         return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
@@ -255,7 +259,7 @@ class AgentBatch:
             observation["depth"] = self.last_depth[agents].copy()
         if "latent" in self.observation_keys:
             observation["latent"] = self.last_latents[agents].copy()
-        observation.update(self.task.observe(self, agents))
+        observation.update(self.task.observe(self.view, agents))
         return observation
 
     def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
@@ -283,7 +287,7 @@ class AgentBatch:
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
         """JSON-able state and tensors that resume this batch exactly (used by World.save)."""
         tensors = {"batch." + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in self._ARRAYS}
-        task_state = self.task.state() if hasattr(self.task, "state") else {}
+        task_state = self.task.state()
         for name, value in task_state.items():
             tensors["task." + name] = torch.from_numpy(np.ascontiguousarray(value))
         json_state = {"rngs": [rng.bit_generator.state for rng in self._rngs], "task": self.task.name,
@@ -304,8 +308,7 @@ class AgentBatch:
             setattr(self, name, saved.copy())
         for rng, rng_state in zip(self._rngs, state["rngs"]):
             rng.bit_generator.state = rng_state
-        if hasattr(self.task, "load_state"):
-            self.task.load_state({k[len("task."):]: v.numpy().copy() for k, v in tensors.items() if k.startswith("task.")})
+        self.task.load_state({k[len("task."):]: v.numpy().copy() for k, v in tensors.items() if k.startswith("task.")})
 
     def reset_infos(self, agents: np.ndarray) -> list[dict]:
         entries = self.world.memory.entries_per_world().numpy()

@@ -285,24 +285,32 @@ def _sections() -> dict[str, str]:
 
 # Flat option name -> the section that owns it; names are unique across sections.
 OPTION_SECTIONS: dict[str, str] = _sections()
+# The options the command line spells (their fields carry help text).
+CLI_OPTIONS = tuple(f.name for cls in (WorldConfig, MemoryConfig, AgentConfig) for f in dataclasses.fields(cls)
+                    if "help" in f.metadata)
 
 
-def add_env_arguments(parser, defaults: Mapping[str, Any] | None = None) -> None:
+def add_env_arguments(parser, defaults: Mapping[str, Any] | None = None, suppress: bool = False) -> None:
     """Command-line flags for every option whose field says how the CLI spells it.
 
-    ``defaults`` overrides config defaults for this command (e.g. training's shorter episodes).
-    Read them back with :func:`options_from_args`.
+    ``defaults`` overrides config defaults for this command (e.g. training's shorter
+    episodes); ``suppress``: flags not given leave no attribute, so they override
+    nothing (evaluation keeps a saved model's settings). Read them back with
+    :func:`options_from_args`.
     """
+    import argparse
+
     defaults = dict(defaults or {})
     for cls in (WorldConfig, MemoryConfig, AgentConfig):
         for f in dataclasses.fields(cls):
-            if "help" not in f.metadata:
+            if f.name not in CLI_OPTIONS:
                 continue
             flag = f.metadata["flag"] or "--" + f.name.replace("_", "-")
-            parser.add_argument(flag, dest=f.name, default=defaults.get(f.name, f.default), help=f.metadata["help"],
+            default = argparse.SUPPRESS if suppress else defaults.get(f.name, f.default)
+            parser.add_argument(flag, dest=f.name, default=default, help=f.metadata["help"],
                                 **f.metadata["argparse"])
 
 
 def options_from_args(args) -> dict[str, Any]:
     """The env options that :func:`add_env_arguments` put on ``args``."""
-    return {name: getattr(args, name) for name in OPTION_SECTIONS if hasattr(args, name)}
+    return {name: getattr(args, name) for name in CLI_OPTIONS if hasattr(args, name)}

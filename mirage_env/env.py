@@ -67,9 +67,9 @@ class MirageEnv(gym.Env):
     - Truncation: ``max_episode_steps`` steps.
 
     ## Arguments
-    ``task`` (a name from ``mirage_env.tasks.TASKS`` or a Task instance) and any option
-    of :class:`mirage_env.config.EnvConfig` as a keyword: ``task_options``, ``render_mode``
-    ("rgb_array"); world: ``backend`` ("procedural" | "wan"), ``image_size`` (int or
+    ``task`` (a name from ``mirage_env.tasks.TASKS`` or a Task instance; default
+    "explore") and any option of :class:`mirage_env.config.EnvConfig` as a keyword:
+    ``task_options``, ``render_mode`` ("rgb_array"); world: ``backend`` ("procedural" | "wan"), ``image_size`` (int or
     (height, width)), ``checkpoint`` (wan), ``backend_options``; memory: ``use_memory``
     (False: ablation, the generator ignores memory), ``memory_horizon`` (int K >= 1:
     ablation, short-term memory on the same model: only what the last K steps wrote to
@@ -96,7 +96,7 @@ class MirageEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
 
-    def __init__(self, task="explore", *, config: EnvConfig | None = None, world: World | None = None, **options):
+    def __init__(self, task=None, *, config: EnvConfig | None = None, world: World | None = None, **options):
         self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
         self.render_mode = self.config.render_mode
         self.world, self.task, self.batch = self.config.build(num_worlds=1, world=world)

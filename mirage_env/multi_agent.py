@@ -91,12 +91,14 @@ class MirageParallelEnv(ParallelEnv):
     metadata = {"name": "mirage_shared_world_v0", "render_modes": ["rgb_array"], "render_fps": 15,
                 "is_parallelizable": True}
 
-    def __init__(self, n_agents: int = 2, task="coverage", *, shared_memory: bool = True,
+    def __init__(self, n_agents: int = 2, task=None, *, shared_memory: bool = True,
                  config: EnvConfig | None = None, **options):
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents must be a positive integer, got {n_agents!r}")
         n_agents = int(n_agents)
-        self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
+        # The team task is this env's default; a task given here or in ``config`` wins.
+        base = config or EnvConfig(task="coverage")
+        self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=base)
         self.render_mode = self.config.render_mode
         self.shared_memory = bool(shared_memory)
         num_worlds = 1 if self.shared_memory else n_agents

@@ -104,7 +104,7 @@ class MirageVectorEnv(VectorEnv):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15, "autoreset_mode": AutoresetMode.SAME_STEP}
 
-    def __init__(self, num_envs: int = 1, task="explore", *, config: EnvConfig | None = None,
+    def __init__(self, num_envs: int = 1, task=None, *, config: EnvConfig | None = None,
                  world: World | None = None, **options):
         if isinstance(num_envs, bool) or not isinstance(num_envs, (int, np.integer)) or num_envs < 1:
             raise ValueError(f"num_envs must be a positive integer, got {num_envs!r}")

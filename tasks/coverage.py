@@ -48,6 +48,7 @@ class CoverageTask(Task):
     """
 
     name = "coverage"
+    measures = ("team_coverage", "team_new_entries", "success")
 
     def __init__(self, reward_scale: float = 1.0, step_penalty: float = 0.0, target_entries: int | None = None):
         if target_entries is not None and (isinstance(target_entries, bool) or int(target_entries) != target_entries
@@ -57,11 +58,11 @@ class CoverageTask(Task):
         self.step_penalty = float(step_penalty)
         self.target_entries = None if target_entries is None else int(target_entries)
 
-    def step(self, batch, agents: np.ndarray) -> TaskStep:
-        world = batch.agent_world[agents]
-        gained = batch.last_new_entries[world].astype(np.float64)
-        reward = self.reward_scale * gained / batch.latent_pixels_per_frame - self.step_penalty
-        entries = batch.world.memory.entries_per_world().numpy()[world]
+    def step(self, view, agents: np.ndarray) -> TaskStep:
+        world = view.agent_world[agents]
+        gained = view.last_new_entries[world].astype(np.float64)
+        reward = self.reward_scale * gained / view.latent_pixels_per_frame - self.step_penalty
+        entries = view.memory_entries_per_world()[world]
         success = (entries >= self.target_entries) if self.target_entries is not None else np.zeros(len(agents), bool)
         metrics = [{"team_coverage": int(e), "team_new_entries": int(g), "success": bool(s)}
                    for e, g, s in zip(entries, gained, success)]

@@ -19,16 +19,17 @@ class ExploreTask(Task):
     """
 
     name = "explore"
+    measures = ("coverage", "new_entries")
 
     def __init__(self, reward_scale: float = 1.0):
         self.reward_scale = float(reward_scale)
 
-    def step(self, batch, agents: np.ndarray) -> TaskStep:
-        world = batch.agent_world[agents]
-        agents_per_world = np.bincount(batch.agent_world, minlength=batch.num_worlds)[world]
-        pixels = batch.latent_pixels_per_frame
-        gained = batch.last_new_entries[world].astype(np.float64)
+    def step(self, view, agents: np.ndarray) -> TaskStep:
+        world = view.agent_world[agents]
+        agents_per_world = np.bincount(view.agent_world, minlength=view.num_worlds)[world]
+        pixels = view.latent_pixels_per_frame
+        gained = view.last_new_entries[world].astype(np.float64)
         reward = self.reward_scale * gained / (pixels * agents_per_world)
-        entries = batch.world.memory.entries_per_world().numpy()[world]
+        entries = view.memory_entries_per_world()[world]
         metrics = [{"coverage": int(e), "new_entries": int(g)} for e, g in zip(entries, gained)]
         return TaskStep(reward, np.zeros(len(agents), dtype=bool), metrics)

@@ -35,7 +35,7 @@ def goal_vectors(rigs: np.ndarray, goals: np.ndarray) -> np.ndarray:
     return np.stack([distance, np.cos(bearing), np.sin(bearing)], -1).astype(np.float32)
 
 
-def free_depth_by_column(batch, agent: int) -> tuple[np.ndarray, np.ndarray]:
+def free_depth_by_column(view, agent: int) -> tuple[np.ndarray, np.ndarray]:
     """Bearings (w,) of the latent columns of the last frame and the free z-depth (w,) in each.
 
     Uses the same middle rows as the batch's collision check (not floor or
@@ -43,28 +43,28 @@ def free_depth_by_column(batch, agent: int) -> tuple[np.ndarray, np.ndarray]:
     path to a goal keeps clear of an obstacle seen just beside it. A ray at
     bearing b is free for z-depth / cos(b) metres.
     """
-    depth = batch.last_depth[agent]
+    depth = view.last_depth[agent]
     h, w = depth.shape
     rows = slice(max(0, h // 2 - max(1, h // 8)), min(h, h // 2 + max(1, h // 8)))
-    camera = batch.world.latent_camera
+    camera = view.latent_camera
     bearings = np.arctan((np.arange(w) + 0.5 - camera.cx) / camera.fx)
     column = depth[rows].min(axis=0).astype(np.float64)
     padded = np.concatenate([column[:1], column, column[-1:]])
     return bearings, np.minimum(np.minimum(padded[:-2], padded[1:-1]), padded[2:])
 
 
-def sample_goal_in_view(batch, agent: int, distances: np.ndarray, bearings: np.ndarray, clearance: float,
+def sample_goal_in_view(view, agent: int, distances: np.ndarray, bearings: np.ndarray, clearance: float,
                         tries: int = 64) -> np.ndarray:
     """A world (x, z) goal drawn from candidate ``distances`` x ``bearings`` that the first view shows free.
 
     Goals lie in free space on a straight, unobstructed line from the start (as
     far as the starting view can tell), so the straight-line distance is the
-    shortest path. Drawn from ``batch.rng(agent)``. When no candidate fits (the
+    shortest path. Drawn from ``view.rng(agent)``. When no candidate fits (the
     agent faces a wall) the goal goes along the freest column, as far as it
     allows but at least the smallest candidate distance.
     """
-    rng = batch.rng(agent)
-    column_bearing, free_depth = free_depth_by_column(batch, agent)
+    rng = view.rng(agent)
+    column_bearing, free_depth = free_depth_by_column(view, agent)
     half_width = 0.5 * (column_bearing[1] - column_bearing[0]) if len(column_bearing) > 1 else math.pi
     for _ in range(tries):
         distance, bearing = float(rng.choice(distances)), float(rng.choice(bearings))
@@ -77,7 +77,7 @@ def sample_goal_in_view(batch, agent: int, distances: np.ndarray, bearings: np.n
         column = int(np.argmax(free))
         bearing = float(column_bearing[column])
         distance = max(float(np.min(distances)), float(min(np.max(distances), free[column] - clearance)))
-    rig = batch.rigs[agent]
+    rig = view.rigs[agent]
     heading = rig[3] + bearing
     return np.array([rig[0] + distance * math.sin(heading), rig[2] + distance * math.cos(heading)])
 
@@ -132,6 +132,8 @@ class PointNavTask(Task):
     """
 
     name = "pointnav"
+    measures = ("distance_to_goal", "success", "spl")
+    state_fields = ("goals", "shortest", "previous_distance")
 
     def __init__(self, min_distance: float = 1.0, max_distance: float = 3.0, max_bearing_degrees: float = 40.0,
                  success_distance: float = 0.35, clearance: float = 0.5, success_reward: float = 2.5,
@@ -159,40 +161,30 @@ class PointNavTask(Task):
         if self.goals is None or len(self.goals) != n:
             self.goals, self.shortest, self.previous_distance = np.zeros((n, 2)), np.ones(n), np.zeros(n)
 
-    def reset(self, batch, agents: np.ndarray) -> None:
-        self._allocate(batch.num_agents)
+    def reset(self, view, agents: np.ndarray) -> None:
+        self._allocate(view.num_agents)
         # A continuum of candidates; 64 of each keeps the draw cheap and reproducible.
         distances = np.linspace(self.min_distance, self.max_distance, 64)
         bearings = np.linspace(-self.max_bearing, self.max_bearing, 64)
         for agent in agents:
-            self.goals[agent] = sample_goal_in_view(batch, agent, distances, bearings, self.clearance)
-        distance = goal_vectors(batch.rigs[agents], self.goals[agents])[:, 0].astype(np.float64)
+            self.goals[agent] = sample_goal_in_view(view, agent, distances, bearings, self.clearance)
+        distance = goal_vectors(view.rigs[agents], self.goals[agents])[:, 0].astype(np.float64)
         self.shortest[agents] = distance
         self.previous_distance[agents] = distance
 
-    def observe(self, batch, agents: np.ndarray) -> dict[str, np.ndarray]:
-        return {"goal": goal_vectors(batch.rigs[agents], self.goals[agents])}
+    def observe(self, view, agents: np.ndarray) -> dict[str, np.ndarray]:
+        return {"goal": goal_vectors(view.rigs[agents], self.goals[agents])}
 
-    def step(self, batch, agents: np.ndarray) -> TaskStep:
-        distance = np.hypot(*(self.goals[agents] - batch.rigs[agents][:, [0, 2]]).T)
+    def step(self, view, agents: np.ndarray) -> TaskStep:
+        distance = np.hypot(*(self.goals[agents] - view.rigs[agents][:, [0, 2]]).T)
         success = distance <= self.success_distance
         reward = (self.distance_reward_scale * (self.previous_distance[agents] - distance) - self.step_penalty
                   + self.success_reward * success)
         self.previous_distance[agents] = distance
-        spl = spl_of(success, self.shortest[agents], batch.path_length[agents])
+        spl = spl_of(success, self.shortest[agents], view.path_length[agents])
         metrics = [{"distance_to_goal": float(d), "success": bool(s), "spl": float(p)}
                    for d, s, p in zip(distance, success, spl)]
         return TaskStep(reward, success, metrics)
-
-    def state(self) -> dict[str, np.ndarray]:
-        if self.goals is None:
-            return {}
-        return {"goals": self.goals, "shortest": self.shortest, "previous_distance": self.previous_distance}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        if state:
-            self.goals, self.shortest = state["goals"].copy(), state["shortest"].copy()
-            self.previous_distance = state["previous_distance"].copy()
 
 
 def spl_of(success: np.ndarray, shortest: np.ndarray, path_length: np.ndarray) -> np.ndarray:

@@ -84,6 +84,9 @@ class ReturnHomeTask(Task):
     """
 
     name = "returnhome"
+    # revisit_psnr only on the steps where it is measured (home reached, or the last step).
+    measures = ("phase", "distance_to_goal", "success", "spl", "revisit_psnr")
+    state_fields = ("waypoints", "homes", "home_yaw", "phase", "shortest", "previous_distance")
 
     def __init__(self, min_steps: int = 2, max_steps: int = 6, max_bearing_degrees: float = 30.0,
                  waypoint_distance: float = 0.3, home_distance: float = 0.1, heading_tolerance_degrees: float = 5.0,
@@ -117,17 +120,17 @@ class ReturnHomeTask(Task):
             self.home_yaw, self.shortest, self.previous_distance = np.zeros(n), np.ones(n), np.zeros(n)
             self.phase = np.zeros(n, dtype=np.int64)
 
-    def reset(self, batch, agents: np.ndarray) -> None:
-        self._allocate(batch.num_agents)
-        motion = batch.motion
+    def reset(self, view, agents: np.ndarray) -> None:
+        self._allocate(view.num_agents)
+        motion = view.motion
         distances = motion.step_metres * np.arange(self.min_steps, self.max_steps + 1)
         turn = math.radians(motion.turn_degrees)
         turns = int(self.max_bearing // turn) if turn > 0 else 0
         bearings = turn * np.arange(-turns, turns + 1)
         for agent in agents:
-            self.waypoints[agent] = sample_goal_in_view(batch, agent, distances, bearings, self.clearance)
-        self.homes[agents] = batch.rigs[agents][:, [0, 2]]
-        self.home_yaw[agents] = batch.rigs[agents, 3]
+            self.waypoints[agent] = sample_goal_in_view(view, agent, distances, bearings, self.clearance)
+        self.homes[agents] = view.rigs[agents][:, [0, 2]]
+        self.home_yaw[agents] = view.rigs[agents, 3]
         self.phase[agents] = OUTBOUND
         distance = np.hypot(*(self.waypoints[agents] - self.homes[agents]).T)
         self.shortest[agents] = 2.0 * distance
@@ -136,16 +139,16 @@ class ReturnHomeTask(Task):
     def _goals(self, agents: np.ndarray) -> np.ndarray:
         return np.where((self.phase[agents] == HOMEBOUND)[:, None], self.homes[agents], self.waypoints[agents])
 
-    def observe(self, batch, agents: np.ndarray) -> dict[str, np.ndarray]:
-        turn = _wrap(self.home_yaw[agents] - batch.rigs[agents, 3])
+    def observe(self, view, agents: np.ndarray) -> dict[str, np.ndarray]:
+        turn = _wrap(self.home_yaw[agents] - view.rigs[agents, 3])
         return {
-            "goal": goal_vectors(batch.rigs[agents], self._goals(agents)),
+            "goal": goal_vectors(view.rigs[agents], self._goals(agents)),
             "home_heading": np.stack([np.cos(turn), np.sin(turn)], -1).astype(np.float32),
             "phase": self.phase[agents].copy(),
         }
 
-    def step(self, batch, agents: np.ndarray) -> TaskStep:
-        position = batch.rigs[agents][:, [0, 2]]
+    def step(self, view, agents: np.ndarray) -> TaskStep:
+        position = view.rigs[agents][:, [0, 2]]
         distance = np.hypot(*(self._goals(agents) - position).T)
         reward = self.distance_reward_scale * (self.previous_distance[agents] - distance) - self.step_penalty
 
@@ -155,16 +158,16 @@ class ReturnHomeTask(Task):
         distance = np.where(reached, np.hypot(*(self.homes[agents] - position).T), distance)
         self.previous_distance[agents] = distance
 
-        turn = np.abs(_wrap(self.home_yaw[agents] - batch.rigs[agents, 3]))
+        turn = np.abs(_wrap(self.home_yaw[agents] - view.rigs[agents, 3]))
         home = (self.phase[agents] == HOMEBOUND) & (distance <= self.home_distance) & (turn <= self.heading_tolerance)
-        ending = batch.steps[agents] >= batch.max_episode_steps
+        ending = view.steps[agents] >= view.max_episode_steps
         revisit = np.full(len(agents), math.nan)
         for i in np.flatnonzero(home | ending):
             agent = agents[i]
-            revisit[i] = min(psnr(batch.last_frames[agent], batch.first_frames[agent]), PSNR_CAP)
+            revisit[i] = min(psnr(view.last_frames[agent], view.first_frames[agent]), PSNR_CAP)
         success = home & (revisit >= self.revisit_psnr_threshold)
         reward += self.success_reward * success
-        spl = spl_of(success, self.shortest[agents], batch.path_length[agents])
+        spl = spl_of(success, self.shortest[agents], view.path_length[agents])
         metrics = []
         for i in range(len(agents)):
             measures = {"phase": int(self.phase[agents[i]]), "distance_to_goal": float(distance[i]),
@@ -173,14 +176,3 @@ class ReturnHomeTask(Task):
                 measures["revisit_psnr"] = float(revisit[i])
             metrics.append(measures)
         return TaskStep(reward, success, metrics)
-
-    def state(self) -> dict[str, np.ndarray]:
-        if self.waypoints is None:
-            return {}
-        return {"waypoints": self.waypoints, "homes": self.homes, "home_yaw": self.home_yaw, "phase": self.phase,
-                "shortest": self.shortest, "previous_distance": self.previous_distance}
-
-    def load_state(self, state: dict[str, np.ndarray]) -> None:
-        if state:
-            for name in ("waypoints", "homes", "home_yaw", "phase", "shortest", "previous_distance"):
-                setattr(self, name, state[name].copy())

@@ -264,3 +264,36 @@ def test_checkers_pass_on_every_registered_id(env_id):
     env = gym.make(env_id, max_episode_steps=20)
     sb3_check_env(env.unwrapped, warn=False)
     check_env(env.unwrapped, skip_render_check=True)
+
+
+@pytest.mark.parametrize("name", sorted(TASKS))
+def test_a_task_declares_the_measures_it_reports(name):
+    env = MirageEnv(task=name, image_size=16, max_episode_steps=3)
+    env.reset(seed=0)
+    reported = set()
+    done = False
+    while not done:
+        _, _, terminated, truncated, info = env.step(Move.FORWARD)
+        reported |= set(info) & (set(info) - {"memory_entries", "memory_bytes", "memory_hit", "collided",
+                                              "path_length"})
+        done = terminated or truncated
+    declared = set(TASKS[name].measures)
+    assert reported <= declared, f"{name} reports {sorted(reported - declared)} without declaring them"
+    assert {m for m in declared if m != "revisit_psnr"} <= reported
+
+
+def test_a_task_sees_a_read_only_view_and_serves_one_env():
+    task = PointNavTask()
+    env = MirageEnv(task=task, image_size=16)
+    env.reset(seed=0)
+    view = env.batch.view
+    with pytest.raises(ValueError, match="read-only"):
+        view.rigs[0, 0] = 5.0
+    with pytest.raises(AttributeError, match="no 'world'"):
+        view.world
+    assert view.rigs.shape == (1, 6) and view.memory_entries_per_world().shape == (1,)
+    with pytest.raises(ValueError, match="already serves another env"):
+        MirageEnv(task=task, image_size=16)
+    # By name, every env gets its own instance.
+    a, b = MirageEnv(task="pointnav", image_size=16), MirageEnv(task="pointnav", image_size=16)
+    assert a.task is not b.task
