@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import mirage_env.memory as memory_module
+import mirage_env.memory.fileformat as memory_module
 from mirage_env.agents.evaluate import torch_threads
 from mirage_env.env import MirageEnv
 from mirage_env.geometry import Camera, CameraRig, Move

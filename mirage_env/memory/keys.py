@@ -1,0 +1,106 @@
+"""Packed int64 keys of (world, x, y, z) cells and the hash table that finds their slots.
+
+A key packs a world index and three cell coordinates (of a brick or a chunk) into one
+int64, ``world << 48 | x << 32 | y << 16 | z``: each coordinate is shifted by
+``AXIS_OFFSET`` so that negative ones fit in ``AXIS_BITS`` unsigned bits. The top bits
+left over after the three axes (63 - 48 = 15) number the worlds, so keys stay positive.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+EMPTY = -1  # a free slot in a table, an unused key, an empty voxel
+AXIS_BITS = 16
+AXIS_OFFSET = 1 << (AXIS_BITS - 1)
+WORLD_BITS = 63 - 3 * AXIS_BITS
+
+
+def pack(world: torch.Tensor, coords: torch.Tensor) -> torch.Tensor:
+    """int64 keys of (N,) worlds and (N, 3) non-negative coordinates below 2**AXIS_BITS (brick or chunk)."""
+    return (world << (3 * AXIS_BITS)) | (coords[:, 0] << (2 * AXIS_BITS)) | (coords[:, 1] << AXIS_BITS) | coords[:, 2]
+
+
+def unpack(keys: torch.Tensor) -> torch.Tensor:
+    """(N, 3) int64 coordinates packed in brick or chunk keys (still shifted by their offset)."""
+    mask = (1 << AXIS_BITS) - 1
+    return torch.stack([(keys >> (2 * AXIS_BITS)) & mask, (keys >> AXIS_BITS) & mask, keys & mask], -1)
+
+
+def world_of(keys: torch.Tensor) -> torch.Tensor:
+    """The world index packed in each key."""
+    return keys >> (3 * AXIS_BITS)
+
+
+class KeyTable:
+    """Open-addressing hash table from int64 keys to int64 slots, vectorised (no loop over keys).
+
+    Linear probing over a power-of-two table kept at most half full, so a lookup
+    probes a few times whatever the number of keys. Keys are only ever inserted: to
+    remove some, build a new table from the keys that stay.
+    """
+
+    def __init__(self, capacity: int, device: torch.device):
+        size = 1 << max(4, math.ceil(math.log2(max(2 * capacity, 16))))
+        self.mask = size - 1
+        self.keys = torch.full((size,), EMPTY, dtype=torch.int64, device=device)
+        self.values = torch.full((size,), EMPTY, dtype=torch.int64, device=device)
+        self.count = 0
+
+    @staticmethod
+    def _hash(keys: torch.Tensor) -> torch.Tensor:
+        # Fibonacci hashing; int64 multiplication wraps, which is what we want.
+        mixed = keys * -7046029254386353131
+        return mixed ^ (mixed >> 29)
+
+    def fits(self, count: int) -> bool:
+        """Whether ``count`` more keys keep the table at most half full."""
+        return 2 * (self.count + count) <= self.mask + 1
+
+    def nbytes(self) -> int:
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def lookup(self, keys: torch.Tensor) -> torch.Tensor:
+        """Slots of ``keys`` (N,), -1 where absent."""
+        result = torch.full_like(keys, EMPTY)
+        if keys.numel() == 0:
+            return result
+        home = self._hash(keys)
+        pending = torch.arange(keys.numel(), device=keys.device)
+        probe = 0
+        while pending.numel() > 0:
+            slot = (home[pending] + probe) & self.mask
+            found_keys = self.keys[slot]
+            hit = found_keys == keys[pending]
+            result[pending[hit]] = self.values[slot[hit]]
+            pending = pending[~hit & (found_keys != EMPTY)]
+            probe += 1
+        return result
+
+    def insert(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Insert distinct keys that are not yet present."""
+        if keys.numel() == 0:
+            return
+        if not self.fits(keys.numel()):
+            raise RuntimeError("brick table over half full; rebuild it larger first")
+        home = self._hash(keys)
+        pending = torch.arange(keys.numel(), device=keys.device)
+        probe = 0
+        while pending.numel() > 0:
+            slot = (home[pending] + probe) & self.mask
+            free = self.keys[slot] == EMPTY
+            candidates, candidate_slots = pending[free], slot[free]
+            # Several keys may want the same free slot: the highest index wins, deterministically.
+            wanted, which = torch.unique(candidate_slots, return_inverse=True)
+            claim = torch.full((wanted.numel(),), EMPTY, dtype=torch.int64, device=keys.device)
+            claim.scatter_reduce_(0, which, candidates, reduce="amax")
+            won = claim[which] == candidates
+            self.keys[candidate_slots[won]] = keys[candidates[won]]
+            self.values[candidate_slots[won]] = values[candidates[won]]
+            placed = torch.zeros(keys.numel(), dtype=torch.bool, device=keys.device)
+            placed[candidates[won]] = True
+            pending = pending[~placed[pending]]
+            probe += 1
+        self.count += keys.numel()

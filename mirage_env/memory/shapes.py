@@ -1,0 +1,64 @@
+"""Shapes at the memory's edge: batches of poses, the worlds a batch addresses, what a read returns.
+
+A call addresses a batch of B worlds with T frames each: poses (B, T, 4, 4), or (T, 4, 4)
+and (4, 4) for one world and one frame, and every result keeps the leading shape given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..geometry import check_pose
+
+
+@dataclass
+class MemoryRead:
+    """The memory projected onto target cameras at latent resolution.
+
+    Attributes:
+        latents: (..., C, h, w) float32 features of the winning entries (0 where no hit).
+        mask: (..., h, w) bool, True where memory has something to say.
+        depth: (..., h, w) z-depth of the winning entries (+inf where no hit).
+        points: (..., h, w, 3) float32 world points of the winning entries (NaN where no
+            hit), or None; what a write's ``seen`` takes to refresh the entries shown.
+    """
+
+    latents: torch.Tensor
+    mask: torch.Tensor
+    depth: torch.Tensor
+    points: torch.Tensor | None = None
+
+    def __iter__(self):
+        return iter((self.latents, self.mask, self.depth))
+
+
+def as_batch(poses: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore."""
+    poses = check_pose(poses, "poses")
+    lead = tuple(poses.shape[:-2])
+    if len(lead) == 0:
+        poses = poses[None, None]
+    elif len(lead) == 1:
+        poses = poses[None]
+    elif len(lead) != 2:
+        raise ValueError(f"poses must have shape (4,4), (T,4,4) or (B,T,4,4), got {tuple(poses.shape)}")
+    return poses, lead
+
+
+def check_worlds(worlds, batch: int, num_worlds: int, device: torch.device) -> torch.Tensor:
+    """(batch,) int64 indices of the worlds a batch addresses: ``worlds`` checked, or all worlds in order (None)."""
+    if worlds is None:
+        if batch != num_worlds:
+            raise ValueError(
+                f"got a batch of {batch} worlds for a memory of num_worlds={num_worlds}; "
+                f"pass worlds=[...] to say which worlds the batch is"
+            )
+        return torch.arange(batch, device=device)
+    worlds = torch.as_tensor(worlds, dtype=torch.int64, device=device).reshape(-1)
+    if worlds.numel() != batch:
+        raise ValueError(f"worlds has {worlds.numel()} entries for a batch of {batch}")
+    if (worlds < 0).any() or (worlds >= num_worlds).any():
+        raise ValueError(f"worlds must lie in [0, {num_worlds}), got {worlds.tolist()}")
+    return worlds
