@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -39,7 +39,6 @@ __all__ = [
     "unproject",
     "pixel_centres",
     "check_pose",
-    "relative_pose",
 ]
 
 
@@ -118,11 +117,6 @@ def invert_pose(c2w: torch.Tensor) -> torch.Tensor:
     inverse[..., :3, 3:] = -rotation.transpose(-1, -2) @ translation
     inverse[..., 3, 3] = 1.0
     return inverse
-
-
-def relative_pose(c2w_from: torch.Tensor, c2w_to: torch.Tensor) -> torch.Tensor:
-    """Pose of camera ``to`` expressed in the frame of camera ``from``."""
-    return invert_pose(c2w_from) @ c2w_to
 
 
 def pixel_centres(camera: Camera, dtype=torch.float32, device=None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,9 +260,6 @@ class MotionConfig:
     # Continuous actions are velocities in [-1, 1] scaled by these per step.
     max_speed_metres: float = 0.25
     max_turn_degrees: float = 15.0
-
-    def with_(self, **changes) -> "MotionConfig":
-        return replace(self, **changes)
 
 
 def _clamp(value: float, limit: float) -> float:
