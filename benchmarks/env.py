@@ -10,8 +10,6 @@ so its total is slightly above the plain run.
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
 from collections import defaultdict
 
@@ -19,6 +17,7 @@ import numpy as np
 import torch
 
 from mirage_env.agents.scripted import RandomPolicy
+from mirage_env.benchreport import header, write_json
 from mirage_env.env import MirageEnv
 
 
@@ -72,7 +71,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    results: dict = {"config": vars(args) | {"cpu": platform.processor() or platform.machine()}}
+    results = header(args)
     print(f"MirageEnv (procedural, memory on, random policy), {args.threads} thread(s)")
     print(f"{'image':>9} {'steps/s':>9} {'ms/step':>8}")
     for size in (64, 128):
@@ -85,10 +84,7 @@ def main() -> None:
         print(f"\nwhere the time goes at {size}x{size} (ms per step):")
         for name, ms in sorted(phases.items(), key=lambda item: -item[1]):
             print(f"  {name:<26} {ms:7.3f}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

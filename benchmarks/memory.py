@@ -12,40 +12,23 @@ shows how the step cost changes with what is stored, not with what is visible.
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import platform
 import time
 
 import torch
 
-from mirage_env.geometry import Camera, CameraRig
+from mirage_env.baselines.memory_bench import loop_poses, room_depth
+from mirage_env.benchreport import header, write_json
+from mirage_env.geometry import Camera
 from mirage_env.memory import LatentSpatialMemory
 
 CHANNELS = 48
 FACTOR = 8
-ROOM = torch.tensor([4.0, 1.5, 4.0], dtype=torch.float64)  # half extents
+ROOM_CENTRE = (0.0, 0.0, 0.0)  # the timed loop's room is centred on the first camera
 
 
-def room_depth(camera: Camera, c2w: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
-    """Exact z-depth of an axis-aligned box room seen from inside (ray/box exit distance)."""
-    v, u = torch.meshgrid(torch.arange(camera.height) + 0.5, torch.arange(camera.width) + 0.5, indexing="ij")
-    rays_cam = torch.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, torch.ones_like(u)], -1).double()
-    rays = rays_cam @ c2w[:3, :3].T
-    origin = c2w[:3, 3] - centre
-    bound = torch.where(rays > 0, ROOM, -ROOM)
-    safe = torch.where(rays.abs() > 1e-12, rays, torch.full_like(rays, 1e-12))
-    t = ((bound - origin) / safe).masked_fill(rays.abs() <= 1e-12, math.inf).amin(-1)
-    return t.float()  # rays_cam has z = 1, so ray length parameter t is the z-depth
-
-
-def loop_poses(steps: int, radius: float = 1.5) -> list[torch.Tensor]:
-    poses = []
-    for i in range(steps):
-        angle = 2 * math.pi * i / steps
-        rig = CameraRig(radius * math.sin(angle), 0.0, radius * math.cos(angle) - radius, yaw=angle + math.pi / 2)
-        poses.append(torch.from_numpy(rig.c2w()))
-    return poses
+def loop(steps: int) -> torch.Tensor:
+    """(steps, 4, 4) poses around the closed loop (radius 1.5 m through the origin), one per step."""
+    return loop_poses(steps, 1)[:, 0]
 
 
 def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) -> None:
@@ -57,11 +40,10 @@ def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) 
     room = 0
     while memory.stats(bounds=False)["entries"] < entries:
         before = memory.stats(bounds=False)["entries"]
-        centre = torch.tensor([200.0 + 20.0 * (room % 40), 0.0, 200.0 + 20.0 * (room // 40)], dtype=torch.float64)
-        for pose in loop_poses(24):
-            pose = pose.clone()
-            pose[:3, 3] += centre
-            depth = room_depth(latent, pose, centre)
+        centre = (200.0 + 20.0 * (room % 40), 0.0, 200.0 + 20.0 * (room // 40))
+        poses = loop(24)
+        poses[:, :3, 3] += torch.tensor(centre, dtype=torch.float64)
+        for pose, depth in zip(poses, room_depth(latent, poses, centre)):
             latents = torch.randn(CHANNELS, latent.height, latent.width, generator=generator)
             memory.write(latents, depth, latent, pose)
             if memory.stats(bounds=False)["entries"] >= entries:
@@ -74,9 +56,8 @@ def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) 
 
 def time_steps(memory: LatentSpatialMemory, camera: Camera, steps: int, generator: torch.Generator) -> float:
     latent = camera.scaled(1 / FACTOR)
-    poses = loop_poses(steps)
-    origin = torch.zeros(3, dtype=torch.float64)
-    depths = [room_depth(latent, p, origin) for p in poses]
+    poses = loop(steps)
+    depths = room_depth(latent, poses, ROOM_CENTRE)
     latents = [torch.randn(CHANNELS, latent.height, latent.width, generator=generator) for _ in poses]
     for pose, depth, lat in zip(poses[:4], depths[:4], latents[:4]):  # warm-up
         memory.read(latent, pose)
@@ -101,8 +82,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     generator = torch.Generator().manual_seed(0)
 
-    results: dict = {"read_write_ms_by_size": {}, "config": vars(args) | {"channels": CHANNELS, "factor": FACTOR,
-                                                                           "cpu": platform.processor() or platform.machine()}}
+    results = header(args)
+    results["config"].update(channels=CHANNELS, factor=FACTOR)
+    results["read_write_ms_by_size"] = {}
     print(f"read+write per step, {CHANNELS} channels, {args.threads} thread(s), voxel {args.voxel_size} m")
     print(f"{'image':>9} {'latent':>7} {'stored entries':>15} {'ms / step':>10} {'vs 1e3':>7}")
     for size in args.sizes:
@@ -126,24 +108,20 @@ def main() -> None:
     camera = Camera.from_fov(64, 64, 90)
     latent = camera.scaled(1 / FACTOR)
     memory = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size, max_read_depth=args.max_read_depth)
-    origin = torch.zeros(3, dtype=torch.float64)
-    poses = loop_poses(48)
+    poses = loop(48)
+    depths = room_depth(latent, poses, ROOM_CENTRE)
     bytes_after = {}
-    for loop in range(1, 11):
-        for pose in poses:
+    for lap in range(1, 11):
+        for pose, depth in zip(poses, depths):
             # Each pass generates fresh latents: only the geometry repeats.
-            memory.write(torch.randn(CHANNELS, latent.height, latent.width, generator=generator),
-                         room_depth(latent, pose, origin), latent, pose)
-        bytes_after[loop] = memory.stats(bounds=False)["bytes"]
+            memory.write(torch.randn(CHANNELS, latent.height, latent.width, generator=generator), depth, latent, pose)
+        bytes_after[lap] = memory.stats(bounds=False)["bytes"]
     results["bytes_one_loop"] = bytes_after[1]
     results["bytes_ten_loops"] = bytes_after[10]
     results["entries_ten_loops"] = memory.stats(bounds=False)["entries"]
     print(f"\nbytes after 1 loop: {bytes_after[1]:,}   after 10 loops: {bytes_after[10]:,} "
           f"({bytes_after[10] / bytes_after[1]:.3f}x)   entries: {results['entries_ten_loops']:,}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
-import platform
 import pstats
 import time
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 import mirage_env  # noqa: F401  (registers the ids)
+from mirage_env.benchreport import header, write_json
 from mirage_env.env import MirageEnv
 from mirage_env.vector import MirageVectorEnv
 
@@ -82,8 +81,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     sizes = [int(n) for n in args.sizes.split(",") if n]
 
-    results: dict = {"config": vars(args) | {"cpu": platform.processor() or platform.machine()},
-                     "steps_per_s": {}, "sync_steps_per_s": {}, "speedup_vs_sync": {}}
+    results = header(args) | {"steps_per_s": {}, "sync_steps_per_s": {}, "speedup_vs_sync": {}}
     print(f"N worlds at {args.image_size}x{args.image_size} (procedural, memory on, random moves), "
           f"{args.threads} torch thread(s); aggregate sub-environment steps per second")
     print(f"{'N':>4} {'native':>9} {'sync':>9} {'speed-up':>9} {'native ms/step':>15}")
@@ -100,10 +98,7 @@ def main() -> None:
         report = profile(max(sizes), args.image_size, steps=10, max_episode_steps=args.max_episode_steps)
         results["profile"] = report
         print(f"\nwhere the native env spends its time at N={max(sizes)} (cProfile, 10 steps):\n{report}")
-    if args.json:
-        with open(args.json, "w") as handle:
-            json.dump(results, handle, indent=2)
-        print(f"wrote {args.json}")
+    write_json(args.json, results)
 
 
 if __name__ == "__main__":

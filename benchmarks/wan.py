@@ -1,21 +1,19 @@
-"""Speed and memory of the Wan backend over consecutive segments.
+"""Speed and memory of the Wan backend over consecutive segments, through a World.
 
     python benchmarks/wan.py --checkpoint DIR [--memory-dir DIR] [--depth-model DIR] [--json out.json]
 
 With a checkpoint and a GPU it runs the real model (bf16); without one it builds
 the tiny random-weight config and runs on the CPU (a smoke test of the loop,
-not a measurement of Wan). Per segment it reports seconds per generated frame,
-and memory held: ``torch.cuda.max_memory_allocated`` on GPU, process RSS on CPU.
-The memory read/write (LatentSpatialMemory) runs between segments as in a World.
+not a measurement of Wan). Each segment is one ``World.reset`` (the first) or
+``World.step``: the envs' loop, memory read -> generate -> filters -> memory
+write -> frames, with the latent memory on the CPU as in the envs. Per segment
+it reports seconds per generated frame, and memory held:
+``torch.cuda.max_memory_allocated`` on GPU, process RSS on CPU.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import math
-import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -23,10 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from mirage_env.backends.base import SegmentRequest  # noqa: E402
-from mirage_env.memory import LatentSpatialMemory  # noqa: E402
+from mirage_env.backends import make_model
+from mirage_env.benchreport import header, write_json
+from mirage_env.world import World
 
 
 def _rss_mib() -> float:
@@ -50,47 +47,41 @@ def _poses(batch: int, frames: int, start: int, step: float = 0.05) -> torch.Ten
 
 def run(args) -> list[dict]:
     from mirage_env.backends.depth import ConstantDepth
-    from mirage_env.backends.wan import WanWorldModel
 
     cuda = torch.cuda.is_available() and args.device != "cpu"
     device = "cuda" if cuda else "cpu"
     if args.checkpoint:
         checkpoint = Path(args.checkpoint)
-        options = dict(image_size=tuple(args.image_size), frames_per_segment=args.frames, num_inference_steps=args.steps)
+        image_size = tuple(args.image_size)
+        options = dict(frames_per_segment=args.frames, num_inference_steps=args.steps)
     else:
         from mirage_env.backends.tiny import build_tiny_checkpoint
 
         checkpoint = build_tiny_checkpoint(Path(tempfile.mkdtemp()) / "tiny")
-        options = dict(image_size=(64, 64), frames_per_segment=9, num_inference_steps=4, max_sequence_length=16)
+        image_size = (64, 64)
+        options = dict(frames_per_segment=9, num_inference_steps=4, max_sequence_length=16)
         print("no --checkpoint: tiny random-weight config (loop smoke test, not Wan's speed)")
     depth = args.depth_model or ConstantDepth(2.0)
-    model = WanWorldModel(checkpoint, memory_dir=args.memory_dir, device=device, offload=args.offload,
-                          depth_estimator=depth, progress=False, **options)
+    model = make_model("wan", image_size=image_size, checkpoint=checkpoint, memory_dir=args.memory_dir, device=device,
+                       offload=args.offload, depth_estimator=depth, progress=False, **options)
     batch, frames = args.batch, model.latent_frames
-    memory = LatentSpatialMemory(model.latent.channels, voxel_size=0.05, num_worlds=batch, device=device)
-    generators = [torch.Generator(device).manual_seed(i) for i in range(batch)]
+    world = World(model, num_worlds=batch)  # as the envs build it: the model's voxel size, the default filters
     image = np.random.default_rng(0).integers(0, 255, (*model.image_size, 3), dtype=np.uint8)
-    camera = model.latent_camera
-    rows, previous = [], None
+    rows = []
     for index in range(args.segments):
         poses = _poses(batch, frames, index * (frames - 1))
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         began = time.perf_counter()
-        if previous is None:
-            segment = model.start(poses, generators, [{"image": image, "prompt": args.prompt}] * batch)
+        if index == 0:
+            step = world.reset(poses, seeds=list(range(batch)), conditioning=[{"image": image, "prompt": args.prompt}] * batch)
         else:
-            read = memory.read(camera, poses.to(device))
-            segment = model.generate(SegmentRequest(
-                poses=poses, memory_latents=read.latents, memory_mask=read.mask, memory_depth=read.depth,
-                generators=generators, previous=previous,
-            ))
-        memory.write(segment.latents.to(device), segment.depth.to(device), camera, poses.to(device))
+            step = world.step(poses)
         if cuda:
             torch.cuda.synchronize()
         seconds = time.perf_counter() - began
-        video_frames = segment.frames.shape[1]
+        video_frames = step.frames.shape[1]
         rows.append({
             "segment": index,
             "seconds": seconds,
@@ -98,9 +89,9 @@ def run(args) -> list[dict]:
             "frames": video_frames * batch,
             "gpu_peak_mib": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "rss_mib": _rss_mib(),
-            "memory_entries": int(memory.entries_per_world().sum()),
+            "memory_entries": int(world.memory.entries_per_world().sum()),
+            "memory_hit": float(step.memory_hit.mean()),
         })
-        previous = segment
     return rows
 
 
@@ -120,13 +111,12 @@ def main(argv=None) -> None:
     parser.add_argument("--json", help="write the rows here")
     args = parser.parse_args(argv)
     rows = run(args)
-    print(f"{'segment':>7} {'s':>8} {'s/frame':>9} {'frames':>6} {'gpu MiB':>9} {'rss MiB':>9} {'entries':>9}")
+    print(f"{'segment':>7} {'s':>8} {'s/frame':>9} {'frames':>6} {'gpu MiB':>9} {'rss MiB':>9} {'entries':>9} {'hit':>5}")
     for r in rows:
         gpu = "-" if r["gpu_peak_mib"] is None else f"{r['gpu_peak_mib']:.0f}"
         print(f"{r['segment']:>7} {r['seconds']:>8.3f} {r['seconds_per_frame']:>9.4f} {r['frames']:>6} {gpu:>9} "
-              f"{r['rss_mib']:>9.0f} {r['memory_entries']:>9}")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=2, default=str))
+              f"{r['rss_mib']:>9.0f} {r['memory_entries']:>9} {r['memory_hit']:>5.2f}")
+    write_json(args.json, header(args) | {"rows": rows})
 
 
 if __name__ == "__main__":

@@ -224,7 +224,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _add_optional_commands(commands) -> None:
     """Commands whose modules may bring heavy imports register here, imported lazily."""
     for module_name, command, help_text in (
-        ("mirage_env.bench_memory", "bench", "benchmarks: bench memory (latent vs colour memory)"),
+        ("mirage_env.baselines.memory_bench", "bench", "benchmarks: bench memory (latent vs colour memory)"),
         ("mirage_env.dataset", "dataset", "posed-video datasets from the procedural world: dataset export"),
         ("mirage_env.agents.train", "train", "train an agent with Stable-Baselines3"),
         ("mirage_env.agents.evaluate", "evaluate", "evaluate a policy over K episodes"),

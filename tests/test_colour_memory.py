@@ -7,8 +7,8 @@ import math
 import pytest
 import torch
 
-from mirage_env.bench_memory import _add_memory_options, loop_poses, room_depth_and_colour, run_memory_bench
-from mirage_env.colour_memory import ColourPointCloudMemory
+from mirage_env.baselines.colour_memory import ColourPointCloudMemory
+from mirage_env.baselines.memory_bench import _add_memory_options, loop_poses, room_depth_and_colour, run_memory_bench
 from mirage_env.geometry import Camera
 
 

@@ -22,7 +22,7 @@ more), so the bytes reported here are a lower bound for the baseline.
 Frames at the API edge follow the package convention: (T, H, W, 3), uint8 in
 [0, 255] or float in [0, 1]. The encoder sees (T, 3, H, W) float in [0, 1];
 wrap a VAE that expects [-1, 1] (diffusers' ``AutoencoderKLWan`` does) with
-``2 * x - 1``, as :func:`mirage_env.bench_memory.wan_vae_encoder` does.
+``2 * x - 1``, as :func:`mirage_env.baselines.memory_bench.wan_vae_encoder` does.
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ from typing import Callable
 
 import torch
 
-from .geometry import Camera, check_pose, invert_pose, unproject
-from .memory import MemoryRead, pool_depth
+from ..geometry import Camera, check_pose, invert_pose, unproject
+from ..memory import MemoryRead, pool_depth
 
 __all__ = ["ColourPointCloudMemory", "ColourRender"]
 

@@ -1,7 +1,7 @@
 """Latent memory against colour memory, head to head, in one run.
 
-    mirage-env bench memory --json memory_bench.json --plot docs/memory_vs_colour.png
-    python -m mirage_env.bench_memory --json memory_bench.json --plot docs/memory_vs_colour.png
+    mirage-env bench memory --json memory_vs_colour.json --plot docs/memory_vs_colour.png
+    python benchmarks/memory_vs_colour.py --json memory_vs_colour.json --plot docs/memory_vs_colour.png
 
 A camera walks a closed loop (out from the start, around, back) of ``--segments``
 segments through a box room whose depth and colours are exact (ray-cast here).
@@ -10,7 +10,7 @@ Each segment, both memories do what a world model's segment loop asks of them:
 1. **read** at the segment's target cameras: the latent memory projects its
    entries at latent resolution (:class:`~mirage_env.memory.LatentSpatialMemory`);
    the colour memory renders its RGB cloud at image resolution and re-encodes the
-   render with the VAE encoder (:class:`~mirage_env.colour_memory.ColourPointCloudMemory`);
+   render with the VAE encoder (:class:`~mirage_env.baselines.colour_memory.ColourPointCloudMemory`);
 2. **write** the generated segment: latent frames + depth for the latent memory,
    every decoded frame + full-resolution depth for the colour memory (appended).
 
@@ -41,11 +41,8 @@ Two settings in one run:
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,16 +50,19 @@ from typing import Callable
 
 import torch
 
+from ..benchreport import header, write_json
+from ..geometry import Camera, CameraRig
+from ..memory import LatentSpatialMemory
 from .colour_memory import ColourPointCloudMemory
-from .geometry import Camera, CameraRig
-from .memory import LatentSpatialMemory
 
 __all__ = [
     "add_arguments",
+    "build_parser",
     "main",
     "run_memory_bench",
     "wan22_vae_config",
     "wan_vae_encoder",
+    "room_depth",
     "room_depth_and_colour",
     "loop_poses",
 ]
@@ -81,32 +81,17 @@ FACE_COLOURS = torch.tensor(
 def wan22_vae_config(full: bool = True) -> dict:
     """``AutoencoderKLWan`` kwargs: the Wan2.2-TI2V-5B VAE (``full``) or a tiny one of the same layout.
 
-    The full values are those of ``Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/config.json``
-    except ``latents_mean`` / ``latents_std`` (zeros / ones here), which only shift
-    and scale the output and cost nothing.
+    The tiny config already has Wan2.2's layout (residual, 2x2 patching, 16x spatial,
+    4x temporal, 48 latent channels); the full one restores the widths and depths of
+    ``Wan-AI/Wan2.2-TI2V-5B-Diffusers/vae/config.json``. ``latents_mean`` /
+    ``latents_std`` stay zeros / ones: they only shift and scale the output and cost nothing.
     """
-    if not full:
-        from .backends.tiny import tiny_vae_config
+    from ..backends.tiny import tiny_vae_config
 
-        return tiny_vae_config(48)
-    return dict(
-        base_dim=160,
-        decoder_base_dim=256,
-        z_dim=48,
-        dim_mult=[1, 2, 4, 4],
-        num_res_blocks=2,
-        attn_scales=[],
-        temperal_downsample=[False, True, True],
-        dropout=0.0,
-        is_residual=True,
-        patch_size=2,
-        in_channels=12,
-        out_channels=12,
-        scale_factor_spatial=16,
-        scale_factor_temporal=4,
-        latents_mean=[0.0] * 48,
-        latents_std=[1.0] * 48,
-    )
+    config = tiny_vae_config(48)
+    if full:
+        config.update(base_dim=160, decoder_base_dim=256, dim_mult=[1, 2, 4, 4], num_res_blocks=2, attn_scales=[], dropout=0.0)
+    return config
 
 
 def wan_vae_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -130,27 +115,43 @@ def wan_vae_encoder(vae) -> Callable[[torch.Tensor], torch.Tensor]:
     return encode
 
 
-def room_depth_and_colour(camera: Camera, poses: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact z-depth and colour of the box room seen from inside.
+def _ray_cast_room(camera: Camera, poses: torch.Tensor, centre) -> tuple[torch.Tensor, ...]:
+    """Where every pixel's ray leaves the box room.
 
-    Args:
-        camera: image intrinsics (H, W).
-        poses: (T, 4, 4) camera-to-world poses inside the room.
-
-    Returns:
-        depth (T, H, W) float32 and frames (T, H, W, 3) uint8: a base colour per face
-        with a 0.5 m checker, so renders have edges for the VAE to see.
+    Returns z-depth (T, H, W) float64, the axis of the wall it leaves through (T, H, W),
+    the world ray (T, H, W, 3) and the camera position relative to the centre (T, 1, 1, 3).
     """
     v, u = torch.meshgrid(torch.arange(camera.height) + 0.5, torch.arange(camera.width) + 0.5, indexing="ij")
     rays_camera = torch.stack([(u - camera.cx) / camera.fx, (v - camera.cy) / camera.fy, torch.ones_like(u)], -1).double()
     poses = torch.as_tensor(poses, dtype=torch.float64)
     rays = torch.einsum("tij,hwj->thwi", poses[:, :3, :3], rays_camera)
     half = torch.tensor(ROOM_HALF_EXTENT, dtype=torch.float64)
-    origin = (poses[:, :3, 3] - torch.tensor(ROOM_CENTRE, dtype=torch.float64))[:, None, None, :]
+    origin = (poses[:, :3, 3] - torch.as_tensor(centre, dtype=torch.float64))[:, None, None, :]
     bound = torch.where(rays > 0, half, -half)
     safe = torch.where(rays.abs() > 1e-12, rays, torch.full_like(rays, 1e-12))
     exits = ((bound - origin) / safe).masked_fill(rays.abs() <= 1e-12, math.inf)
     depth, axis = exits.min(-1)  # rays_camera has z = 1, so the ray parameter is the z-depth
+    return depth, axis, rays, origin
+
+
+def room_depth(camera: Camera, poses: torch.Tensor, centre=ROOM_CENTRE) -> torch.Tensor:
+    """Exact z-depth (T, H, W) float32 of the box room centred at ``centre`` seen from ``poses`` (T, 4, 4) inside it."""
+    return _ray_cast_room(camera, poses, centre)[0].float()
+
+
+def room_depth_and_colour(camera: Camera, poses: torch.Tensor, centre=ROOM_CENTRE) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact z-depth and colour of the box room seen from inside.
+
+    Args:
+        camera: image intrinsics (H, W).
+        poses: (T, 4, 4) camera-to-world poses inside the room.
+        centre: (3,) world position of the room's centre (default: the loop's centre).
+
+    Returns:
+        depth (T, H, W) float32 and frames (T, H, W, 3) uint8: a base colour per face
+        with a 0.5 m checker, so renders have edges for the VAE to see.
+    """
+    depth, axis, rays, origin = _ray_cast_room(camera, poses, centre)
     hit = origin + depth[..., None] * rays
     face = 2 * axis + (torch.gather(rays, -1, axis[..., None])[..., 0] > 0).long()
     checker_coords = torch.floor(hit / 0.5).long()
@@ -169,7 +170,8 @@ def loop_poses(segments: int, frames_per_segment: int) -> torch.Tensor:
     """
     if segments < 1 or frames_per_segment < 1:
         raise ValueError(f"segments and frames_per_segment must be >= 1, got {segments}, {frames_per_segment}")
-    fractions = torch.arange(segments)[:, None] + torch.linspace(0, 1, frames_per_segment)[None, :]
+    steps = torch.linspace(0, 1, frames_per_segment, dtype=torch.float64)  # float64, as the poses are
+    fractions = torch.arange(segments, dtype=torch.float64)[:, None] + steps[None, :]
     angles = 2 * math.pi * fractions / segments
     poses = []
     for angle in angles.reshape(-1).tolist():
@@ -305,7 +307,7 @@ def _tiny_generator(channels: int, latent_grid: tuple[int, int], steps: int, con
     """A timed stand-in for generation: ``steps`` forwards of a tiny random WanTransformer3DModel."""
     from diffusers import WanTransformer3DModel
 
-    from .backends.tiny import tiny_transformer_config
+    from ..backends.tiny import tiny_transformer_config
 
     torch.manual_seed(0)
     transformer = WanTransformer3DModel(**tiny_transformer_config(in_channels=channels)).eval()
@@ -334,23 +336,16 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    results: dict = {
-        "command": " ".join(["mirage-env bench memory", *sys.argv[1:]]) if sys.argv else "",
-        "machine": {
-            "platform": platform.platform(),
-            "processor": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "torch": torch.__version__,
-            "torch_threads": torch.get_num_threads(),
-            "device": "cpu",
-        },
+    results: dict = header(args)  # command as typed, machine, options
+    results.update({
+        "device": "cpu",
         "included": (
             "latent: LatentSpatialMemory.read at latent resolution + write (median depth pooling, lift, voxel merge). "
             "colour: z-buffered render of the whole RGB cloud at image resolution + VAE encode of the render + "
             "append of every decoded frame (unproject at image resolution). Not timed in either: producing the "
             "segment, VAE decode, depth estimation. Bytes: every tensor each memory holds."
         ),
-    }
+    })
 
     # ---- setting 1: the Wan2.2 VAE architecture
     from diffusers import AutoencoderKLWan
@@ -380,7 +375,7 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
     del vae, encoder
 
     # ---- setting 2: the default world's codec, several laps
-    from .backends.codec import PatchDCTCodec
+    from ..backends.codec import PatchDCTCodec
 
     codec = PatchDCTCodec(factor=8, keep=4)
     fast_setting = Setting(
@@ -403,9 +398,7 @@ def run_memory_bench(args: argparse.Namespace) -> dict:
         fast=fast,
         wall_s=time.perf_counter() - started,
     )
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
+    write_json(args.json, results, quiet=args.quiet)
     if args.plot:
         plot_results(results, args.plot)
     if not args.quiet:
@@ -452,48 +445,37 @@ def plot_results(results: dict, path: str | os.PathLike) -> None:
 
     wan, fast = results["wan"], results["fast"]
     figure, axes = plt.subplots(2, 2, figsize=(12, 8.5))
-    colour_style = dict(color="tab:red", marker="o", markersize=3)
-    latent_style = dict(color="tab:blue", marker="s", markersize=3)
+    mib = lambda values: [b / 2**20 for b in values]  # noqa: E731
+
+    def panel(ax, x, data, key, labels, title, ylabel, xlabel):
+        """Colour against latent memory for one quantity (``key``: "time_s" or "bytes")."""
+        scale = mib if key == "bytes" else list
+        ax.plot(x, scale(data[f"colour_{key}"]), label=labels[0], color="tab:red", marker="o", markersize=3)
+        ax.plot(x, scale(data[f"latent_{key}"]), label=labels[1], color="tab:blue", marker="s", markersize=3)
+        ax.set(title=title, ylabel=ylabel, xlabel=xlabel, yscale="log")
+
+    s, f = wan["setting"], fast["setting"]
     segments = [i + 1 for i in wan["segment"]]
-    s = wan["setting"]
-
-    ax = axes[0, 0]
-    ax.plot(segments, wan["colour_time_s"], label="colour memory: render + VAE encode + append", **colour_style)
-    ax.plot(segments, wan["latent_time_s"], label="latent memory: read + write", **latent_style)
-    if "e2e_colour_s" in wan:
-        ax.plot(segments, wan["e2e_colour_s"], "--", color="tab:red", alpha=0.6, label="colour + tiny-DiT generation")
-        ax.plot(segments, wan["e2e_latent_s"], "--", color="tab:blue", alpha=0.6, label="latent + tiny-DiT generation")
-    ax.set_title(f"Wan2.2 VAE, {s['image_size']}px: time per segment ({wan['speedup_time']:.0f}x at the last)")
-    ax.set_ylabel("seconds per segment")
-
-    ax = axes[0, 1]
-    ax.plot(segments, [b / 2**20 for b in wan["colour_bytes"]], label="colour memory (RGB points, appended)", **colour_style)
-    ax.plot(segments, [b / 2**20 for b in wan["latent_bytes"]], label="latent memory (voxel-merged)", **latent_style)
-    ax.set_title(f"Wan2.2 VAE: memory held ({wan['ratio_bytes']:.0f}x after {wan['ratio_bytes_segment']} segments)")
-    ax.set_ylabel("MiB held")
-
-    f = fast["setting"]
     laps = [(i + 1) / f["segments"] for i in fast["segment"]]
-    ax = axes[1, 0]
-    ax.plot(laps, fast["colour_time_s"], label="colour memory: render + codec encode + append", **colour_style)
-    ax.plot(laps, fast["latent_time_s"], label="latent memory: read + write", **latent_style)
-    ax.set_title(f"Codec (8x, 48 ch), {f['image_size']}px, {f['loops']} laps: time per segment")
-    ax.set_ylabel("seconds per segment")
-    ax.set_xlabel("laps of the closed loop")
-
-    ax = axes[1, 1]
-    ax.plot(laps, [b / 2**20 for b in fast["colour_bytes"]], label="colour memory", **colour_style)
-    ax.plot(laps, [b / 2**20 for b in fast["latent_bytes"]], label="latent memory", **latent_style)
-    ax.set_title(f"Codec, {f['loops']} laps: memory held ({fast['ratio_bytes_last']:.0f}x at the end)")
-    ax.set_ylabel("MiB held")
-    ax.set_xlabel("laps of the closed loop")
-
+    timed = "latent memory: read + write"
+    panel(axes[0, 0], segments, wan, "time_s", ("colour memory: render + VAE encode + append", timed),
+          f"Wan2.2 VAE, {s['image_size']}px: time per segment ({wan['speedup_time']:.0f}x at the last)",
+          "seconds per segment", "segment")
+    if "e2e_colour_s" in wan:
+        axes[0, 0].plot(segments, wan["e2e_colour_s"], "--", color="tab:red", alpha=0.6, label="colour + tiny-DiT generation")
+        axes[0, 0].plot(segments, wan["e2e_latent_s"], "--", color="tab:blue", alpha=0.6, label="latent + tiny-DiT generation")
+    panel(axes[0, 1], segments, wan, "bytes", ("colour memory (RGB points, appended)", "latent memory (voxel-merged)"),
+          f"Wan2.2 VAE: memory held ({wan['ratio_bytes']:.0f}x after {wan['ratio_bytes_segment']} segments)",
+          "MiB held", "segment")
+    panel(axes[1, 0], laps, fast, "time_s", ("colour memory: render + codec encode + append", timed),
+          f"Codec (8x, 48 ch), {f['image_size']}px, {f['loops']} laps: time per segment",
+          "seconds per segment", "laps of the closed loop")
+    panel(axes[1, 1], laps, fast, "bytes", ("colour memory", "latent memory"),
+          f"Codec, {f['loops']} laps: memory held ({fast['ratio_bytes_last']:.0f}x at the end)",
+          "MiB held", "laps of the closed loop")
     for ax in axes.flat:
-        ax.set_yscale("log")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    for ax in axes[0]:
-        ax.set_xlabel("segment")
     figure.suptitle(
         f"Latent spatial memory vs colour point-cloud memory (CPU, {results['machine']['torch_threads']} threads)"
     )
@@ -551,14 +533,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     _add_memory_options(memory)
 
 
+def build_parser(prog: str) -> argparse.ArgumentParser:
+    """A standalone parser of the head-to-head options (``benchmarks/memory_vs_colour.py`` uses it)."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n\n")[0])
+    _add_memory_options(parser)
+    return parser
+
+
 def main(args: argparse.Namespace) -> None:
     """Entry point of ``mirage-env bench ...``."""
     if getattr(args, "benchmark", "memory") != "memory":
         raise ValueError(f"unknown benchmark {args.benchmark!r}; available: memory")
     run_memory_bench(args)
-
-
-if __name__ == "__main__":
-    _parser = argparse.ArgumentParser(prog="python -m mirage_env.bench_memory", description=__doc__.split("\n\n")[0])
-    _add_memory_options(_parser)
-    main(_parser.parse_args())
