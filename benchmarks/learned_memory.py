@@ -8,7 +8,9 @@ The whole published recipe at CPU scale, top to bottom:
    clean context frames, without memory;
 4. stage 1: the VACE memory branch learns to read projected memory (base frozen);
 5. stage 2: LoRA on the DiT (branch frozen);
-6. evaluation on held-out scenes' revisits.
+6. the sampler's steps and flow shift, picked on validation clips (training seed
+   range, never trained on) from a small grid;
+7. evaluation on held-out scenes' revisits.
 
 Evaluation (teacher-forced, the same samples for every variant): each test clip
 visits a place, looks away for two segments, and returns to the visit's exact
@@ -34,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import platform
 import shutil
 import sys
@@ -58,7 +59,11 @@ def parse_args(argv=None):
     p.add_argument("--data", default="runs/learned_memory/data", help="exported clips (made if missing)")
     p.add_argument("--train-clips", type=int, default=3072)
     p.add_argument("--test-clips", type=int, default=64)
-    p.add_argument("--steps", type=int, nargs=3, default=[2000, 4500, 800], metavar=("STAGE0", "STAGE1", "STAGE2"))
+    p.add_argument("--val-clips", type=int, default=64,
+                   help="clips after the training ones (train seed range, never trained on) that pick the sampler settings")
+    p.add_argument("--sampler-grid", default="2:2,2:4,3:4,4:2,4:4", metavar="STEPS:SHIFT,...",
+                   help="sampler (steps, flow shift) settings tried on the validation clips after training; the best is shipped")
+    p.add_argument("--steps", type=int, nargs=3, default=[1500, 6000, 600], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--lr", type=float, nargs=3, default=[1e-3, 2e-3, 5e-4], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -68,7 +73,6 @@ def parse_args(argv=None):
     p.add_argument("--ffn", type=int, default=768)
     p.add_argument("--horizon", type=int, default=1, help="segments the short-term memory keeps")
     p.add_argument("--min-hit", type=float, default=0.5, help="stages 1-2 train on samples with at least this memory coverage")
-    p.add_argument("--sampler-steps", type=int, default=None, help="sampler steps of the shipped settings (default: MINI_SETTINGS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-train", action="store_true", help="evaluate the checkpoint at --out as it is")
@@ -112,12 +116,14 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
 
     timings = {}
     t0 = time.perf_counter()
-    clips = list_clips(data / "train")
+    exported = list_clips(data / "train")
+    if len(exported) < args.train_clips + args.val_clips:
+        raise ValueError(f"{data} holds {len(exported)} training-range clips, need --train-clips + --val-clips = "
+                         f"{args.train_clips + args.val_clips}; export to a new --data folder")
+    clips, validation = exported[: args.train_clips], exported[args.train_clips : args.train_clips + args.val_clips]
     mean, std = latent_statistics(clips)
     depth_dir = out / "depth"
     settings = {**MINI_SETTINGS, "depth_estimator": "depth"} if depth_dir.is_dir() else dict(MINI_SETTINGS)
-    if args.sampler_steps:
-        settings["num_inference_steps"] = args.sampler_steps
     config = mini_transformer_config(num_layers=args.layers, ffn_dim=args.ffn)
     for stale in ("transformer", "memory", "vae", "scheduler"):
         shutil.rmtree(out / stale, ignore_errors=True)
@@ -146,16 +152,22 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     save_lora(model.transformer, out / "memory" / "lora", trainer.lora_config)
     timings["stage2_s"] = time.perf_counter() - t
 
+    t = time.perf_counter()
+    sampler = pick_sampler(args, out, validation, progress)
+    timings["sampler_s"] = time.perf_counter() - t
+
     # Trained in float32; shipped in float16 (half the bytes; WanWorldModel loads them back to float32).
     shipped_weights = [out / "transformer" / "diffusion_pytorch_model.safetensors", out / "memory" / "memory_branch.safetensors",
                        out / "memory" / "lora" / "lora.safetensors"]
     for path in shipped_weights:
         store_half(path)
     command = "python benchmarks/learned_memory.py " + " ".join(sys.argv[1:])
-    write_world_defaults(out, **{**read_world_defaults_raw(out), "memory_dir": "memory", "training": {
+    write_world_defaults(out, **{**read_world_defaults_raw(out), "num_inference_steps": sampler["steps"],
+                                 "flow_shift": sampler["shift"], "memory_dir": "memory", "training": {
         "command": command.strip(), "seed": args.seed, "steps": args.steps, "learning_rates": args.lr, "batch": args.batch,
         "train_clips": len(clips), "samples": len(samples), "lora_rank": args.lora_rank, "transformer": config,
         "final_loss": {str(k): float(np.mean(v[-100:])) for k, v in losses.items()},
+        "validation_clips": len(validation), "sampler_validation_psnr": sampler["scores"],
         "minutes": round((time.perf_counter() - t0) / 60, 2), "machine": f"{platform.machine()} CPU, {args.threads} threads",
     }})
     (out / "TRAINING.md").write_text(
@@ -166,7 +178,31 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
         f"Remake it (seed {args.seed}; the clips are exported first if missing):\n\n    {command.strip()}\n\n"
         "Its training settings and losses are in mirage_world.json under \"training\"; its figures in\n"
         "benchmarks/results/learned_memory.json; the depth model in depth/ has its own TRAINING.md.\n")
-    return {"timings": timings, "losses": {k: [float(x) for x in v] for k, v in losses.items()}}
+    return {"timings": timings, "losses": {k: [float(x) for x in v] for k, v in losses.items()}, "sampler": sampler}
+
+
+def pick_sampler(args, out: Path, validation: list[Path], progress: bool) -> dict:
+    """The (steps, flow shift) of the grid with the best full-memory revisit PSNR on validation clips.
+
+    Validation clips come from the training seed range but were never trained on, so the
+    held-out test scenes play no part in the choice.
+    """
+    from mirage_env.backends.depth import ConstantDepth
+    from mirage_env.backends.wan import WanWorldModel
+
+    grid = [tuple(float(x) for x in pair.split(":")) for pair in args.sampler_grid.split(",") if pair]
+    model = load_model(out)
+    last = [int(load_clip(validation[0])["frames"].shape[0] // model.latent_frames) - 1]
+    samples = prepare_clip_samples(model, validation, voxel_size=model.suggested_voxel_size, segments=last, progress=False)
+    scores = {}
+    for steps, shift in tqdm(grid, desc="sampler", disable=not progress):
+        candidate = WanWorldModel(out, memory_dir="auto", depth_estimator=ConstantDepth(), num_inference_steps=int(steps),
+                                  flow_shift=shift)
+        frames, _ = generate_returns(candidate, samples, True, args.seed)
+        scores[f"{int(steps)}:{shift:g}"] = revisit_scores(frames, validation, samples)["psnr"]
+    best = max(scores, key=scores.get)
+    steps, shift = best.split(":")
+    return {"steps": int(steps), "shift": float(shift), "scores": scores}
 
 
 def store_half(path: Path) -> None:
@@ -301,7 +337,7 @@ def main(argv=None) -> dict:
     started = time.perf_counter()
     if not (data / "dataset.json").is_file():
         # Evaluating shipped weights needs only the held-out clips.
-        train_clips = 0 if args.no_train else args.train_clips
+        train_clips = 0 if args.no_train else args.train_clips + args.val_clips
         export_dataset(data, ExportConfig(train_clips=train_clips, test_clips=args.test_clips), progress=progress)
     export_s = time.perf_counter() - started
     training = {}
@@ -321,6 +357,7 @@ def main(argv=None) -> dict:
     if training:
         result["timings_s"] = training["timings"]
         result["final_loss"] = {k: float(np.mean(v[-100:])) for k, v in training["losses"].items()}
+        result["sampler"] = training["sampler"]
     result["note"] = ("teacher-forced revisit of the last segment of held-out clips (scene seeds >= 1e6); "
                       "PSNR over all pixels of the returning frames vs the first visit from the same pose; "
                       "*_static leaves out the moving crate; ceiling = the procedural world's own return")

@@ -13,21 +13,28 @@ import numpy as np
 
 
 def _make_env(args, **overrides):
+    """The env of ``--env`` with the command's env flags (one EnvConfig, as gym.make would build it)."""
     import gymnasium as gym
 
     import mirage_env  # noqa: F401  (registers the ids)
+    from mirage_env.config import options_from_args
+    from mirage_env.env import MirageEnv
 
-    kwargs = {"image_size": args.image_size, "use_memory": not args.no_memory, "max_episode_steps": 10**9}
-    if getattr(args, "backend", None):
-        kwargs["backend"] = args.backend
-    if getattr(args, "checkpoint", None):
-        kwargs["checkpoint"] = args.checkpoint
+    try:
+        spec = gym.spec(args.env)
+    except gym.error.Error:
+        spec = None
+    if spec is None or spec.entry_point != "mirage_env.env:MirageEnv":
+        ids = sorted(i for i, s in gym.registry.items() if s.entry_point == "mirage_env.env:MirageEnv")
+        raise ValueError(f"--env {args.env!r} is not a Mirage env id; choose from {', '.join(ids)}")
+    options = {**spec.kwargs, **options_from_args(args), "render_mode": "rgb_array", **overrides}
+    if options["max_episode_steps"] is None:
+        # No limit asked for: the whole run is one episode (gym.make would only wrap a TimeLimit
+        # around the env, so the env is built directly and gets the limit itself).
+        options["max_episode_steps"] = 10**9
     if getattr(args, "scene", None):
-        kwargs["backend_options"] = {"scene": args.scene}
-    if getattr(args, "memory_horizon", None):
-        kwargs["memory_horizon"] = args.memory_horizon
-    kwargs.update(overrides)
-    return gym.make(args.env, render_mode="rgb_array", disable_env_checker=True, **kwargs).unwrapped
+        options["backend_options"] = {**options.get("backend_options", {}), "scene": args.scene}
+    return MirageEnv(**options)
 
 
 def _policy(name: str, env, seed: int):
@@ -171,16 +178,13 @@ def _moving_pixels(env) -> np.ndarray | None:
 
 
 def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
+    from mirage_env.config import add_env_arguments
+
     parser.add_argument("--env", default="Mirage/Explore-v0", help="registered env id")
-    parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--no-memory", action="store_true", help="ablation: the generator ignores memory")
-    parser.add_argument("--backend", default=None, help="procedural (default) or wan")
-    parser.add_argument("--checkpoint", default=None,
-                        help="backend wan: a local Wan2.2 diffusers directory, or procedural-wan-mini (shipped)")
-    parser.add_argument("--memory-horizon", type=int, default=None,
-                        help="ablation: read only what the last K segments wrote or saw (default: full memory)")
     parser.add_argument("--scene", default=None, choices=["indoor", "outdoor"], help="procedural scene kind")
+    # Every EnvConfig option with a command-line spelling; no episode limit unless asked.
+    add_env_arguments(parser, defaults={"max_episode_steps": None})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -189,7 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = commands.add_parser("rollout", help="run a policy and write a video")
     _add_env_arguments(p)
-    p.add_argument("--policy", default="random", help="random | loop | orbit | lawnmower | path/to/model.zip")
+    from mirage_env.agents.scripted import POLICIES
+
+    p.add_argument("--policy", default="random", help=f"{' | '.join(POLICIES)} | path/to/model.zip")
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", default="rollout.mp4", help="video path (.mp4 or .gif)")
     p.add_argument("--fps", type=int, default=15)
