@@ -14,15 +14,14 @@ many pass at ``--threshold`` (the task's default, ``ReturnHomeTask``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
-from pathlib import Path
 
 import numpy as np
-
 from mirage_env.agents.evaluate import evaluate, make_env
 from mirage_env.agents.scripted import make_policy
 from mirage_env.tasks import ReturnHomeTask
+
+from mirage_env.benchreport import header, write_json
 
 
 def revisit_psnrs(use_memory: bool, episodes: int, seed: int) -> np.ndarray:
@@ -40,7 +39,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.episodes < 1:
         parser.error(f"--episodes must be >= 1, got {args.episodes}")
-    result = {"episodes": args.episodes, "threshold": args.threshold}
+    result = {**header(args), "episodes": args.episodes, "threshold": args.threshold}
     print(f"{'memory':<8}{'returns':>9}{'median dB':>11}{'min dB':>8}{'max dB':>8}{'pass':>8}")
     for use_memory in (True, False):
         values = revisit_psnrs(use_memory, args.episodes, args.seed)
@@ -49,9 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
         result[f"memory_{tag}"] = {"returns": len(values), "median": float(np.median(values)), "min": float(values.min()),
                                    "max": float(values.max()), "pass_fraction": passing}
         print(f"{tag:<8}{len(values):>9}{np.median(values):>11.1f}{values.min():>8.1f}{values.max():>8.1f}{passing:>8.0%}")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, result)
     return result
 
 

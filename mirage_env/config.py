@@ -261,11 +261,9 @@ class EnvConfig:
                                  f"{world.memory.horizon}; build the World with memory_options={{'horizon': "
                                  f"{horizon}}} or drop memory_horizon")
         task = self.make_task()
-        a = self.agent
-        batch = AgentBatch(world, task, agents_per_world=agents_per_world, action_type=a.action_type,
-                           frames_per_step=a.frames_per_step, motion=a.motion, max_episode_steps=a.max_episode_steps,
-                           observations=a.observations, collision_distance=a.collision_distance,
-                           start_spread=a.start_spread, team_slots=team_slots)
+        # Every AgentConfig field is an AgentBatch argument of the same name.
+        agent = {f.name: getattr(self.agent, f.name) for f in dataclasses.fields(AgentConfig)}
+        batch = AgentBatch(world, task, agents_per_world=agents_per_world, team_slots=team_slots, **agent)
         return world, task, batch
 
     def make_task(self):
