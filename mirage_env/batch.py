@@ -35,7 +35,8 @@ class AgentBatch:
             (``latent_frames``, e.g. Wan's ``frames_per_segment``), else 1. A number that
             conflicts with the model's segment length is refused.
         motion: step lengths and angles (a MotionConfig, a dict of its fields, or None for the defaults).
-        max_episode_steps: truncation horizon.
+        max_episode_steps: truncation horizon; None: the batch never truncates (a
+            Gymnasium ``TimeLimit`` around the env, or the caller, ends episodes).
         observations: which of "rgb", "pose", "depth", "latent" to return.
         collision_distance: FORWARD motion is refused when the depth straight ahead
             is shorter than the step plus this margin (collision from what the camera sees;
@@ -56,7 +57,7 @@ class AgentBatch:
         action_type: str = "discrete",
         frames_per_step: int | None = None,
         motion: MotionConfig | dict | None = None,
-        max_episode_steps: int = 500,
+        max_episode_steps: int | None = 500,
         observations: tuple[str, ...] = ("rgb", "pose"),
         collision_distance: float = 0.3,
         start_spread: float = 0.5,
@@ -68,8 +69,8 @@ class AgentBatch:
         if unknown or not observations:
             raise ValueError(f"observations must be a non-empty subset of {OBSERVATION_KEYS}, got {observations}")
         frames_per_step = self._frames_per_step(world.model, frames_per_step)
-        if max_episode_steps < 1:
-            raise ValueError(f"max_episode_steps must be >= 1, got {max_episode_steps}")
+        if max_episode_steps is not None and max_episode_steps < 1:
+            raise ValueError(f"max_episode_steps must be >= 1 or None, got {max_episode_steps}")
         if agents_per_world > 1 and world.model.latent.temporal_factor > 1:
             raise ValueError(
                 "several agents per world need a world model without temporal compression: a video VAE "
@@ -220,7 +221,8 @@ class AgentBatch:
 
         all_agents = np.arange(self.num_agents)
         scored = self.task.step(self.view, all_agents)
-        truncated = (self.steps >= self.max_episode_steps) & ~scored.terminated
+        limit = self.max_episode_steps if self.max_episode_steps is not None else np.iinfo(np.int64).max
+        truncated = (self.steps >= limit) & ~scored.terminated
         infos = self._infos(all_agents, scored.metrics)
         return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
 

@@ -74,6 +74,8 @@ class MemoryConfig:
         "memory voxel edge in metres (default: the world model's suggestion)", type=float))
     memory_horizon: int | None = field(default=None, metadata=_cli(
         "ablation: read only what the last K segments wrote or saw (default: full memory)", type=int))
+    memory_write: str = field(default="unseen", metadata=_cli(
+        "what a segment writes back: unseen (only what memory did not supply) or all", choices=("unseen", "all")))
     # Any other LatentSpatialMemory argument (brick_size, max_bricks_per_world, merge, ...).
     memory_options: Mapping[str, Any] = field(default_factory=dict)
 
@@ -135,7 +137,8 @@ class WorldConfig:
 
         model = make_model(self.backend, image_size=self.image_size, checkpoint=self.checkpoint, **self.backend_options)
         return World(model, num_worlds=num_worlds, use_memory=self.memory.use_memory,
-                     voxel_size=self.memory.voxel_size, memory_options=self.memory.memory_kwargs())
+                     voxel_size=self.memory.voxel_size, memory_options=self.memory.memory_kwargs(),
+                     write=self.memory.memory_write)
 
 
 def _backend_option_names(backend: str) -> tuple[str, ...]:
@@ -155,7 +158,8 @@ class AgentConfig:
     frames_per_step: int | None = field(default=None, metadata=_cli(
         "latent frames per step (default: the world model's segment length, else 1)", type=int))
     motion: MotionConfig = field(default_factory=MotionConfig)
-    max_episode_steps: int = field(default=500, metadata=_cli("steps before an episode is truncated", type=int))
+    # None: the env never truncates by itself (gym.make's TimeLimit, or the caller, ends episodes).
+    max_episode_steps: int | None = field(default=500, metadata=_cli("steps before an episode is truncated", type=int))
     observations: tuple[str, ...] = field(default=("rgb", "pose"), metadata=_cli(
         f"comma-separated observation keys from {', '.join(OBSERVATION_KEYS)} (the task adds its own)",
         type=lambda text: tuple(k for k in text.split(",") if k)))
@@ -177,7 +181,8 @@ class AgentConfig:
         if unknown or not observations:
             raise ValueError(f"observations must be a non-empty subset of {OBSERVATION_KEYS}, got {self.observations!r}")
         object.__setattr__(self, "observations", observations)
-        object.__setattr__(self, "max_episode_steps", _positive_int(self.max_episode_steps, "max_episode_steps"))
+        object.__setattr__(self, "max_episode_steps",
+                           _positive_int(self.max_episode_steps, "max_episode_steps", allow_none=True))
         object.__setattr__(self, "frames_per_step", _positive_int(self.frames_per_step, "frames_per_step", allow_none=True))
         for name in ("collision_distance", "start_spread"):
             value = getattr(self, name)

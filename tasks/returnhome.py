@@ -161,7 +161,9 @@ class ReturnHomeTask(Task):
 
         turn = np.abs(_wrap(self.home_yaw[agents] - view.rigs[agents, 3]))
         home = (self.phase[agents] == HOMEBOUND) & (distance <= self.home_distance) & (turn <= self.heading_tolerance)
-        ending = view.steps[agents] >= view.max_episode_steps
+        # Without a limit of its own (a TimeLimit wrapper ends the episode) the last step is unknown.
+        limit = view.max_episode_steps
+        ending = view.steps[agents] >= limit if limit is not None else np.zeros(len(agents), bool)
         revisit = np.full(len(agents), math.nan)
         for i in np.flatnonzero(home | ending):
             agent = agents[i]

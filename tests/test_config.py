@@ -97,3 +97,20 @@ def test_one_action_check_serves_every_env_and_names_the_agent():
     env.reset(seed=0)
     with pytest.raises(ValueError, match="shape"):
         env.step(np.zeros((3, 2)))
+
+
+def test_a_new_option_reaches_every_env_the_cli_and_training_from_one_field():
+    from mirage_env.agents import evaluate, train
+    from mirage_env.cli import build_parser
+
+    assert MirageEnv(memory_write="all", image_size=16).world.write == "all"
+    assert MirageVectorEnv(2, memory_write="all", image_size=16).world.write == "all"
+    assert MirageParallelEnv(2, memory_write="all", image_size=16).world.write == "all"
+    assert gym.make("Mirage/Explore-v0", memory_write="all", image_size=16).unwrapped.world.write == "all"
+    args = build_parser().parse_args(["rollout", "--memory-write", "all"])
+    assert options_from_args(args)["memory_write"] == "all"
+    for module in (train, evaluate):
+        parser = argparse.ArgumentParser()
+        module.add_arguments(parser)
+        assert options_from_args(parser.parse_args(["--memory-write", "all"]))["memory_write"] == "all"
+    assert json.loads(EnvConfig.from_options({"memory_write": "all"}).to_json())["memory_write"] == "all"
