@@ -77,7 +77,7 @@ def list_clips(root: str | os.PathLike) -> list[Path]:
 def load_clip(folder: str | os.PathLike) -> dict[str, np.ndarray]:
     """``frames`` uint8 (F, H, W, 3), ``poses`` (F, 4, 4) relative to the first camera,
     ``intrinsics`` (4,) normalised, ``depth`` (F, H, W) and ``moving`` (F, h, w) when present."""
-    from .backends.wan_train import read_camera_file, read_clip_frames
+    from .backends.posed_clips import read_camera_file, read_clip_frames
 
     folder = Path(folder)
     track = read_camera_file(folder / "cameras.txt")

@@ -21,7 +21,7 @@ visit (the camera's field of view is 90 degrees), so a memory that only holds
 the last segments cannot show the returning view: only long-term memory can.
 
 A clip folder holds the RealEstate10K camera file ``cameras.txt`` (read by
-``mirage_env.backends.wan_train.read_camera_file``), ``frames.npz`` (or
+``mirage_env.backends.posed_clips.read_camera_file``), ``frames.npz`` (or
 ``frames/*.png``), ``depth.npz`` (z-depth at image resolution, +inf = sky) and
 ``masks.npz`` (``moving`` and ``sky`` at latent resolution, what the write
 filter must reject). Train and test clips come from disjoint scene seeds
@@ -159,8 +159,8 @@ def export_dataset(out: str | os.PathLike, config: ExportConfig = ExportConfig()
     """
     from tqdm.auto import tqdm
 
+    from .backends.posed_clips import write_posed_clip
     from .backends.procedural import ProceduralWorldModel
-    from .backends.wan_train import write_posed_clip
     from .world import World
 
     config.check()
@@ -209,7 +209,7 @@ def export_dataset(out: str | os.PathLike, config: ExportConfig = ExportConfig()
 
 def revisit_pairs(clip: str | os.PathLike) -> tuple[np.ndarray, np.ndarray]:
     """For an exported clip: (return frame indices, visit frame indices seen from the same poses)."""
-    from .backends.wan_train import read_camera_file
+    from .backends.posed_clips import read_camera_file
 
     track = read_camera_file(Path(clip) / "cameras.txt")
     w2c = track.w2c

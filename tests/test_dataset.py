@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mirage_env.backends.wan_train import PosedClipDataset, read_camera_file
+from mirage_env.backends.posed_clips import PosedClipDataset, read_camera_file
 from mirage_env.dataset import TEST_SEED_OFFSET, TRAJECTORY_KINDS, ExportConfig, export_dataset, make_trajectory, revisit_pairs
 from mirage_env.geometry import poses_from_rigs
 from mirage_env.metrics import psnr

@@ -48,7 +48,8 @@ def _poses(batch, frames):
 
 
 def test_missing_checkpoint_says_what_and_how(tmp_path, checkpoint):
-    from mirage_env.backends.wan import CheckpointNotFoundError, WanWorldModel
+    from mirage_env.backends.wan import WanWorldModel
+    from mirage_env.backends.wan_checkpoint import CheckpointNotFoundError
 
     with pytest.raises(CheckpointNotFoundError, match="huggingface-cli download Wan-AI/Wan2.2-TI2V-5B-Diffusers"):
         WanWorldModel(tmp_path / "nothing")
@@ -193,7 +194,7 @@ def test_start_and_generate_follow_the_protocol(model):
 
 
 def _tiny_dataset(root: Path, camera, clips: int = 1, frames: int = 10):
-    from mirage_env.backends.wan_train import write_posed_clip
+    from mirage_env.backends.posed_clips import write_posed_clip
 
     rng = np.random.default_rng(0)
     for c in range(clips):
@@ -204,7 +205,7 @@ def _tiny_dataset(root: Path, camera, clips: int = 1, frames: int = 10):
 
 
 def test_camera_file_round_trip(tmp_path):
-    from mirage_env.backends.wan_train import read_camera_file, write_camera_file
+    from mirage_env.backends.posed_clips import read_camera_file, write_camera_file
     from mirage_env.geometry import Camera
 
     camera = Camera(50.0, 60.0, 32.0, 30.0, 64, 64)
@@ -221,8 +222,9 @@ def test_camera_file_round_trip(tmp_path):
 
 
 def test_training_stages_lower_loss_save_load_and_resume(tmp_path, checkpoint):
+    from mirage_env.backends.posed_clips import PosedClipDataset
     from mirage_env.backends.wan import WanWorldModel
-    from mirage_env.backends.wan_train import MemoryBranchTrainer, PosedClipDataset, TrainArgs
+    from mirage_env.backends.wan_train import MemoryBranchTrainer, TrainArgs
 
     def make_model(memory_dir=None):
         return WanWorldModel(checkpoint, memory_dir=memory_dir, image_size=SIZE, frames_per_segment=FRAMES,

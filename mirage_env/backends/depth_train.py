@@ -40,6 +40,9 @@ Choices, and why:
 
 Shapes: frames are uint8 (N, H, W, 3), depth is float32 (N, H, W) z-depth with
 +inf for sky, as everywhere in mirage_env.
+
+One file because it is one recipe: the data, model, metrics and training loop share the
+constants below (depth range, sky threshold, patch size, seeds) that the choices explain.
 """
 
 from __future__ import annotations

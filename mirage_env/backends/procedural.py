@@ -23,6 +23,9 @@ It stands in for a video diffusion model, honestly:
 
 Everything is batched over worlds and frames: one call renders (B, T, H*W) rays
 against (B, K) boxes with a handful of tensor ops.
+
+One file because it is one class: drawing scenes, ray casting and shading all read and
+write ``ProceduralWorldModel``'s per-world tensors (boxes, motion, appearance, what is in view).
 """
 
 from __future__ import annotations

@@ -25,12 +25,14 @@ Latents in and out are normalised with the VAE's ``latents_mean`` / ``latents_st
 Nothing is downloaded: every component comes from ``from_pretrained(local_dir,
 local_files_only=True)``; a missing piece raises :class:`CheckpointNotFoundError`
 saying what is missing and how to get it.
+
+One file because it is one class: loading, codec, text, sampler, depth, ``start`` and
+``generate`` all use the modules ``WanWorldModel`` loaded, so a split would scatter one object.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import warnings
@@ -43,64 +45,16 @@ from tqdm.auto import tqdm
 
 from ..geometry import Camera, check_pose
 from .base import LatentSpec, Segment, SegmentRequest
+from .wan_checkpoint import (
+    CheckpointNotFoundError,  # noqa: F401  (still importable from wan: users catch it here)
+    _vae_class_name,
+    check_checkpoint,
+)
 
 __all__ = [
     "WanWorldModel",
-    "CheckpointNotFoundError",
-    "check_checkpoint",
     "latent_frame_count",
-    "HF_REPO",
 ]
-
-HF_REPO = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
-
-# What each component folder must hold to be loadable (any one of the alternatives).
-_COMPONENT_FILES = {
-    "vae": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]),
-    "transformer": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]),
-    "scheduler": (["scheduler_config.json"], None),
-    "text_encoder": (["config.json"], ["model.safetensors", "model.safetensors.index.json"]),
-    "tokenizer": (["tokenizer_config.json"], ["tokenizer.json", "spiece.model"]),
-}
-
-
-class CheckpointNotFoundError(FileNotFoundError):
-    """A Wan checkpoint directory is missing or lacks components."""
-
-
-def check_checkpoint(directory: str | os.PathLike, components=("vae", "transformer", "scheduler", "text_encoder", "tokenizer")) -> Path:
-    """Raise CheckpointNotFoundError listing every missing file of ``components``."""
-    directory = Path(directory)
-    how = (
-        f"Get the weights on a machine with internet access with\n"
-        f"    huggingface-cli download {HF_REPO} --local-dir {directory}\n"
-        f"and copy the directory here (nothing is downloaded at run time)."
-    )
-    if not directory.is_dir():
-        raise CheckpointNotFoundError(f"Wan checkpoint directory {directory} does not exist.\n{how}")
-    missing = []
-    for name in components:
-        required, any_of = _COMPONENT_FILES[name]
-        if name == "vae" and _vae_class_name(directory) == "PatchDCTAutoencoder":
-            any_of = None  # a fixed transform: its config is the whole model
-        folder = directory / name
-        for file in required:
-            if not (folder / file).is_file():
-                missing.append(f"{name}/{file}")
-        if any_of and not any((folder / f).is_file() for f in any_of):
-            missing.append(f"{name}/{' or '.join(any_of)}")
-    if missing:
-        raise CheckpointNotFoundError(
-            f"Wan checkpoint {directory} is incomplete; missing: {', '.join(missing)}.\n{how}"
-        )
-    return directory
-
-
-def _vae_class_name(directory: Path) -> str | None:
-    try:
-        return json.loads((Path(directory) / "vae" / "config.json").read_text()).get("_class_name")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def latent_frame_count(frames: int, temporal_factor: int = 4) -> int:

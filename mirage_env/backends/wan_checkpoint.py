@@ -7,7 +7,8 @@ depth model folders), so ``WanWorldModel(checkpoint)`` runs as trained without
 the caller repeating them. Arguments given explicitly still win.
 
 Checkpoints shipped inside the package are found by name, e.g.
-``checkpoint="procedural-wan-mini"``.
+``checkpoint="procedural-wan-mini"``. ``check_checkpoint`` says which component
+files a directory lacks and how to get them (nothing is downloaded at run time).
 """
 
 from __future__ import annotations
@@ -17,7 +18,16 @@ import os
 from pathlib import Path
 from typing import Any
 
-__all__ = ["SHIPPED_CHECKPOINTS", "WORLD_DEFAULTS_FILE", "resolve_checkpoint", "read_world_defaults", "write_world_defaults"]
+__all__ = [
+    "HF_REPO",
+    "SHIPPED_CHECKPOINTS",
+    "WORLD_DEFAULTS_FILE",
+    "CheckpointNotFoundError",
+    "check_checkpoint",
+    "resolve_checkpoint",
+    "read_world_defaults",
+    "write_world_defaults",
+]
 
 WORLD_DEFAULTS_FILE = "mirage_world.json"
 SHIPPED_DIR = Path(__file__).resolve().parent.parent / "checkpoints"
@@ -45,6 +55,57 @@ _FIELDS: dict[str, tuple[Any, str]] = {
     "max_sequence_length": (lambda v: isinstance(v, int) and v >= 1, "an integer >= 1"),
     "training": (lambda v: isinstance(v, dict), "an object"),
 }
+
+
+HF_REPO = "Wan-AI/Wan2.2-TI2V-5B-Diffusers"
+
+# What each component folder must hold to be loadable (any one of the alternatives).
+_COMPONENT_FILES = {
+    "vae": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]),
+    "transformer": (["config.json"], ["diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.safetensors.index.json"]),
+    "scheduler": (["scheduler_config.json"], None),
+    "text_encoder": (["config.json"], ["model.safetensors", "model.safetensors.index.json"]),
+    "tokenizer": (["tokenizer_config.json"], ["tokenizer.json", "spiece.model"]),
+}
+
+
+class CheckpointNotFoundError(FileNotFoundError):
+    """A Wan checkpoint directory is missing or lacks components."""
+
+
+def check_checkpoint(directory: str | os.PathLike, components=("vae", "transformer", "scheduler", "text_encoder", "tokenizer")) -> Path:
+    """Raise CheckpointNotFoundError listing every missing file of ``components``."""
+    directory = Path(directory)
+    how = (
+        f"Get the weights on a machine with internet access with\n"
+        f"    huggingface-cli download {HF_REPO} --local-dir {directory}\n"
+        f"and copy the directory here (nothing is downloaded at run time)."
+    )
+    if not directory.is_dir():
+        raise CheckpointNotFoundError(f"Wan checkpoint directory {directory} does not exist.\n{how}")
+    missing = []
+    for name in components:
+        required, any_of = _COMPONENT_FILES[name]
+        if name == "vae" and _vae_class_name(directory) == "PatchDCTAutoencoder":
+            any_of = None  # a fixed transform: its config is the whole model
+        folder = directory / name
+        for file in required:
+            if not (folder / file).is_file():
+                missing.append(f"{name}/{file}")
+        if any_of and not any((folder / f).is_file() for f in any_of):
+            missing.append(f"{name}/{' or '.join(any_of)}")
+    if missing:
+        raise CheckpointNotFoundError(
+            f"Wan checkpoint {directory} is incomplete; missing: {', '.join(missing)}.\n{how}"
+        )
+    return directory
+
+
+def _vae_class_name(directory: Path) -> str | None:
+    try:
+        return json.loads((Path(directory) / "vae" / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def resolve_checkpoint(checkpoint: str | os.PathLike) -> Path:

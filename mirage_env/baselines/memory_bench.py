@@ -36,6 +36,9 @@ Two settings in one run:
   8x, 48 channels, per frame), whose latents are the real encoding of the
   scene, run for ``--loops`` laps of the same path, so the plot shows the latent
   memory bounded by the explored space while the colour memory keeps growing.
+
+One file because it is one benchmark: the room, the loop, the per-setting run, the
+summary, the plot and the options all describe the same measured run and its JSON.
 """
 
 from __future__ import annotations

@@ -4,6 +4,7 @@ The brick index (:mod:`.index`, with :mod:`.chunks`) says where entries are, the
 pool (:mod:`.pool`) holds them, the write clocks (:mod:`.horizon`) age them; :mod:`.lift`,
 :mod:`.merge`, :mod:`.raster` and :mod:`.fileformat` are the steps of a write, a read and
 a save. This module holds the order of those steps and the checks at the edge.
+It stays one file because it is one class whose methods are the memory's public surface.
 """
 
 from __future__ import annotations
