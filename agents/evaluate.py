@@ -1,11 +1,11 @@
 """Evaluate a policy on a task: success rate, SPL and path length over K episodes.
 
     mirage-env evaluate --task pointnav --policy waypoint --episodes 100 --json out.json
-    mirage-env evaluate --task pointnav --policy model.zip --episodes 100 --video eval.mp4
+    mirage-env evaluate --task pointnav --policy pointnav --episodes 100 --video eval.mp4
 
-``--policy`` is a scripted policy name (random, waypoint, ...) or a model saved
-by ``mirage-env train``; a model's image size and observation keys come from
-its observation space, and its task settings from the ``.json`` saved beside it
+``--policy`` is a scripted policy name (random, waypoint, ...) or a policy saved
+by ``mirage-env train`` (``pointnav.safetensors`` + ``pointnav.json``, loaded
+without pickle; see ``policy_file``); its env settings come from its JSON
 (flags given here override them). Episode ``i`` uses seed ``--seed + i``, so two
 policies evaluated with the same flags meet the same worlds and goals.
 """
@@ -16,11 +16,13 @@ import argparse
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 
+from mirage_env.cli_types import non_negative_int, output_file, positive_int, video_file
 from mirage_env.config import add_env_arguments, options_from_args
 
 # Where training and evaluation differ from the env's defaults (EnvConfig): a shorter
@@ -74,8 +76,14 @@ class ModelPolicy:
         self.model, self.deterministic = model, deterministic
 
     def reset(self, seed: int | None = None) -> None:
-        if seed is not None:
+        if seed is None:
+            return
+        if hasattr(self.model, "set_random_seed"):  # an SB3 algorithm
             self.model.set_random_seed(seed)
+        else:  # a bare policy samples from torch's generator
+            import torch
+
+            torch.manual_seed(seed)
 
     def __call__(self, observation, info=None) -> int:
         return int(self.model.predict(observation, deterministic=self.deterministic)[0])
@@ -103,17 +111,32 @@ def model_settings(path: str | Path, model) -> dict:
     return settings
 
 
-def load_policy(spec: str, seed: int = 0, deterministic: bool = True):
-    """(policy, settings or None): a scripted policy by name, or a saved SB3 model (.zip)."""
+def load_policy(spec: str, seed: int = 0, deterministic: bool = True, trust_pickle: bool = False):
+    """(policy, env options or None): a scripted policy by name, a policy saved by ``mirage-env
+    train`` (NAME, NAME.json or NAME.safetensors: no pickle), or, only with ``trust_pickle``,
+    an SB3 ``.zip``."""
+    from .policy_file import load_policy_file, policy_paths
+
     if spec.endswith(".zip"):
+        if not trust_pickle:
+            raise ValueError(f"{spec} is a Stable-Baselines3 zip, a pickle: loading it runs any code it carries. "
+                             "Load it only if you trust where it came from (--trust-pickle); mirage-env train saves "
+                             "NAME.safetensors + NAME.json, which load without running code")
         from stable_baselines3 import PPO
 
         if not Path(spec).exists():
-            raise FileNotFoundError(f"no model at {spec}; train one with `mirage-env train --out {spec}`")
+            raise FileNotFoundError(f"no model at {spec}; train one with `mirage-env train --out NAME`")
         model = PPO.load(spec, device="cpu")
         return ModelPolicy(model, deterministic), model_settings(spec, model)
-    from mirage_env.agents.scripted import make_policy
+    weights, document = policy_paths(spec)
+    if spec.endswith((".json", ".safetensors")) or document.exists():
+        policy, options = load_policy_file(spec)
+        return ModelPolicy(policy, deterministic), env_config(**options).options()
+    from mirage_env.agents.scripted import POLICIES, make_policy
 
+    if spec not in POLICIES and ("/" in spec or os.sep in spec):
+        raise FileNotFoundError(f"no policy at {spec} ({document.name} missing); train one with "
+                                f"`mirage-env train --out {spec}`")
     return make_policy(spec, seed=seed), None
 
 
@@ -150,18 +173,21 @@ def evaluate(env, policy, episodes: int, seed: int = 0, video_episodes: int = 0,
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, help="pointnav (default) | returnhome | explore")
-    parser.add_argument("--policy", default="waypoint", help="random | waypoint | ... | path/to/model.zip")
-    parser.add_argument("--episodes", type=int, default=20)
-    parser.add_argument("--seed", type=int, default=10_000, help="episode i uses seed + i")
+    parser.add_argument("--policy", default="waypoint",
+                        help="random | waypoint | ... | NAME of a policy saved by mirage-env train")
+    parser.add_argument("--trust-pickle", action="store_true",
+                        help="allow --policy X.zip (a Stable-Baselines3 pickle: loading it can run code)")
+    parser.add_argument("--episodes", type=positive_int, default=20)
+    parser.add_argument("--seed", type=non_negative_int, default=10_000, help="episode i uses seed + i")
     parser.add_argument("--task-option", action="append", metavar="KEY=VALUE",
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
     # Env flags given here override the settings saved beside a model; others keep them.
     add_env_arguments(parser, suppress=True)
     parser.add_argument("--stochastic", action="store_true", help="sample a model's actions instead of argmax")
-    parser.add_argument("--video", default=None, help="write the first --video-episodes episodes here (.mp4/.gif)")
-    parser.add_argument("--video-episodes", type=int, default=3)
-    parser.add_argument("--json", default=None, help="write the summary here")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for these small tensors)")
+    parser.add_argument("--video", type=video_file, default=None, help="write the first --video-episodes episodes here (.mp4/.gif)")
+    parser.add_argument("--video-episodes", type=positive_int, default=3)
+    parser.add_argument("--json", type=output_file, default=None, help="write the summary here")
+    parser.add_argument("--threads", type=positive_int, default=1, help="torch threads (1 is fastest for these small tensors)")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -188,7 +214,8 @@ def _main(args) -> dict:
 
     if args.episodes < 1:
         raise ValueError(f"--episodes must be >= 1, got {args.episodes}")
-    policy, settings = load_policy(args.policy, seed=args.seed, deterministic=not args.stochastic)
+    policy, settings = load_policy(args.policy, seed=args.seed, deterministic=not args.stochastic,
+                                   trust_pickle=args.trust_pickle)
     settings = dict(settings or env_config().options())
     settings.update(options_from_args(args))
     if args.task is not None:

@@ -1,11 +1,12 @@
 """Train an agent with Stable-Baselines3 PPO, save it, evaluate it.
 
-    mirage-env train --task pointnav --algo ppo --timesteps 50000 --num-envs 4 --out pointnav.zip --json out.json
+    mirage-env train --task pointnav --algo ppo --timesteps 50000 --num-envs 4 --out pointnav --json out.json
 
 Reads top to bottom: arguments -> vectorised envs -> PPO on the Dict
 observation (``MultiInputPolicy``: a CNN on ``rgb``, the vectors concatenated)
--> learn under a progress bar -> save (model + a ``.json`` of the env settings
-beside it, which ``mirage-env evaluate`` reads) -> evaluate over held-out seeds.
+-> learn under a progress bar -> save (``NAME.safetensors`` weights + ``NAME.json``
+with the network and env settings, no pickle; ``mirage-env evaluate --policy NAME``
+reads them) -> evaluate over held-out seeds.
 """
 
 from __future__ import annotations
@@ -18,10 +19,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from mirage_env.cli_types import (non_negative_float, non_negative_int, output_file, positive_float,
+                                  positive_int)
 from mirage_env.config import add_env_arguments, options_from_args
 
 from .evaluate import (AGENT_ENV_DEFAULTS, ModelPolicy, env_config, evaluate, make_env, make_vector_env,
                        parse_task_options, torch_threads)
+from .policy_file import save_policy
 
 ALGOS = ("ppo",)
 VEC_KINDS = ("native", "auto", "dummy", "subproc")
@@ -30,8 +34,8 @@ VEC_KINDS = ("native", "auto", "dummy", "subproc")
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="pointnav", help="pointnav | returnhome | explore")
     parser.add_argument("--algo", default="ppo", choices=ALGOS)
-    parser.add_argument("--timesteps", type=int, default=50_000)
-    parser.add_argument("--num-envs", type=int, default=4)
+    parser.add_argument("--timesteps", type=positive_int, default=50_000)
+    parser.add_argument("--num-envs", type=positive_int, default=4)
     parser.add_argument("--vec", default="native", choices=VEC_KINDS,
                         help="how envs run side by side: native = one batched world model call for all envs "
                              "(mirage_env.vector; auto means the same); dummy / subproc = SB3's loop / processes "
@@ -40,24 +44,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="task constructor argument, e.g. max_distance=1.5 (repeatable)")
     # Every env option (--image-size: >= 36 with rgb, NatureCNN's smallest input).
     add_env_arguments(parser, defaults=AGENT_ENV_DEFAULTS)
-    parser.add_argument("--n-steps", type=int, default=128, help="PPO rollout length per env")
-    parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--n-epochs", type=int, default=4)
-    parser.add_argument("--learning-rate", type=float, default=3e-4)
-    parser.add_argument("--gamma", type=float, default=0.99)
-    parser.add_argument("--ent-coef", type=float, default=0.01)
+    parser.add_argument("--n-steps", type=positive_int, default=128, help="PPO rollout length per env")
+    parser.add_argument("--batch-size", type=positive_int, default=128)
+    parser.add_argument("--n-epochs", type=positive_int, default=4)
+    parser.add_argument("--learning-rate", type=positive_float, default=3e-4)
+    parser.add_argument("--gamma", type=non_negative_float, default=0.99)
+    parser.add_argument("--ent-coef", type=non_negative_float, default=0.01)
     parser.add_argument("--net-arch", default="64,64", help="policy/value MLP widths after the feature extractor")
-    parser.add_argument("--cnn-dim", type=int, default=64, help="features NatureCNN makes of the image")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1,
+    parser.add_argument("--cnn-dim", type=positive_int, default=64, help="features NatureCNN makes of the image")
+    parser.add_argument("--seed", type=non_negative_int, default=0)
+    parser.add_argument("--threads", type=positive_int, default=1,
                         help="torch threads; 1 is fastest for these small tensors and never oversubscribes the CPU")
-    parser.add_argument("--out", default="model.zip", help="where the trained model is saved")
-    parser.add_argument("--max-minutes", type=float, default=None,
+    parser.add_argument("--out", type=output_file, default="policy",
+                        help="policy NAME: writes NAME.safetensors (weights) + NAME.json (network and env settings)")
+    parser.add_argument("--max-minutes", type=positive_float, default=None,
                         help="stop learning after this much wall time even if --timesteps is not reached")
-    parser.add_argument("--eval-episodes", type=int, default=100)
-    parser.add_argument("--eval-seed", type=int, default=10_000, help="evaluation episode i uses eval seed + i")
+    parser.add_argument("--eval-episodes", type=positive_int, default=100)
+    parser.add_argument("--eval-seed", type=non_negative_int, default=10_000, help="evaluation episode i uses eval seed + i")
     parser.add_argument("--compare-random", action="store_true", help="also evaluate the random policy")
-    parser.add_argument("--json", default=None, help="write settings, training time and evaluation here")
+    parser.add_argument("--json", type=output_file, default=None, help="write settings, training time and evaluation here")
     parser.add_argument("--quiet", action="store_true")
 
 
@@ -146,12 +151,13 @@ def _main(args) -> dict:
                          f"use a larger image or --observations pose")
     settings = config.options()
     venv = build_vec_env(settings, args.num_envs, args.seed, args.vec, args.threads)
+    policy_kwargs = {"net_arch": [int(w) for w in args.net_arch.split(",") if w],
+                     "features_extractor_kwargs": {"cnn_output_dim": args.cnn_dim}}
 
     model = PPO(
         "MultiInputPolicy", venv, n_steps=args.n_steps, batch_size=args.batch_size, n_epochs=args.n_epochs,
         learning_rate=args.learning_rate, gamma=args.gamma, ent_coef=args.ent_coef, seed=args.seed, device="cpu",
-        policy_kwargs={"net_arch": [int(w) for w in args.net_arch.split(",") if w],
-                       "features_extractor_kwargs": {"cnn_output_dim": args.cnn_dim}},
+        policy_kwargs=policy_kwargs,
     )
     start = time.perf_counter()
     max_seconds = None if args.max_minutes is None else 60.0 * args.max_minutes
@@ -159,10 +165,8 @@ def _main(args) -> dict:
     train_seconds = time.perf_counter() - start
     venv.close()
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    model.save(out)
-    out.with_suffix(".json").write_text(json.dumps(settings, indent=2))
+    weights, spec = save_policy(model, args.out, settings, policy_kwargs)
+    out = spec.with_suffix("")
 
     env = make_env(**settings)
     trained = evaluate(env, ModelPolicy(model), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)

@@ -28,7 +28,7 @@ EASY = ["--task-option", "min_distance=1.0", "--task-option", "max_distance=2.0"
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", default="benchmarks/results/train_pointnav.json")
-    parser.add_argument("--out", default="benchmarks/results/pointnav_ppo.zip")
+    parser.add_argument("--out", default="benchmarks/results/pointnav_ppo", help="policy NAME (.safetensors + .json)")
     parser.add_argument("--timesteps", type=int, default=150_000)
     parser.add_argument("--minutes", type=float, default=12.0, help="training wall-time cap (evaluation comes after)")
     parser.add_argument("--num-envs", type=int, default=8)

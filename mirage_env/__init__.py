@@ -4,6 +4,7 @@ Importing the package is cheap: torch-heavy parts (diffusers, peft, SB3) load
 only when used.
 """
 
+from .config import DEFAULT_EPISODE_STEPS
 from .geometry import Camera, CameraRig, MotionConfig, Move
 from .memory import LatentSpatialMemory, MemoryFileError, MemoryRead
 
@@ -18,8 +19,11 @@ def _register_envs() -> None:
         if env_id not in registry:
             register(
                 id=env_id,
-                entry_point="mirage_env.env:MirageEnv",
+                entry_point="mirage_env.env:registered_env",
                 vector_entry_point="mirage_env.vector:MirageVectorEnv",
+                # gym.make wraps a TimeLimit of this (or of its max_episode_steps argument);
+                # gym.make_vec hands it to the vector env, which truncates by itself.
+                max_episode_steps=DEFAULT_EPISODE_STEPS,
                 kwargs={"task": task},
             )
 

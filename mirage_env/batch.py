@@ -318,6 +318,9 @@ class AgentBatch:
 
 
 def validate_options(options: dict | None, allowed: tuple[str, ...]) -> dict:
+    if options is not None and not isinstance(options, dict):
+        raise ValueError(f"reset options must be a dict (keys: {sorted(allowed)}), got {type(options).__name__} "
+                         f"{options!r:.60}")
     options = dict(options or {})
     unknown = sorted(set(options) - set(allowed))
     if unknown:

@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from .cli_types import non_negative_int, output_file, positive_int, video_file
 
 
 def _make_env(args, **overrides):
@@ -24,28 +27,22 @@ def _make_env(args, **overrides):
         spec = gym.spec(args.env)
     except gym.error.Error:
         spec = None
-    if spec is None or spec.entry_point != "mirage_env.env:MirageEnv":
-        ids = sorted(i for i, s in gym.registry.items() if s.entry_point == "mirage_env.env:MirageEnv")
+    if spec is None or spec.entry_point != "mirage_env.env:registered_env":
+        ids = sorted(i for i, s in gym.registry.items() if s.entry_point == "mirage_env.env:registered_env")
         raise ValueError(f"--env {args.env!r} is not a Mirage env id; choose from {', '.join(ids)}")
     options = {**spec.kwargs, **options_from_args(args), "render_mode": "rgb_array", **overrides}
-    if options["max_episode_steps"] is None:
-        # No limit asked for: the whole run is one episode (gym.make would only wrap a TimeLimit
-        # around the env, so the env is built directly and gets the limit itself).
-        options["max_episode_steps"] = 10**9
+    # max_episode_steps None (no --max-episode-steps): the whole run is one episode. The env is
+    # built directly, not by gym.make, so a given limit reaches the env itself.
     if getattr(args, "scene", None):
         options["backend_options"] = {**options.get("backend_options", {}), "scene": args.scene}
     return MirageEnv(**options)
 
 
-def _policy(name: str, env, seed: int):
-    if name.endswith(".zip"):
-        from stable_baselines3 import PPO
+def _policy(args):
+    from mirage_env.agents.evaluate import load_policy
 
-        model = PPO.load(name, device="cpu")
-        return lambda observation, info: int(model.predict(observation, deterministic=True)[0])
-    from mirage_env.agents.scripted import make_policy
-
-    return make_policy(name, seed=seed)
+    policy, _ = load_policy(args.policy, seed=args.seed, trust_pickle=args.trust_pickle)
+    return policy
 
 
 def _write_video(path: str, frames: list[np.ndarray], fps: int) -> None:
@@ -73,16 +70,17 @@ def rollout(args) -> dict:
         info = {}
     else:
         observation, info = env.reset(seed=args.seed, options=_start_options(args, env))
-    policy = _policy(args.policy, env, args.seed)
+    policy = _policy(args)
     frames = [_upscale(env.render(), args.video_scale)]
     start = time.perf_counter()
-    total_reward = 0.0
-    for _ in tqdm(range(args.steps), desc="rollout", unit="step", disable=args.quiet):
+    total_reward, episodes = 0.0, 1
+    for step in tqdm(range(args.steps), desc="rollout", unit="step", disable=args.quiet):
         observation, reward, terminated, truncated, info = env.step(policy(observation, info))
         total_reward += reward
         frames.extend(_upscale(frame, args.video_scale) for frame in env.step_frames())
-        if terminated or truncated:
+        if (terminated or truncated) and step + 1 < args.steps:
             observation, info = env.reset()
+            episodes += 1
     elapsed = time.perf_counter() - start
     if args.out:
         _write_video(args.out, frames, args.fps)
@@ -91,13 +89,14 @@ def rollout(args) -> dict:
     stats = env.world.memory.stats(bounds=False)
     summary = {
         "steps": args.steps,
+        "episodes": episodes,
         "steps_per_s": args.steps / elapsed if elapsed > 0 else math.inf,
         "reward": total_reward,
         "memory_entries": stats["entries"],
         "memory_bytes": stats["bytes"],
         "video": args.out,
     }
-    print(f"{args.steps} steps in {elapsed:.2f} s ({summary['steps_per_s']:.0f} steps/s), reward {total_reward:.2f}, "
+    print(f"{args.steps} steps ({episodes} episode{'s' if episodes > 1 else ''}) in {elapsed:.2f} s ({summary['steps_per_s']:.0f} steps/s), reward {total_reward:.2f}, "
           f"memory {stats['entries']:,} entries / {stats['bytes'] / 2**20:.2f} MiB"
           + (f", video {args.out}" if args.out else "") + (f", world saved to {args.save_world}" if args.save_world else ""))
     return summary
@@ -181,7 +180,7 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
     from mirage_env.config import add_env_arguments
 
     parser.add_argument("--env", default="Mirage/Explore-v0", help="registered env id")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--scene", default=None, choices=["indoor", "outdoor"], help="procedural scene kind")
     # Every EnvConfig option with a command-line spelling; no episode limit unless asked.
     add_env_arguments(parser, defaults={"max_episode_steps": None})
@@ -195,14 +194,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_env_arguments(p)
     from mirage_env.agents.scripted import POLICIES
 
-    p.add_argument("--policy", default="random", help=f"{' | '.join(POLICIES)} | path/to/model.zip")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--out", default="rollout.mp4", help="video path (.mp4 or .gif)")
-    p.add_argument("--fps", type=int, default=15)
-    p.add_argument("--video-scale", type=int, default=4, help="nearest-neighbour upscaling of the video")
+    p.add_argument("--policy", default="random", help=f"{' | '.join(POLICIES)} | NAME of a policy saved by mirage-env train")
+    p.add_argument("--trust-pickle", action="store_true",
+                   help="allow --policy X.zip (a Stable-Baselines3 pickle: loading it can run code)")
+    p.add_argument("--steps", type=positive_int, default=200)
+    p.add_argument("--out", type=video_file, default="rollout.mp4", help="video path (.mp4 or .gif; \"\" for none)")
+    p.add_argument("--fps", type=positive_int, default=15)
+    p.add_argument("--video-scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the video")
     p.add_argument("--start", default=None, choices=["procedural"],
                    help="backend wan: start from the first view (and depth) of a procedural scene of --seed")
-    p.add_argument("--save-world", default=None, help="save the world here at the end")
+    p.add_argument("--save-world", type=output_file, default=None, help="save the world here at the end")
     p.add_argument("--load-world", default=None, help="resume a saved world instead of starting one")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=rollout)
@@ -211,16 +212,16 @@ def build_parser() -> argparse.ArgumentParser:
     evals = p.add_subparsers(dest="evaluation", required=True)
     c = evals.add_parser("consistency", help="revisit PSNR/SSIM after a closed loop, memory on vs off")
     _add_env_arguments(c)
-    c.add_argument("--episodes", type=int, default=5)
-    c.add_argument("--side-steps", type=int, default=4)
-    c.add_argument("--json", default=None)
+    c.add_argument("--episodes", type=positive_int, default=5)
+    c.add_argument("--side-steps", type=positive_int, default=4)
+    c.add_argument("--json", type=output_file, default=None)
     c.set_defaults(func=eval_consistency)
 
     p = commands.add_parser("import-branch", help="import a memory branch trained in DiffSynth naming (the published one)")
     p.add_argument("source", help="safetensors file with DiffSynth keys (vace_blocks.N.self_attn.q.weight, ...)")
     p.add_argument("--checkpoint", required=True, help="local Wan2.2 diffusers directory the branch was trained on")
     p.add_argument("--out", required=True, help="memory_dir to write (memory_branch.safetensors + .json)")
-    p.add_argument("--vace-every", type=int, default=None, help="branch spacing in DiT layers (default: inferred)")
+    p.add_argument("--vace-every", type=positive_int, default=None, help="branch spacing in DiT layers (default: inferred)")
     p.set_defaults(func=import_branch)
 
     _add_optional_commands(commands)
@@ -255,11 +256,19 @@ def import_branch(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run a command; any failure is one line on stderr and exit status 2 (MIRAGE_DEBUG=1 shows the traceback)."""
     args = build_parser().parse_args(argv)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, RuntimeError) as error:
-        print(f"mirage-env {args.command}: error: {error}", file=sys.stderr)
+    except KeyboardInterrupt:
+        print(f"mirage-env {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as error:  # noqa: BLE001  (the CLI's edge: one line, never a traceback)
+        if os.environ.get("MIRAGE_DEBUG"):
+            raise
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        message = lines[0] if lines else type(error).__name__
+        print(f"mirage-env {args.command}: error: {message}", file=sys.stderr)
         return 2
     return 0
 

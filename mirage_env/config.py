@@ -22,6 +22,7 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
+from .cli_types import non_negative_float, positive_float, positive_int
 from .geometry import MotionConfig
 
 __all__ = ["MemoryConfig", "WorldConfig", "AgentConfig", "EnvConfig", "OBSERVATION_KEYS", "add_env_arguments",
@@ -30,6 +31,10 @@ __all__ = ["MemoryConfig", "WorldConfig", "AgentConfig", "EnvConfig", "OBSERVATI
 OBSERVATION_KEYS = ("rgb", "pose", "depth", "latent")
 ACTION_TYPES = ("discrete", "continuous")
 RENDER_MODES = ("rgb_array",)
+# A frame side past this would ask for tens of GB (frames, depth, latents per step), never a usable env.
+MAX_IMAGE_SIDE = 4096
+# The registered ids' TimeLimit, and the limit of an env built without one.
+DEFAULT_EPISODE_STEPS = 500
 
 
 def _cli(help: str, flag: str | None = None, **argparse_options) -> dict:
@@ -71,9 +76,9 @@ class MemoryConfig:
     use_memory: bool = field(default=True, metadata=_cli(
         "ablation: the generator ignores memory", flag="--no-memory", action="store_false"))
     voxel_size: float | None = field(default=None, metadata=_cli(
-        "memory voxel edge in metres (default: the world model's suggestion)", type=float))
+        "memory voxel edge in metres (default: the world model's suggestion)", type=positive_float))
     memory_horizon: int | None = field(default=None, metadata=_cli(
-        "ablation: read only what the last K segments wrote or saw (default: full memory)", type=int))
+        "ablation: read only what the last K segments wrote or saw (default: full memory)", type=positive_int))
     memory_write: str = field(default="unseen", metadata=_cli(
         "what a segment writes back: unseen (only what memory did not supply) or all", choices=("unseen", "all")))
     # Any other LatentSpatialMemory argument (brick_size, max_bricks_per_world, merge, ...).
@@ -110,7 +115,7 @@ class WorldConfig:
     """Which world model makes the frames, at what size, remembering how."""
 
     backend: str = field(default="procedural", metadata=_cli("world model: procedural (default) or wan"))
-    image_size: int | tuple[int, int] = field(default=64, metadata=_cli("frame side in pixels", type=int))
+    image_size: int | tuple[int, int] = field(default=64, metadata=_cli("frame side in pixels", type=positive_int))
     checkpoint: str | None = field(default=None, metadata=_cli(
         "backend wan: a local Wan2.2 diffusers directory, or procedural-wan-mini (shipped)"))
     # Arguments of the backend's class (ProceduralWorldModel / WanWorldModel), e.g. {"scene": "outdoor"}.
@@ -127,6 +132,8 @@ class WorldConfig:
         sides = (size, size) if isinstance(size, numbers.Integral) else tuple(size) if isinstance(size, (tuple, list)) else ()
         if len(sides) != 2 or any(isinstance(s, bool) or not isinstance(s, numbers.Integral) or s < 1 for s in sides):
             raise ValueError(f"image_size must be a positive int or (height, width), got {size!r}")
+        if max(sides) > MAX_IMAGE_SIDE:
+            raise ValueError(f"image_size {size!r} is too large: sides up to {MAX_IMAGE_SIDE} pixels")
         _check_names("backend option", self.backend_options, _backend_option_names(self.backend),
                      f" for backend {self.backend!r}")
 
@@ -156,16 +163,17 @@ class AgentConfig:
     action_type: str = field(default="discrete", metadata=_cli(
         "discrete (9 moves) or continuous (6-DoF velocity)", choices=ACTION_TYPES))
     frames_per_step: int | None = field(default=None, metadata=_cli(
-        "latent frames per step (default: the world model's segment length, else 1)", type=int))
+        "latent frames per step (default: the world model's segment length, else 1)", type=positive_int))
     motion: MotionConfig = field(default_factory=MotionConfig)
     # None: the env never truncates by itself (gym.make's TimeLimit, or the caller, ends episodes).
-    max_episode_steps: int | None = field(default=500, metadata=_cli("steps before an episode is truncated", type=int))
+    max_episode_steps: int | None = field(default=DEFAULT_EPISODE_STEPS, metadata=_cli(
+        "steps before an episode is truncated", type=positive_int))
     observations: tuple[str, ...] = field(default=("rgb", "pose"), metadata=_cli(
         f"comma-separated observation keys from {', '.join(OBSERVATION_KEYS)} (the task adds its own)",
         type=lambda text: tuple(k for k in text.split(",") if k)))
     # FORWARD is refused when the depth ahead is shorter than the step plus this margin.
     collision_distance: float = field(default=0.3, metadata=_cli(
-        "metres kept between the camera and what it sees ahead", type=float))
+        "metres kept between the camera and what it sees ahead", type=non_negative_float))
     start_spread: float = 0.5
 
     def __post_init__(self):

@@ -152,3 +152,18 @@ class MirageEnv(gym.Env):
             self.np_random = np.random.Generator(np.random.PCG64())
             self.np_random.bit_generator.state = state["np_random"]
         self._needs_reset = bool(state.get("needs_reset", False))
+
+
+def registered_env(**options) -> MirageEnv:
+    """The entry point of the registered ids (``gym.make("Mirage/...")``).
+
+    ``gym.make(id, max_episode_steps=N)`` never passes N to the env: it wraps the env
+    in a ``TimeLimit`` of N (500 by default, the registered value, which
+    ``env.spec.max_episode_steps`` shows). So an env made this way has no limit of
+    its own unless one is given as an option, and the wrapper's N is the one limit.
+    """
+    options.setdefault("max_episode_steps", None)
+    return MirageEnv(**options)
+
+
+registered_env.metadata = MirageEnv.metadata  # gym.make reads the entry point's render modes

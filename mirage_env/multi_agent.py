@@ -133,6 +133,8 @@ class MirageParallelEnv(ParallelEnv):
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is not None:
             self._np_random, _ = seeding.np_random(seed)
+        if options is not None and not isinstance(options, dict):
+            raise ValueError(f"reset options must be a dict (keys: {sorted(RESET_OPTIONS)}), got {type(options).__name__}")
         options = dict(options or {})
         unknown = sorted(set(options) - set(RESET_OPTIONS))
         if unknown:

@@ -126,9 +126,8 @@ class MirageVectorEnv(VectorEnv):
 
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
         seeds = self._seeds_for(seed)
-        options = dict(options or {})
+        options = validate_options(options, (*RESET_OPTIONS, "reset_mask"))
         mask = self._reset_mask(options.pop("reset_mask", None))
-        options = validate_options(options, RESET_OPTIONS)
         if isinstance(seed, (int, np.integer)) and not isinstance(seed, bool):
             super().reset(seed=int(seed))  # the vector-level np_random, for wrappers that use it
         envs = np.flatnonzero(mask)

@@ -69,11 +69,11 @@ def test_returning_home_succeeds_more_often_with_memory(tmp_path):
 
 @pytest.mark.slow
 def test_train_smoke_then_evaluate_the_saved_model(tmp_path):
-    model, report = tmp_path / "pointnav.zip", tmp_path / "train.json"
+    model, report = tmp_path / "pointnav", tmp_path / "train.json"
     assert main(["train", "--task", "pointnav", "--timesteps", "256", "--num-envs", "2", "--n-steps", "64",
                  "--batch-size", "64", "--n-epochs", "1", "--out", str(model), "--eval-episodes", "2",
                  "--max-episode-steps", "20", "--json", str(report), "--quiet"]) == 0
-    assert model.exists() and model.with_suffix(".json").exists()
+    assert model.with_suffix(".safetensors").exists() and model.with_suffix(".json").exists()
     results = json.loads(report.read_text())
     assert results["timesteps"] == 256 and 0.0 <= results["success_trained"] <= 1.0
     video, evaluation = tmp_path / "eval.mp4", tmp_path / "eval.json"
@@ -83,5 +83,5 @@ def test_train_smoke_then_evaluate_the_saved_model(tmp_path):
 
 
 def test_evaluate_reports_a_missing_model_clearly(capsys):
-    assert main(["evaluate", "--policy", "nowhere/model.zip", "--episodes", "1"]) == 2
+    assert main(["evaluate", "--policy", "nowhere/model", "--episodes", "1"]) == 2
     assert "mirage-env train" in capsys.readouterr().err
