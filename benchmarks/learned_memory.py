@@ -46,9 +46,25 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from mirage_env.backends.mini import MINI_NAME, MINI_SETTINGS, build_mini_checkpoint, mini_transformer_config, train_on_samples
-from mirage_env.backends.wan_checkpoint import SHIPPED_DIR, read_world_defaults, write_world_defaults
-from mirage_env.clip_samples import ClipSamples, list_clips, load_clip, prepare_clip_samples
+from mirage_env.backends.mini import (
+    MINI_NAME,
+    MINI_SETTINGS,
+    build_mini_checkpoint,
+    mini_transformer_config,
+    train_on_samples,
+)
+from mirage_env.backends.wan_checkpoint import (
+    SHIPPED_DIR,
+    read_world_defaults,
+    write_world_defaults,
+)
+from mirage_env.benchreport import header, write_json
+from mirage_env.clip_samples import (
+    ClipSamples,
+    list_clips,
+    load_clip,
+    prepare_clip_samples,
+)
 from mirage_env.dataset import ExportConfig, export_dataset, revisit_pairs
 from mirage_env.metrics import masked_psnr, psnr, ssim
 
@@ -191,13 +207,16 @@ def pick_sampler(args, out: Path, validation: list[Path], progress: bool) -> dic
     from mirage_env.backends.wan import WanWorldModel
 
     grid = [tuple(float(x) for x in pair.split(":")) for pair in args.sampler_grid.split(",") if pair]
+    # The settings file does not name the memory folder yet at this point: name it, or the
+    # candidates would be the base model without its branch and LoRA.
+    memory_dir = out / "memory"
     model = load_model(out)
     last = [int(load_clip(validation[0])["frames"].shape[0] // model.latent_frames) - 1]
     samples = prepare_clip_samples(model, validation, voxel_size=model.suggested_voxel_size, segments=last, progress=False)
     scores = {}
     for steps, shift in tqdm(grid, desc="sampler", disable=not progress):
-        candidate = WanWorldModel(out, memory_dir="auto", depth_estimator=ConstantDepth(), num_inference_steps=int(steps),
-                                  flow_shift=shift)
+        candidate = WanWorldModel(out, memory_dir=memory_dir, depth_estimator=ConstantDepth(),
+                                  num_inference_steps=int(steps), flow_shift=shift)
         frames, _ = generate_returns(candidate, samples, True, args.seed)
         scores[f"{int(steps)}:{shift:g}"] = revisit_scores(frames, validation, samples)["psnr"]
     best = max(scores, key=scores.get)
@@ -370,9 +389,7 @@ def main(argv=None) -> dict:
         print(f"{label:<30}{result['psnr_' + key]:>10.2f}{result['ssim_' + key]:>8.3f}{result['psnr_static_' + key]:>13.2f}")
     print(f"reconstruction PSNR {result['recon_psnr']:.2f} dB | training {result['train_minutes']:.1f} min | "
           f"{result['s_per_frame']:.3f} CPU s per generated frame ({args.threads} threads)")
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    write_json(args.json, {**header(args), **result}, quiet=args.quiet)
     return result
 
 

@@ -17,6 +17,7 @@ import torch
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
+    StateCheck,
     checked_memory_tensors,
     config_from_file,
     load_state,
@@ -370,32 +371,46 @@ class LatentSpatialMemory:
             "horizon": self.horizon,
         }
 
-    def state_tensors(self, prefix: str = "memory.") -> dict[str, torch.Tensor]:
-        """Every tensor needed to resume, trimmed to the bricks in use."""
-        return memory_tensors(self._index, self._pool, self._clock, prefix)
+    def state_tensors(self, prefix: str = "memory.", copy: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor needed to resume, trimmed to the bricks in use.
+
+        ``copy=True``: tensors of their own (a snapshot); otherwise they may be views of the
+        live storage that the next write changes.
+        """
+        return memory_tensors(self._index, self._pool, self._clock, prefix, copy=copy)
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], prefix: str = "memory.",
-                   device: str | torch.device = "cpu", version: int = FORMAT_VERSION) -> LatentSpatialMemory:
+                   device: str | torch.device = "cpu", version: int = FORMAT_VERSION, check: StateCheck | None = None,
+                   field: str = "config") -> LatentSpatialMemory:
         """Rebuild a memory from ``config()`` and ``state_tensors()`` written by format ``version``.
+
+        Every field is validated first (:func:`~.fileformat.config_from_file`,
+        :func:`~.fileformat.checked_memory_tensors`): an inconsistent state is a
+        :class:`MemoryFileError` naming the field (``check`` names the source; ``field`` the
+        configuration), and nothing is allocated beyond what the state justifies. The new
+        memory shares no storage with ``tensors``.
 
         Version 3 predates the horizon: its files load with horizon None, each world's write
         clock set to the memory's write count and each entry's last write to its brick's
         (exact for one world written on every write; ages only matter under a horizon).
         """
-        memory = cls(**config_from_file(config), device=device)
-        part = checked_memory_tensors(tensors, prefix, version, memory.channels, memory.num_worlds,
-                                      memory.brick_size**3)
+        check = check or StateCheck("saved memory")
+        kwargs = config_from_file(config, version, check, field)
+        part = checked_memory_tensors(tensors, prefix, version, kwargs, check)
+        memory = cls(**kwargs, device=device)
         capacity, _, entry_capacity = (int(v) for v in part["capacity"])
         memory._allocate(bricks=capacity, entries=entry_capacity)
         restore_memory(part, memory._index, memory._pool, memory._clock)
         return memory
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the memory to one safetensors file with JSON metadata (no pickle)."""
+        """Write the memory to one safetensors file with JSON metadata (no pickle), atomically."""
         save_state(path, kind="memory", config=self.config(), tensors=self.state_tensors())
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | torch.device = "cpu") -> LatentSpatialMemory:
+        """Read a memory written by ``save``; a missing, corrupted or inconsistent file is a MemoryFileError."""
         meta, tensors = load_state(path, kind="memory")
-        return cls.from_state(meta["config"], tensors, device=device, version=meta["version"])
+        return cls.from_state(meta.get("config"), tensors, device=device, version=meta["version"],
+                              check=StateCheck(path))
