@@ -8,7 +8,9 @@ one world: all three are thin façades over this class.
 
 from __future__ import annotations
 
-from typing import Any
+import copy as copy_module
+from dataclasses import dataclass
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -16,7 +18,9 @@ from gymnasium import spaces
 
 from .actions import check_actions
 from .geometry import MotionConfig, Move, apply_moves, apply_velocities, interpolate_rigs, poses_from_rigs
-from .world import World, WorldStep
+from .memory import FORMAT_VERSION
+from .memory.fileformat import StateCheck
+from .world import World, WorldStep, load_model_state
 from .tasks.base import TaskView
 
 OBSERVATION_KEYS = ("rgb", "pose", "depth", "latent")
@@ -285,32 +289,112 @@ class AgentBatch:
 
     _ARRAYS = ("rigs", "start_rigs", "steps", "path_length", "collided", "last_frames", "first_frames",
                "last_depth", "last_latents", "last_memory_hit", "last_new_entries")
+    STATE_KEYS = ("rngs", "task", "num_agents")  # of ``state()``'s JSON part
 
     def state(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """JSON-able state and tensors that resume this batch exactly (used by World.save)."""
-        tensors = {"batch." + name: torch.from_numpy(np.ascontiguousarray(getattr(self, name))) for name in self._ARRAYS}
-        task_state = self.task.state()
-        for name, value in task_state.items():
-            tensors["task." + name] = torch.from_numpy(np.ascontiguousarray(value))
+        """JSON-able state and tensors (copies) that resume this batch exactly (saved with the World)."""
+        tensors = {"batch." + name: torch.from_numpy(np.array(getattr(self, name), copy=True)) for name in self._ARRAYS}
+        for name, value in self.task.state().items():
+            tensors["task." + name] = torch.from_numpy(np.array(value, copy=True))
         json_state = {"rngs": [rng.bit_generator.state for rng in self._rngs], "task": self.task.name,
                       "num_agents": self.num_agents}
         return json_state, tensors
 
-    def load_state(self, state: dict, tensors: dict[str, torch.Tensor]) -> None:
+    def load_state(self, state: dict, tensors: dict[str, torch.Tensor], check: StateCheck | None = None) -> None:
+        """Restore ``state()``: every field is checked before any is set, so a refused state changes nothing."""
+        self._adopt(self._checked_state(state, tensors, check or StateCheck("saved batch state"), prefix=""))
+
+    def _checked_state(self, state: dict, tensors: dict[str, torch.Tensor], check: StateCheck,
+                       prefix: str = "extra.") -> _BatchState:
+        """``state()`` (its tensors under ``prefix``) checked against this batch; nothing is set."""
+        json_field = prefix.rstrip(".") or "state"
+        check.mapping(state, json_field)
         if state.get("num_agents") != self.num_agents or state.get("task") != self.task.name:
-            raise ValueError(
-                f"the saved world was made for task {state.get('task')!r} with {state.get('num_agents')} agent(s); "
-                f"this env has task {self.task.name!r} with {self.num_agents}: make a matching env first"
-            )
+            check.fail(f"{json_field}.task", f"says the saved world was made for task {state.get('task')!r} with "
+                                             f"{state.get('num_agents')} agent(s); this env has task {self.task.name!r} "
+                                             f"with {self.num_agents}", "make a matching env first")
+        rngs = state.get("rngs")
+        if not isinstance(rngs, list) or len(rngs) != self.num_agents:
+            check.fail(f"{json_field}.rngs", f"must list one generator state per agent ({self.num_agents})")
+        generators = [generator_from_state(value, f"{json_field}.rngs[{i}]", check) for i, value in enumerate(rngs)]
+
+        arrays = {}
         for name in self._ARRAYS:
-            saved = tensors["batch." + name].numpy()
-            if saved.shape != getattr(self, name).shape:
-                raise ValueError(f"saved {name} has shape {saved.shape}, this env expects {getattr(self, name).shape}; "
-                                 f"use the image size and settings the world was saved with")
-            setattr(self, name, saved.copy())
-        for rng, rng_state in zip(self._rngs, state["rngs"]):
-            rng.bit_generator.state = rng_state
-        self.task.load_state({k[len("task."):]: v.numpy().copy() for k, v in tensors.items() if k.startswith("task.")})
+            held = getattr(self, name)
+            dtype = torch.from_numpy(np.empty(0, held.dtype)).dtype
+            field = f"{prefix}batch.{name}"
+            value = check.tensor(tensors, field, dtype, held.shape)
+            if name in ("rigs", "start_rigs", "path_length", "last_latents", "last_memory_hit"):
+                check.finite(value, field)
+            if name == "last_depth":
+                check.finite(value, field, allow_inf=True)
+            if name in ("steps", "path_length"):
+                check.within(value, field, 0)
+            if name == "last_memory_hit":
+                check.within(value, field, 0, 1, "fractions")
+            arrays[name] = value.numpy().copy()
+
+        task_state = {k[len(prefix + "task."):]: v for k, v in tensors.items() if k.startswith(prefix + "task.")}
+        if task_state:
+            fields = set(self.task.state_fields)
+            missing, unknown = sorted(fields - set(task_state)), sorted(set(task_state) - fields)
+            if missing or unknown:
+                name = (missing or unknown)[0]
+                check.fail(f"{prefix}task.{name}", "is missing" if missing else
+                           f"is not state of task {self.task.name!r} (its fields: {sorted(fields)})")
+            for name, value in task_state.items():
+                field = f"{prefix}task.{name}"
+                held = getattr(self.task, name, None)
+                if held is not None and (value.dtype != torch.from_numpy(np.asarray(held)[:0]).dtype
+                                         or tuple(value.shape) != np.shape(held)):
+                    check.fail(field, f"must be {np.asarray(held).dtype} of shape {np.shape(held)} as the task's, "
+                                      f"got {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}")
+                if value.dim() == 0 or value.shape[0] != self.num_agents:
+                    check.fail(field, f"must hold one row per agent ({self.num_agents}), got shape {tuple(value.shape)}")
+                if value.is_floating_point():
+                    check.finite(value, field)
+            task_state = {name: value.numpy().copy() for name, value in task_state.items()}
+        return _BatchState(arrays, generators, task_state)
+
+    def _adopt(self, checked: _BatchState) -> None:
+        """Set a checked state: the task first (the one part that may still refuse), then everything else."""
+        held = {name: getattr(self.task, name, None) for name in self.task.state_fields}
+        try:
+            self.task.load_state(checked.task_state)
+        except Exception:
+            for name, value in held.items():
+                setattr(self.task, name, value)
+            raise
+        for name, value in checked.arrays.items():
+            setattr(self, name, value)
+        self._rngs = list(checked.rngs)
+
+    # ------------------------------------------------------------------ snapshots
+
+    def snapshot(self, env_state: dict, copy: bool = True) -> Snapshot:
+        """The World, the agents and the task, plus the env's own JSON ``env_state``, as one Snapshot.
+
+        ``copy=False`` may share storage with the live state (to write a file at once).
+        """
+        tensors = self.world.state_tensors(copy=copy)
+        json_state, batch_tensors = self.state()
+        tensors.update({"extra." + name: value for name, value in batch_tensors.items()})
+        config, extra = self.world.config(), {**json_state, **env_state}
+        if copy:
+            config, extra = copy_module.deepcopy(config), copy_module.deepcopy(extra)
+        return Snapshot(config=config, extra=extra, tensors=tensors)
+
+    def prepare_restore(self, snapshot: Snapshot, check: StateCheck) -> PendingRestore:
+        """Check ``snapshot`` against this batch and build the World it holds; nothing changes until ``commit``."""
+        saved_worlds = check.mapping(snapshot.config, "config").get("num_worlds")
+        if saved_worlds != self.num_worlds:
+            check.fail("config.num_worlds", f"is {saved_worlds!r}, this env has {self.num_worlds} world(s)",
+                       "make a matching env first")
+        batch_state = self._checked_state(snapshot.extra, snapshot.tensors, check)
+        world, model_state = World.from_state(snapshot.config, snapshot.tensors, model=self.world.model,
+                                              filters=self.world.filters, device=self.world.memory.device,
+                                              version=snapshot.version, check=check)
+        return PendingRestore(self, world, model_state, batch_state, check)
 
     def reset_infos(self, agents: np.ndarray) -> list[dict]:
         entries = self.world.memory.entries_per_world().numpy()
@@ -327,3 +411,87 @@ def validate_options(options: dict | None, allowed: tuple[str, ...]) -> dict:
         raise ValueError(f"unknown reset option(s) {unknown}; allowed: {sorted(allowed)}")
     return options
 
+
+class _BatchState(NamedTuple):
+    """A batch state checked by ``AgentBatch._checked_state``, ready to set."""
+
+    arrays: dict[str, np.ndarray]
+    rngs: list[np.random.Generator]
+    task_state: dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """An env's whole state in memory: what its world file holds, without the file.
+
+    Made by ``snapshot()`` of an env, taken back by its ``restore`` (any number of times:
+    a restore copies what it takes), written as a world file by ``save_world``.
+
+    Attributes:
+        config: ``World.config()``: the world's, the memory's and the model's settings (JSON-able).
+        extra: the env's JSON state: the agents' RNG states, the task's name, the env's own
+            RNGs and flags.
+        tensors: the World's tensors (``memory.*``, ``rng.*``, ``tail.*``, ``model.*``,
+            ``started``, ``segments_generated``) and the agents' and task's arrays
+            (``extra.batch.*``, ``extra.task.*``), each a copy of its own.
+        version: the format version the state follows.
+    """
+
+    config: dict
+    extra: dict
+    tensors: dict[str, torch.Tensor]
+    version: int = FORMAT_VERSION
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its tensors."""
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class PendingRestore:
+    """A checked snapshot and the World built from it, waiting to replace an AgentBatch's (``commit``)."""
+
+    def __init__(self, batch: AgentBatch, world: World, model_state: dict, batch_state: _BatchState,
+                 check: StateCheck):
+        self.batch, self.world, self.model_state, self.batch_state, self.check = \
+            batch, world, model_state, batch_state, check
+
+    def commit(self) -> World:
+        """Swap the new state in: the model's per-world state, the task, the agents, then the World.
+
+        The two steps that can still refuse (the model's and the task's own loaders) run
+        first, and the model gets its old state back if the task refuses.
+        """
+        model = self.batch.world.model
+        before = load_model_state(model, self.model_state, self.check)
+        try:
+            self.batch._adopt(self.batch_state)
+        except Exception:
+            model.load_state_dict(before)
+            raise
+        self.batch.world = self.world
+        return self.world
+
+
+_BIT_GENERATORS = {"PCG64": np.random.PCG64, "PCG64DXSM": np.random.PCG64DXSM, "Philox": np.random.Philox,
+                   "SFC64": np.random.SFC64, "MT19937": np.random.MT19937}
+
+
+def generator_from_state(state, field: str, check: StateCheck) -> np.random.Generator:
+    """A new numpy Generator set to a saved ``bit_generator.state``; MemoryFileError naming ``field`` if invalid."""
+    check.mapping(state, field)
+    name = state.get("bit_generator")
+    if name not in _BIT_GENERATORS:
+        check.fail(f"{field}.bit_generator", f"must be one of {sorted(_BIT_GENERATORS)}, got {name!r}")
+    if name == "PCG64":  # the one the envs use: its fields checked here, with messages numpy does not give
+        inner = check.mapping(state.get("state"), f"{field}.state")
+        for key in ("state", "inc"):
+            check.integer(inner.get(key), f"{field}.state.{key}", 0, (1 << 128) - 1)
+        check.integer(state.get("has_uint32"), f"{field}.has_uint32", 0, 1)
+        check.integer(state.get("uinteger"), f"{field}.uinteger", 0, (1 << 32) - 1)
+    bit_generator = _BIT_GENERATORS[name]()
+    try:
+        bit_generator.state = state
+    except (TypeError, ValueError, KeyError, OverflowError) as error:
+        check.fail(field, f"is not a valid {name} state ({type(error).__name__}: {error})")
+    return np.random.Generator(bit_generator)

@@ -9,6 +9,7 @@ renders all agents' views together.
 from __future__ import annotations
 
 import copy
+import os
 import warnings
 from typing import Any
 
@@ -17,7 +18,10 @@ from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 
 from .config import EnvConfig
-from .env import RESET_OPTIONS
+from .batch import Snapshot
+from .env import (RESET_OPTIONS, ExclusiveUse, checked_env_fields, exclusive, fork_env, optional_generator,
+                  read_snapshot, save_snapshot, snapshot_check)
+from .memory.fileformat import StateCheck
 from .geometry import Move
 
 __all__ = ["MirageParallelEnv"]
@@ -115,6 +119,7 @@ class MirageParallelEnv(ParallelEnv):
         self.action_spaces = {a: copy.deepcopy(self.batch.action_space) for a in self.possible_agents}
         self._live = np.zeros(n_agents, dtype=bool)
         self._np_random: np.random.Generator | None = None
+        self._exclusive = ExclusiveUse("MirageParallelEnv")
 
     def observation_space(self, agent: str):
         return self.observation_spaces[self._check_agent(agent)]
@@ -130,6 +135,7 @@ class MirageParallelEnv(ParallelEnv):
 
     # ------------------------------------------------------------------ reset / step
 
+    @exclusive
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None):
         if seed is not None:
             self._np_random, _ = seeding.np_random(seed)
@@ -151,6 +157,7 @@ class MirageParallelEnv(ParallelEnv):
         infos = self.batch.reset_infos(everyone)
         return self._per_agent(self.batch.observe(everyone), everyone), dict(zip(self.agents, infos))
 
+    @exclusive
     def step(self, actions: dict[str, Any]):
         if not self.agents:
             raise RuntimeError("no live agents: call reset() before step() (and again after every agent is done)")
@@ -177,6 +184,55 @@ class MirageParallelEnv(ParallelEnv):
 
     def close(self) -> None:
         pass
+
+    # ------------------------------------------------------------------ persistence and snapshots
+
+    @exclusive
+    def save_world(self, path: str | os.PathLike) -> None:
+        """Save the world(s) and every agent's episode (memory, RNGs, cameras, task) to one safetensors file, atomically."""
+        save_snapshot(path, self.batch.snapshot(self._env_state(), copy=False))
+
+    @exclusive
+    def load_world(self, path: str | os.PathLike) -> None:
+        """Resume a world saved by ``save_world`` of an env made alike; every agent continues bit-for-bit.
+        A file that fails its checks (MemoryFileError naming the field) leaves the env as it was."""
+        self._restore(*read_snapshot(path))
+
+    @exclusive
+    def snapshot(self) -> Snapshot:
+        """The env's whole state in memory, as ``save_world`` would write it (for planning)."""
+        return self.batch.snapshot(self._env_state())
+
+    @exclusive
+    def restore(self, snapshot: Snapshot) -> None:
+        """Go back to ``snapshot``: the same actions then give the same observations, bit for bit.
+        Checked as a file is; a refused snapshot changes nothing."""
+        self._restore(snapshot, snapshot_check())
+
+    @exclusive
+    def fork(self) -> MirageParallelEnv:
+        """An independent copy of this env mid-episode that diverges without touching this one
+        (it shares the world model's weights, not its per-world state)."""
+        return fork_env(self)
+
+    def _env_state(self) -> dict:
+        return {
+            "env": "MirageParallelEnv",
+            "live": self._live.tolist(),
+            "np_random": None if self._np_random is None else self._np_random.bit_generator.state,
+        }
+
+    def _restore(self, snapshot: Snapshot, check: StateCheck) -> None:
+        extra = checked_env_fields(snapshot, "MirageParallelEnv", ("live", "np_random"), check)
+        live = extra["live"]
+        if not isinstance(live, list) or len(live) != len(self.possible_agents) \
+                or not all(isinstance(flag, bool) for flag in live):
+            check.fail("extra.live", f"must list one true/false per agent ({len(self.possible_agents)})")
+        np_random = optional_generator(extra["np_random"], "extra.np_random", check)
+        self.world = self.batch.prepare_restore(snapshot, check).commit()
+        self._live = np.array(live, dtype=bool)
+        self.agents = [agent for agent, alive in zip(self.possible_agents, live) if alive]
+        self._np_random = np_random
 
     # ------------------------------------------------------------------ helpers
 

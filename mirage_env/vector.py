@@ -8,6 +8,7 @@ one batched memory read, one batched generation and one batched memory write.
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import numpy as np
@@ -17,7 +18,10 @@ from gymnasium.vector.utils import batch_space
 
 from .batch import validate_options
 from .config import EnvConfig
-from .env import RESET_OPTIONS
+from .batch import Snapshot
+from .env import (RESET_OPTIONS, ExclusiveUse, checked_env_fields, exclusive, fork_env, optional_generator,
+                  read_snapshot, save_snapshot, snapshot_check)
+from .memory.fileformat import StateCheck
 from .world import World
 
 __all__ = ["MirageVectorEnv"]
@@ -121,9 +125,11 @@ class MirageVectorEnv(VectorEnv):
         # One generator per sub-environment, drawn from exactly as MirageEnv draws from its np_random.
         self._env_rngs: list[np.random.Generator | None] = [None] * self.num_envs
         self._needs_reset = True
+        self._exclusive = ExclusiveUse("MirageVectorEnv")
 
     # ------------------------------------------------------------------ reset / step
 
+    @exclusive
     def reset(self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None):
         seeds = self._seeds_for(seed)
         options = validate_options(options, (*RESET_OPTIONS, "reset_mask"))
@@ -141,6 +147,7 @@ class MirageVectorEnv(VectorEnv):
             infos = self._add_info(infos, info, int(i))
         return self.batch.observe(np.arange(self.num_envs)), infos
 
+    @exclusive
     def step(self, actions):
         if self._needs_reset:
             raise RuntimeError("call reset() before step()")
@@ -166,6 +173,57 @@ class MirageVectorEnv(VectorEnv):
         if self.render_mode == "rgb_array":
             return tuple(self.batch.last_frames.copy())
         return None
+
+    # ------------------------------------------------------------------ persistence and snapshots
+
+    @exclusive
+    def save_world(self, path: str | os.PathLike) -> None:
+        """Save every world and episode (memory, RNGs, cameras, task) to one safetensors file, atomically."""
+        save_snapshot(path, self.batch.snapshot(self._env_state(), copy=False))
+
+    @exclusive
+    def load_world(self, path: str | os.PathLike) -> None:
+        """Resume worlds saved by ``save_world`` of a vector env made alike; every episode continues bit-for-bit.
+        A file that fails its checks (MemoryFileError naming the field) leaves the env as it was."""
+        self._restore(*read_snapshot(path))
+
+    @exclusive
+    def snapshot(self) -> Snapshot:
+        """Every sub-environment's whole state in memory, as ``save_world`` would write it (for planning)."""
+        return self.batch.snapshot(self._env_state())
+
+    @exclusive
+    def restore(self, snapshot: Snapshot) -> None:
+        """Go back to ``snapshot``: the same actions then give the same observations, bit for bit.
+        Checked as a file is; a refused snapshot changes nothing."""
+        self._restore(snapshot, snapshot_check())
+
+    @exclusive
+    def fork(self) -> MirageVectorEnv:
+        """An independent copy of this vector env mid-episode that diverges without touching this one
+        (it shares the world model's weights, not its per-world state)."""
+        return fork_env(self)
+
+    def _env_state(self) -> dict:
+        return {
+            "env": "MirageVectorEnv",
+            "env_rngs": [None if rng is None else rng.bit_generator.state for rng in self._env_rngs],
+            "np_random": None if self._np_random is None else self._np_random.bit_generator.state,
+            "needs_reset": self._needs_reset,
+        }
+
+    def _restore(self, snapshot: Snapshot, check: StateCheck) -> None:
+        extra = checked_env_fields(snapshot, "MirageVectorEnv", ("env_rngs", "np_random", "needs_reset"), check)
+        env_rngs = extra["env_rngs"]
+        if not isinstance(env_rngs, list) or len(env_rngs) != self.num_envs:
+            check.fail("extra.env_rngs", f"must list one generator state (or null) per sub-environment ({self.num_envs})")
+        env_rngs = [optional_generator(state, f"extra.env_rngs[{i}]", check) for i, state in enumerate(env_rngs)]
+        np_random = optional_generator(extra["np_random"], "extra.np_random", check)
+        needs_reset = check.boolean(extra["needs_reset"], "extra.needs_reset")
+        self.world = self.batch.prepare_restore(snapshot, check).commit()
+        self._env_rngs = env_rngs
+        self._np_random, self._np_random_seed = np_random, (None if np_random is None else -1)
+        self._needs_reset = needs_reset
 
     # ------------------------------------------------------------------ helpers
 

@@ -21,7 +21,8 @@ import torch
 
 from .backends.base import Segment, SegmentRequest, WorldModel
 from .filters import FilterInputs, KeepFilter, default_filters
-from .memory import LatentSpatialMemory, MemoryFileError, MemoryRead, load_state, save_state
+from .memory import FORMAT_VERSION, LatentSpatialMemory, MemoryFileError, MemoryRead, load_state, save_state
+from .memory.fileformat import MAX_WORLDS, StateCheck
 
 __all__ = ["World", "WorldStep"]
 
@@ -248,18 +249,22 @@ class World:
 
     # ------------------------------------------------------------------ persistence
 
-    def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = self.memory.state_tensors(prefix="memory.")
+    def state_tensors(self, copy: bool = False) -> dict[str, torch.Tensor]:
+        """Every tensor a world file holds: memory, RNGs, the tail, progress, the model's per-world state.
+
+        ``copy=True``: tensors of their own (a snapshot that later steps leave alone);
+        otherwise some are views of the live state (enough to write a file at once).
+        """
+        tensors = self.memory.state_tensors(prefix="memory.", copy=copy)
         for i, generator in enumerate(self.generators):
             tensors[f"rng.{i}"] = generator.get_state()
         if self._tail is not None:
-            tensors["tail.latents"] = self._tail.latents.contiguous()
-            tensors["tail.depth"] = self._tail.depth.contiguous()
-            tensors["tail.poses"] = self._tail.poses.contiguous()
-        tensors["started"] = self.started
-        tensors["segments_generated"] = self.segments_generated
+            for name in _TAIL:
+                tensors["tail." + name] = _own(getattr(self._tail, name), copy)
+        tensors["started"] = _own(self.started, copy)
+        tensors["segments_generated"] = _own(self.segments_generated, copy)
         for name, value in self.model.state_dict().items():
-            tensors["model." + name] = value.contiguous()
+            tensors["model." + name] = _own(value, copy)
         return tensors
 
     def config(self) -> dict:
@@ -272,7 +277,7 @@ class World:
         }
 
     def save(self, path: str | os.PathLike, extra: dict | None = None, extra_tensors: dict | None = None) -> None:
-        """Write the whole world state (memory, RNGs, tail, model state) to one safetensors file."""
+        """Write the whole world state (memory, RNGs, tail, model state) to one safetensors file, atomically."""
         tensors = self.state_tensors()
         for name, value in (extra_tensors or {}).items():
             tensors["extra." + name] = value.contiguous()
@@ -281,37 +286,169 @@ class World:
     @classmethod
     def load(cls, path: str | os.PathLike, model: WorldModel | None = None, filters: KeepFilter | None = None,
              device: str | torch.device = "cpu") -> tuple["World", dict, dict]:
-        """Rebuild a saved World; returns (world, extra metadata, extra tensors)."""
+        """Rebuild a saved World; returns (world, extra metadata, extra tensors).
+
+        Every field is validated (:meth:`from_state`); a file that fails is a
+        :class:`MemoryFileError` naming the field, and a given ``model`` keeps its state.
+        """
         meta, tensors = load_state(path, kind="world")
-        config = meta["config"]
+        check = StateCheck(path)
+        world, model_state = cls.from_state(meta.get("config"), tensors, model=model, filters=filters, device=device,
+                                            version=meta["version"], check=check)
+        load_model_state(world.model, model_state, check)
+        extra = check.mapping(meta.get("extra", {}), "extra")
+        extra_tensors = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
+        return world, extra, extra_tensors
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], *, model: WorldModel | None = None,
+                   filters: KeepFilter | None = None, device: str | torch.device = "cpu",
+                   version: int = FORMAT_VERSION, check: StateCheck | None = None) -> tuple["World", dict]:
+        """A new World from ``config()`` and ``state_tensors()`` (``extra.*`` tensors are ignored), validated first.
+
+        Checked before anything is built: the configuration's fields and limits; the memory
+        (see :meth:`LatentSpatialMemory.from_state`), its worlds and channels against the
+        world's and the model's; one valid RNG state per world; ``started`` and
+        ``segments_generated`` against each other; the tail's shapes (the model's context
+        frames, latent grid and channels) and finiteness; the model's per-world state against
+        what the model holds (dtype, trailing shape, at most one row per world, finite).
+        A state that fails is a :class:`MemoryFileError` naming the field (``check`` names the source).
+
+        Returns the world and the model's per-world state, checked but not loaded: hand it
+        to :func:`load_model_state` once everything else is built, so that a refused state
+        leaves a given ``model`` as it was. The World shares no storage with ``tensors``.
+        """
+        check = check or StateCheck("saved world")
+        check.fields(config, "config", {"num_worlds", "use_memory", "memory", "model"}, optional={"write"})
+        num_worlds = check.integer(config["num_worlds"], "config.num_worlds", 1, MAX_WORLDS)
+        use_memory = check.boolean(config["use_memory"], "config.use_memory")
+        write = check.choice(config.get("write", "unseen"), "config.write", ("unseen", "all"))
+        model_config = check.mapping(config["model"], "config.model")
+        if not isinstance(model_config.get("name"), str):
+            check.fail("config.model.name", f"must name the world model's backend, got {model_config.get('name')!r}")
+        fixed = {f"rng.{i}" for i in range(num_worlds)} | {"tail." + name for name in _TAIL} \
+            | {"started", "segments_generated"}
+        for name in tensors:
+            if name not in fixed and not name.startswith(("memory.", "model.", "extra.")):
+                check.fail(name, f"is not a tensor of a saved world of {num_worlds} world(s)")
+
+        started = check.tensor(tensors, "started", torch.bool, (num_worlds,))
+        segments = check.tensor(tensors, "segments_generated", torch.int64, (num_worlds,))
+        if bool((segments[started] < 1).any()) or bool((segments[~started] != 0).any()):
+            check.fail("segments_generated", "disagrees with started (a started world has generated >= 1 segment, "
+                                             "another none)")
+        reference = torch.Generator().get_state()
+        generators = []
+        for i in range(num_worlds):
+            state = check.tensor(tensors, f"rng.{i}", torch.uint8, tuple(reference.shape))
+            generator = torch.Generator()
+            try:
+                generator.set_state(state.clone())
+            except (RuntimeError, ValueError) as error:
+                check.fail(f"rng.{i}", f"is not a random generator state ({error})")
+            generators.append(generator)
+
         if model is None:
+            _check_model_size(model_config, tensors, check)
             from .backends import build_model
 
-            model = build_model(config["model"])
-        world = cls.__new__(cls)
-        world.model = model
-        world.num_worlds = int(config["num_worlds"])
-        world.use_memory = bool(config["use_memory"])
-        world.write = config.get("write", "unseen")
-        world.camera = model.camera
-        world.latent_camera = model.latent.latent_camera(model.camera)
-        world.memory = LatentSpatialMemory.from_state(config["memory"], tensors, prefix="memory.", device=device,
-                                                      version=meta["version"])
-        world.filters = filters or default_filters()
-        world.context_frames = int(getattr(model, "context_frames", 1))
-        world.generators = []
-        for i in range(world.num_worlds):
-            if f"rng.{i}" not in tensors:
-                raise MemoryFileError(f"{path} lacks the random state of world {i}; the file is incomplete")
-            generator = torch.Generator()
-            generator.set_state(tensors[f"rng.{i}"])
-            world.generators.append(generator)
-        if "tail.latents" in tensors:
-            world._tail = Segment(latents=tensors["tail.latents"], depth=tensors["tail.depth"], poses=tensors["tail.poses"])
-        else:
-            world._tail = None
-        world.started = tensors["started"].clone()
-        world.segments_generated = tensors["segments_generated"].clone()
-        model.load_state_dict({k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")})
-        extra_tensors = {k[len("extra."):]: v for k, v in tensors.items() if k.startswith("extra.")}
-        return world, meta.get("extra", {}), extra_tensors
+            try:
+                model = build_model(model_config)
+            except Exception as error:  # a backend's own error says what to pass instead
+                raise MemoryFileError(f"{check.source}: config.model does not rebuild a world model "
+                                      f"({type(error).__name__}: {error})") from None
+        elif model_config["name"] != model.config().get("name"):
+            check.fail("config.model.name", f"is {model_config['name']!r}, but this world model is "
+                                            f"{model.config().get('name')!r}", "load it into an env of that backend")
+        memory = LatentSpatialMemory.from_state(config["memory"], tensors, prefix="memory.", device=device,
+                                                version=version, check=check, field="config.memory")
+        if memory.num_worlds != num_worlds:
+            check.fail("config.memory.num_worlds", f"is {memory.num_worlds}, but config.num_worlds is {num_worlds}")
+        if memory.channels != model.latent.channels:
+            check.fail("config.memory.channels", f"is {memory.channels}, but the world model's latents have "
+                                                 f"{model.latent.channels} channels")
+        tail = _checked_tail(tensors, num_worlds, model, bool(started.any()), check)
+        model_state = _checked_model_state(tensors, model, num_worlds, check)
+
+        world = cls(model, num_worlds=num_worlds, use_memory=use_memory, voxel_size=memory.voxel_size,
+                    filters=filters, write=write, device=device)
+        world.memory = memory
+        world.generators = generators
+        world._tail = tail
+        world.started = started.clone()
+        world.segments_generated = segments.clone()
+        return world, model_state
+
+
+_TAIL = ("latents", "depth", "poses")
+
+
+def _own(tensor: torch.Tensor, copy: bool) -> torch.Tensor:
+    return (tensor.detach().to("cpu", copy=True) if copy else tensor.detach()).contiguous()
+
+
+def _checked_tail(tensors: dict, num_worlds: int, model: WorldModel, started: bool, check: StateCheck) -> Segment | None:
+    """The saved tail (the context of the next segment) as a Segment of copies; None if there is none."""
+    present = [name for name in _TAIL if "tail." + name in tensors]
+    if not present:
+        if started:
+            check.fail("tail.latents", "is missing, though worlds have started (their next segment needs it)")
+        return None
+    k = int(getattr(model, "context_frames", 1))
+    latent_camera = model.latent.latent_camera(model.camera)
+    h, w = latent_camera.height, latent_camera.width
+    latents = check.tensor(tensors, "tail.latents", None, (num_worlds, k, model.latent.channels, h, w))
+    depth = check.tensor(tensors, "tail.depth", None, (num_worlds, k, h, w))
+    poses = check.tensor(tensors, "tail.poses", None, (num_worlds, k, 4, 4))
+    check.finite(latents, "tail.latents")
+    check.finite(depth, "tail.depth", allow_inf=True)
+    check.finite(poses, "tail.poses")
+    return Segment(latents=latents.clone(), depth=depth.clone(), poses=poses.clone())
+
+
+def _checked_model_state(tensors: dict, model: WorldModel, num_worlds: int, check: StateCheck) -> dict:
+    """The saved per-world model state (copies), checked against what ``model`` holds now."""
+    state = {k[len("model."):]: v for k, v in tensors.items() if k.startswith("model.")}
+    current = model.state_dict()
+    for name, value in state.items():
+        field = "model." + name
+        if name in current:
+            held = current[name]
+            if value.dtype != held.dtype or value.dim() != held.dim() or value.shape[1:] != held.shape[1:]:
+                rows = ", ".join(["any", *map(str, held.shape[1:])])
+                check.fail(field, f"must be {str(held.dtype).removeprefix('torch.')} of shape ({rows}) as this world "
+                                  f"model's, got {str(value.dtype).removeprefix('torch.')} {tuple(value.shape)}")
+        if value.dim() and value.shape[0] > num_worlds:
+            check.fail(field, f"has {value.shape[0]} rows, more than the {num_worlds} world(s) (it is per-world state)")
+        if value.is_floating_point():
+            check.finite(value, field)
+    return {name: value.clone() for name, value in state.items()}
+
+
+def load_model_state(model: WorldModel, state: dict, check: StateCheck) -> dict:
+    """Load checked per-world state into ``model`` and return (a copy of) the state it replaced.
+
+    If the model refuses the state, it keeps the state it had and a MemoryFileError says why.
+    """
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    try:
+        model.load_state_dict(state)
+    except Exception as error:  # a model's own check, whatever its type
+        model.load_state_dict(before)
+        check.fail("model.*", f"is refused by the world model ({type(error).__name__}: {error})")
+    return before
+
+
+def _check_model_size(model_config: dict, tensors: dict, check: StateCheck) -> None:
+    """Bound the image a model rebuilt from a file renders before building it (its buffers scale with it)."""
+    size = model_config.get("image_size")
+    if size is None:
+        return
+    if not (isinstance(size, list) and len(size) == 2):
+        check.fail("config.model.image_size", f"must be [height, width], got {size!r}")
+    height = check.integer(size[0], "config.model.image_size[0]", 1, 16384)
+    width = check.integer(size[1], "config.model.image_size[1]", 1, 16384)
+    tail = tensors.get("tail.latents")
+    if tail is not None and tail.dim() == 5 and height * width > 4096 * tail.shape[-2] * tail.shape[-1]:
+        check.fail("config.model.image_size", f"{size} is far larger than the {tuple(tail.shape[-2:])} latent grid "
+                                              f"the file holds")
