@@ -307,3 +307,22 @@ def test_a_full_memory_evicts_in_batches_not_on_every_write():
     memory.write(features(2), depth, LATENT, translated(x=20.0), keep=few)
     assert memory.stats()["bricks"] == 78
     assert memory.read(LATENT, translated(x=0.0)).mask.sum() == 6, "the 6 survivors of the first view stay"
+
+
+def test_eviction_never_reuses_a_brick_the_same_write_is_filling(tmp_path):
+    """A write that overfills the bound evicts older bricks only: its own entries stay where they belong."""
+    camera = Camera.from_fov(16, 16, 90.0)
+    memory = LatentSpatialMemory(4, voxel_size=0.05, max_bricks_per_world=64, merge="latest")
+    generator = torch.Generator().manual_seed(0)
+    for x in (0.0, 0.1, 0.3, 0.6, 1.2, 2.0):
+        pose = torch.eye(4, dtype=torch.float64)
+        pose[0, 3] = x
+        latents = torch.randn(1, 1, 4, 16, 16, generator=generator)
+        memory.write(latents, torch.full((1, 1, 16, 16), 2.0), camera, pose[None, None])
+    read = memory.read(camera, pose[None, None])
+    assert read.mask.all()
+    torch.testing.assert_close(read.latents, latents.to(read.latents.dtype), atol=1e-2, rtol=0)
+    memory.save(tmp_path / "m.safetensors")  # the file check refuses entries outside their brick
+    LatentSpatialMemory.load(tmp_path / "m.safetensors")
+    with pytest.raises(ValueError, match="max_bricks_per_world must be an integer >= 64"):
+        LatentSpatialMemory(4, max_bricks_per_world=10)

@@ -137,7 +137,9 @@ class BrickIndex:
         if missing.any():
             new_keys = unique_keys[missing]
             new_worlds = world_of(new_keys)
-            released = self._evict_for(new_worlds)
+            # Bricks this write already found are in use by it: evicting one would hand its slot to
+            # a new brick while this write's entries still point there.
+            released = self._evict_for(new_worlds, protected=found[~missing])
             new_slots = self._take_free_slots(new_keys.numel())
             self.keys[new_slots] = new_keys
             self.world[new_slots] = new_worlds
@@ -195,8 +197,13 @@ class BrickIndex:
 
     # ------------------------------------------------------------------ release
 
-    def _evict_for(self, new_worlds: torch.Tensor) -> Released | None:
-        """Evict the least recently written bricks of worlds that ``new_worlds`` (one per new brick) would overfill."""
+    def _evict_for(self, new_worlds: torch.Tensor, protected: torch.Tensor) -> Released | None:
+        """Evict the least recently written bricks of worlds that ``new_worlds`` (one per new brick) would overfill.
+
+        ``protected`` slots (bricks the current write uses) are never evicted, so a write
+        that by itself touches more bricks than the bound leaves its world over the bound
+        until a later write evicts them.
+        """
         incoming = torch.bincount(new_worlds, minlength=self.num_worlds)
         wanted = self.bricks_per_world + incoming
         if not (wanted > self.max_bricks_per_world).any():
@@ -204,6 +211,7 @@ class BrickIndex:
         excess = torch.where(wanted > self.max_bricks_per_world, wanted - (self.max_bricks_per_world * EVICT_TO_FRACTION),
                              torch.zeros_like(wanted)).ceil().long()
         live = self.keys[: self.in_use] != EMPTY
+        live[protected] = False
         victims = []
         for world in torch.nonzero(excess > 0).flatten().tolist():  # loop over worlds, not points
             candidates = torch.nonzero(live & (self.world[: self.in_use] == world)).flatten()

@@ -35,6 +35,11 @@ from .raster import prefer_at_pixels, project_to_pixels, zbuffer
 from .shapes import MemoryRead, as_batch, check_worlds
 
 
+# Fewer bricks than this cannot hold what one segment of a small frame writes, so a bound
+# below it would be overshot on every write (bricks a write uses are never evicted by it).
+MIN_BRICKS_PER_WORLD = 64
+
+
 class LatentSpatialMemory:
     """A persistent store of latent features pinned to world points.
 
@@ -93,6 +98,10 @@ class LatentSpatialMemory:
         self.num_worlds = num_worlds
         self.brick_size = brick_size
         self.chunk_size = chunk_size
+        if isinstance(max_bricks_per_world, bool) or int(max_bricks_per_world) != max_bricks_per_world \
+                or max_bricks_per_world < MIN_BRICKS_PER_WORLD:
+            raise ValueError(f"max_bricks_per_world must be an integer >= {MIN_BRICKS_PER_WORLD} (one write alone can "
+                             f"touch that many bricks, and they are never evicted mid-write), got {max_bricks_per_world!r}")
         self.max_bricks_per_world = int(max_bricks_per_world)
         self.merge = merge
         self.closest_tolerance = float(closest_tolerance)
