@@ -308,7 +308,7 @@ class ProceduralWorldModel:
         trailing axis of size 3 cost several times more than the arithmetic here.
         """
         rotation, origin = poses[..., :3, :3], poses[..., :3, 3]  # (B, T, 3, 3), (B, T, 3)
-        directions = torch.einsum("btij,pj->btpi", rotation, self._rays)  # (B, T, P, 3)
+        directions = _rotate(rotation[:, :, None], self._rays)  # (B, T, P, 3)
         safe = torch.where(directions.abs() < 1e-9, torch.full_like(directions, 1e-9), directions)
         inverse = (1.0 / safe).unbind(-1)  # 3 x (B, T, P)
         o = origin[:, :, None, :]  # (B, T, 1, 3)
@@ -349,7 +349,8 @@ class ProceduralWorldModel:
         corner_bits = torch.tensor([[i >> 2 & 1, i >> 1 & 1, i & 1] for i in range(8)], dtype=torch.bool,
                                    device=self.device)
         corners = torch.where(corner_bits, box_hi[:, :, :, None], box_lo[:, :, :, None])  # (B, T, K, 8, 3)
-        local = torch.einsum("btkcj,btji->btkci", corners - origin[:, :, None, None], rotation)
+        # Camera-frame corners: the transposed rotation (world to camera) applied to each.
+        local = _rotate(rotation.transpose(-1, -2)[:, :, None, None], corners - origin[:, :, None, None])
         z = local[..., 2]
         in_front = (z > 1e-2).all(-1)
         safe_z = torch.where(z > 1e-2, z, torch.ones_like(z))
@@ -449,6 +450,17 @@ class ProceduralWorldModel:
         sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
         is_sky = (surface == sky_id)[..., None]
         return torch.where(is_sky, sky, colour).clamp(0, 1)
+
+
+def _rotate(rotation: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """``rotation @ vector`` for (..., 3, 3) rotations and (..., 3) vectors (broadcast), elementwise.
+
+    Not einsum or matmul: those dispatch to kernels whose rounding depends on how many
+    matrices are in the batch, and world i of a batch must render exactly what a batch of
+    one renders. Each output is ``(r0 * x + r1 * y) + r2 * z`` in float arithmetic, always.
+    """
+    x, y, z = vectors[..., 0, None], vectors[..., 1, None], vectors[..., 2, None]
+    return rotation[..., 0] * x + rotation[..., 1] * y + rotation[..., 2] * z
 
 
 def _argmin3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
