@@ -7,6 +7,10 @@ only when used.
 from .config import DEFAULT_EPISODE_STEPS
 from .geometry import Camera, CameraRig, MotionConfig, Move
 from .memory import LatentSpatialMemory, MemoryFileError, MemoryRead
+from .threads import install_fork_handler
+
+# Forked children (async vector envs, SuperSuit) would hang in torch's inherited thread pool.
+install_fork_handler()
 
 __version__ = "0.1.0"
 

@@ -262,7 +262,9 @@ class EnvConfig:
         ``memory_horizon`` in this config may only repeat the horizon its memory has.
         """
         from .batch import AgentBatch
+        from .threads import limit_worker_threads
 
+        limit_worker_threads()  # an env in a worker process: one torch thread, not one per core
         if world is None:
             world = self.world.build(num_worlds)
         else:

@@ -53,14 +53,36 @@ class KeepFilter(Protocol):
     def __call__(self, inputs: FilterInputs) -> torch.Tensor: ...
 
 
+# Filters are small frozen dataclasses rather than closures, so that a World (and the
+# envs holding one) can be pickled with the standard ``pickle`` (for subprocess vector
+# envs, SuperSuit, Ray); the lower-case factories below are the public names.
+
+
+@dataclass(frozen=True)
+class ValidDepth:
+    max_depth: float = float("inf")
+    min_depth: float = 1e-3
+
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
+        depth = inputs.depth
+        return torch.isfinite(depth) & (depth > self.min_depth) & (depth <= self.max_depth)
+
+
 def valid_depth(max_depth: float = float("inf"), min_depth: float = 1e-3) -> KeepFilter:
     """Drop sky (+inf), invalid and far depth: far samples are coarse and unreliable."""
+    return ValidDepth(max_depth, min_depth)
 
-    def keep(inputs: FilterInputs) -> torch.Tensor:
-        depth = inputs.depth
-        return torch.isfinite(depth) & (depth > min_depth) & (depth <= max_depth)
 
-    return keep
+@dataclass(frozen=True)
+class ConsistentWithMemory:
+    relative_tolerance: float = 0.1
+
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
+        if inputs.predicted_depth is None or inputs.predicted_mask is None:
+            return torch.ones_like(inputs.depth, dtype=torch.bool)
+        predicted = inputs.predicted_depth
+        agree = (inputs.depth - predicted).abs() <= self.relative_tolerance * predicted
+        return ~inputs.predicted_mask | agree
 
 
 def consistent_with_memory(relative_tolerance: float = 0.1) -> KeepFilter:
@@ -69,27 +91,14 @@ def consistent_with_memory(relative_tolerance: float = 0.1) -> KeepFilter:
     A thing that moved into view stands in front of where memory has the static
     world; writing it would leave a ghost. Pixels memory knows nothing about pass.
     """
-
-    def keep(inputs: FilterInputs) -> torch.Tensor:
-        if inputs.predicted_depth is None or inputs.predicted_mask is None:
-            return torch.ones_like(inputs.depth, dtype=torch.bool)
-        predicted = inputs.predicted_depth
-        agree = (inputs.depth - predicted).abs() <= relative_tolerance * predicted
-        return ~inputs.predicted_mask | agree
-
-    return keep
+    return ConsistentWithMemory(relative_tolerance)
 
 
-def consistent_across_frames(relative_tolerance: float = 0.1) -> KeepFilter:
-    """Drop pixels whose 3D point is contradicted by a neighbouring frame of the segment.
+@dataclass(frozen=True)
+class ConsistentAcrossFrames:
+    relative_tolerance: float = 0.1
 
-    Each frame's points are projected into the previous and next frame; where one
-    lands inside that frame and its depth there disagrees with the depth that frame
-    observed, the content moved between the two frames. Catches moving things on
-    first sight, before memory knows the place. Needs segments of 2+ frames.
-    """
-
-    def keep(inputs: FilterInputs) -> torch.Tensor:
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
         depth, poses, camera = inputs.depth, inputs.poses, inputs.camera
         batch, frames, h, w = depth.shape
         result = torch.ones_like(depth, dtype=torch.bool)
@@ -111,18 +120,28 @@ def consistent_across_frames(relative_tolerance: float = 0.1) -> KeepFilter:
             target_depth = depth[:, target].reshape(batch, -1, h * w)
             flat = (row.clamp(0, h - 1) * w + column.clamp(0, w - 1))
             observed = torch.gather(target_depth, 2, flat)
-            disagree = inside & ((observed - z).abs() > relative_tolerance * z)
+            disagree = inside & ((observed - z).abs() > self.relative_tolerance * z)
             result[:, source] &= ~disagree.reshape(batch, -1, h, w) | ~finite[:, source]
         return result
 
-    return keep
+
+def consistent_across_frames(relative_tolerance: float = 0.1) -> KeepFilter:
+    """Drop pixels whose 3D point is contradicted by a neighbouring frame of the segment.
+
+    Each frame's points are projected into the previous and next frame; where one
+    lands inside that frame and its depth there disagrees with the depth that frame
+    observed, the content moved between the two frames. Catches moving things on
+    first sight, before memory knows the place. Needs segments of 2+ frames.
+    """
+    return ConsistentAcrossFrames(relative_tolerance)
 
 
-def user_mask(function: Callable[[FilterInputs], torch.Tensor]) -> KeepFilter:
-    """Wrap a user's mask function (e.g. a segmentation model: True = may persist)."""
+@dataclass(frozen=True)
+class UserMask:
+    function: Callable[[FilterInputs], torch.Tensor]
 
-    def keep(inputs: FilterInputs) -> torch.Tensor:
-        mask = torch.as_tensor(function(inputs), device=inputs.depth.device)
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
+        mask = torch.as_tensor(self.function(inputs), device=inputs.depth.device)
         if mask.shape != inputs.depth.shape or mask.dtype != torch.bool:
             raise ValueError(
                 f"a user keep-mask must be a bool tensor of shape {tuple(inputs.depth.shape)}, "
@@ -130,30 +149,40 @@ def user_mask(function: Callable[[FilterInputs], torch.Tensor]) -> KeepFilter:
             )
         return mask
 
-    return keep
+
+def user_mask(function: Callable[[FilterInputs], torch.Tensor]) -> KeepFilter:
+    """Wrap a user's mask function (e.g. a segmentation model: True = may persist).
+    The env pickles only if ``function`` does (a module-level function or a picklable object)."""
+    return UserMask(function)
 
 
-def model_mask() -> KeepFilter:
-    """The world model's own opinion (Segment.keep), where it has one."""
-
-    def keep(inputs: FilterInputs) -> torch.Tensor:
+@dataclass(frozen=True)
+class ModelMask:
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
         if inputs.model_keep is None:
             return torch.ones_like(inputs.depth, dtype=torch.bool)
         return inputs.model_keep.bool()
 
-    return keep
+
+def model_mask() -> KeepFilter:
+    """The world model's own opinion (Segment.keep), where it has one."""
+    return ModelMask()
+
+
+@dataclass(frozen=True)
+class Composed:
+    filters: tuple[KeepFilter, ...]
+
+    def __call__(self, inputs: FilterInputs) -> torch.Tensor:
+        result = torch.ones_like(inputs.depth, dtype=torch.bool)
+        for f in self.filters:
+            result &= f(inputs)
+        return result
 
 
 def compose(*filters: KeepFilter) -> KeepFilter:
     """A filter that keeps what every one of ``filters`` keeps."""
-
-    def keep(inputs: FilterInputs) -> torch.Tensor:
-        result = torch.ones_like(inputs.depth, dtype=torch.bool)
-        for f in filters:
-            result &= f(inputs)
-        return result
-
-    return keep
+    return Composed(tuple(filters))
 
 
 def default_filters(max_depth: float = float("inf"), relative_tolerance: float = 0.1) -> KeepFilter:
