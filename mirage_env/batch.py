@@ -42,9 +42,13 @@ class AgentBatch:
         max_episode_steps: truncation horizon; None: the batch never truncates (a
             Gymnasium ``TimeLimit`` around the env, or the caller, ends episodes).
         observations: which of "rgb", "pose", "depth", "latent" to return.
-        collision_distance: FORWARD motion is refused when the depth straight ahead
-            is shorter than the step plus this margin (collision from what the camera sees;
-            works for any world model).
+        collision_distance: metres kept between the camera and the scene. A world model that
+            knows its geometry (the procedural one; ``blocked``, see
+            :class:`mirage_env.backends.base.KnowsGeometry`) refuses any translation, discrete or
+            continuous, that comes nearer than this to a wall, the floor, the ceiling or an object.
+            Any other model (Wan) falls back on what the camera sees: a move with a forward part is
+            refused when the depth straight ahead is shorter than the step plus this margin, and
+            backward, sideways and vertical moves go unchecked.
         start_spread: metres between the starting positions of agents of one team.
         team_slots: (N,) each agent's place in its team, which sets its starting offset
             (teams fan out sideways, ``start_spread`` apart, centred on the origin) and its
@@ -198,29 +202,32 @@ class AgentBatch:
         """Move every agent, generate one segment for every world, score with the task.
 
         ``actions``: one per agent, checked by :func:`mirage_env.actions.check_actions`
-        (the one action check of every env) before anything moves; ``labels`` name the
-        agents in its errors.
+        (the one action check of every env); ``labels`` name the agents in errors. Every
+        translation is collision-checked (:meth:`_blocked`); a blocked agent turns but stays
+        where it was, with ``info["collided"]`` True. Everything that can refuse a step (the
+        actions, the new cameras' range, the World's checks of the poses) runs before any
+        state changes, so a refused step leaves the batch, the World and the RNGs as they were.
         """
         actions = check_actions(actions, self.action_type, self.num_agents, labels)
-        before = self.rigs.copy()
+        before = self.rigs
         if self.action_type == "discrete":
             after = apply_moves(before, actions, self.motion)
-            wants_forward = actions == Move.FORWARD
         else:
             after = apply_velocities(before, actions, self.motion)
-            wants_forward = actions[:, 0] > 0
-        blocked = wants_forward & (self._free_distance_ahead() < self.motion.step_metres + self.collision_distance)
+        blocked = self._blocked(before, after, actions)
         after[blocked, :3] = before[blocked, :3]
-        self.collided = blocked
-        self.rigs = after
-        self.path_length += np.linalg.norm(after[:, :3] - before[:, :3], axis=1)
-        self.steps += 1
+        self._check_range(after, labels)
 
         path = interpolate_rigs(before, after, self.frames_per_step)  # (N, F, 6)
         poses = torch.from_numpy(poses_from_rigs(path.reshape(-1, 6))).reshape(
             self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4
         )
         result = self.world.step(poses, views=self.agents_per_world)
+        # The World took the step: from here on nothing refuses it.
+        self.collided = blocked
+        self.rigs = after
+        self.path_length += np.linalg.norm(after[:, :3] - before[:, :3], axis=1)
+        self.steps += 1
         self._absorb(result, list(range(self.num_worlds)))
 
         all_agents = np.arange(self.num_agents)
@@ -229,6 +236,44 @@ class AgentBatch:
         truncated = (self.steps >= limit) & ~scored.terminated
         infos = self._infos(all_agents, scored.metrics)
         return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
+
+    def _blocked(self, before: np.ndarray, after: np.ndarray, actions: np.ndarray) -> np.ndarray:
+        """(N,) bool: which agents' translations from ``before`` to ``after`` rigs (N, 6) are refused.
+
+        A world model that knows its geometry (``blocked``, see
+        :class:`mirage_env.backends.base.KnowsGeometry`; the procedural model) decides every
+        translation, discrete or continuous, in any direction, keeping ``collision_distance``
+        between the camera and walls or objects. Any other model (Wan) is checked from what
+        the camera saw: a move with a forward part (FORWARD, or a velocity with forward > 0)
+        is refused when the depth straight ahead is shorter than a step plus
+        ``collision_distance``; backward, sideways and vertical moves cannot be checked there.
+        """
+        moving = np.flatnonzero((after[:, :3] != before[:, :3]).any(axis=1))
+        blocked = np.zeros(self.num_agents, dtype=bool)
+        query = getattr(self.world.model, "blocked", None)
+        if query is not None:
+            if moving.size:
+                answer = query(torch.from_numpy(self.agent_world[moving]), torch.from_numpy(before[moving, :3]),
+                               torch.from_numpy(after[moving, :3]), float(self.collision_distance))
+                blocked[moving] = torch.as_tensor(answer).cpu().numpy().astype(bool)
+            return blocked
+        wants_forward = actions == Move.FORWARD if self.action_type == "discrete" else actions[:, 0] > 0
+        blocked[moving] = (wants_forward & (self._free_distance_ahead() < self.motion.step_metres
+                                            + self.collision_distance))[moving]
+        return blocked
+
+    def _check_range(self, rigs: np.ndarray, labels: list[str] | str) -> None:
+        """Refuse, before anything moves, a step that would take a camera outside the world's range."""
+        limit = self.world.position_limit
+        outside = (np.abs(rigs[:, :3]) >= limit).any(axis=1)
+        if outside.any():
+            agents = np.flatnonzero(outside)
+            who = f"{labels}(s) {agents.tolist()}" if isinstance(labels, str) else ", ".join(labels[i] for i in agents)
+            raise ValueError(
+                f"{who} would move the camera to {np.round(rigs[agents, :3], 2).tolist()}, {limit:g} m or more from "
+                f"the first camera on some axis, outside the world's range; the step was not taken (nothing "
+                f"moved): choose another action or reset"
+            )
 
     def _free_distance_ahead(self) -> np.ndarray:
         """Nearest depth in the central latent columns, middle rows (not floor or ceiling)."""

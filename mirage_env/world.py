@@ -23,8 +23,13 @@ from .backends.base import Segment, SegmentRequest, WorldModel
 from .filters import FilterInputs, KeepFilter, default_filters
 from .memory import FORMAT_VERSION, LatentSpatialMemory, MemoryFileError, MemoryRead, load_state, save_state
 from .memory.fileformat import MAX_WORLDS, StateCheck
+from .memory.keys import AXIS_OFFSET
 
-__all__ = ["World", "WorldStep"]
+__all__ = ["POSITION_LIMIT", "World", "WorldStep"]
+
+# Cameras stay within this many metres of the first camera on every axis: the bound of the
+# envs' pose observation space, and the memory's max_read_depth default.
+POSITION_LIMIT = 1e4
 
 
 @dataclass
@@ -236,8 +241,15 @@ class World:
             depth=torch.full((n, t, h, w), math.inf),
         )
 
-    @staticmethod
-    def _check_poses(poses, batch: int, views: int = 1) -> torch.Tensor:
+    @property
+    def position_limit(self) -> float:
+        """Metres from the first camera (on each axis) that a camera may reach: the lesser of
+        :data:`POSITION_LIMIT` and what the memory can address at its voxel size."""
+        return min(POSITION_LIMIT, self.memory.voxel_size * self.memory.brick_size * AXIS_OFFSET)
+
+    def _check_poses(self, poses, batch: int, views: int = 1) -> torch.Tensor:
+        """``poses`` as float64, checked before a step or reset changes anything (so a refused
+        one leaves every world as it was)."""
         poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[0] != batch or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape ({batch}, T, 4, 4), got {tuple(poses.shape)}")
@@ -245,6 +257,11 @@ class World:
             raise ValueError(f"{poses.shape[1]} frames cannot be split among views={views} cameras per world")
         if not torch.isfinite(poses).all():
             raise ValueError("poses contain NaN or inf; every camera-to-world pose must be finite")
+        limit = self.position_limit
+        outside = (poses[..., :3, 3].abs() >= limit).flatten(1).any(1)
+        if outside.any():
+            raise ValueError(f"poses of world(s) {torch.nonzero(outside).flatten().tolist()} put a camera {limit:g} m or "
+                             f"more from the first camera on some axis, outside the world's range; nothing was changed")
         return poses
 
     # ------------------------------------------------------------------ persistence

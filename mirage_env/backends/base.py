@@ -181,6 +181,26 @@ class WorldModel(Protocol):
         ...
 
 
+@runtime_checkable
+class KnowsGeometry(Protocol):
+    """Optional: a world model that knows its scene's solid geometry answers collision queries.
+
+    The envs (``mirage_env.batch.AgentBatch``) ask it about every translation, discrete
+    or continuous, in any direction, before the camera moves. A model without it (Wan,
+    which only generates pixels) gets the fallback: the depth the camera saw straight
+    ahead in its last frame, which can only check moves towards what it sees (FORWARD,
+    and continuous velocities with a positive forward part); backward, sideways and
+    vertical moves go unchecked there.
+    """
+
+    def blocked(self, worlds, start, end, clearance: float) -> torch.Tensor:
+        """(N,) bool: whether the scene stops camera i of world ``worlds[i]`` moving straight
+        from ``start[i]`` to ``end[i]`` ((N, 3) world positions), keeping ``clearance`` metres
+        from walls and objects. A function of the model's per-world state only (no randomness),
+        so episodes stay reproducible."""
+        ...
+
+
 # Optional attributes a model may define, read with getattr by the World and the envs:
 #   suggested_voxel_size: float   memory voxel edge that fits the model's scene scale
 #   context_frames: int           latent frames of the previous segment it wants as context
@@ -188,3 +208,4 @@ class WorldModel(Protocol):
 #                                 included; start/generate refuse other counts, and the envs
 #                                 step with this many (AgentBatch.frames_per_step). Absent: any
 #                                 count (the procedural model).
+#   blocked(worlds, start, end, clearance)  collision from the scene's geometry (KnowsGeometry)

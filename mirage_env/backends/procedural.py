@@ -33,6 +33,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+import numpy as np
 import torch
 
 from ..geometry import Camera
@@ -129,6 +130,55 @@ class ProceduralWorldModel:
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         return self.codec.decode_uint8(latents)
+
+    def blocked(self, worlds, start, end, clearance: float) -> torch.Tensor:
+        """Whether the scene stops cameras moving in a straight line from ``start`` to ``end``.
+
+        The camera is the top of a vertical column standing on the floor (a body, as
+        habitat's cylinder agents), and a move is blocked when the column, anywhere along
+        the way, comes nearer than ``clearance`` to an object, or the camera nearer than
+        ``clearance`` to a wall, the ceiling or the floor (outdoors: the ground and the
+        edge of the world, 200 m out). Distances are exact (segment against box, from the
+        scene's own boxes); every object stands on the floor, so an object meets the
+        column at any camera height and the object test is in x and z. The moving crate
+        counts where it stands in the next frame the model generates. A camera already
+        nearer than ``clearance`` (a crate slid up to it) may move but not get nearer.
+
+        Args:
+            worlds: (N,) world index of each camera.
+            start: (N, 3) world positions before the move.
+            end: (N, 3) world positions after it.
+            clearance: metres kept free around the camera.
+
+        Returns:
+            (N,) bool, True where the move is blocked.
+        """
+        # A few (N, K) numbers: numpy on the host costs a tenth of as many small torch ops.
+        index = np.asarray(worlds, dtype=np.int64).reshape(-1)
+        start = np.asarray(start, dtype=np.float64).reshape(-1, 3)
+        end = np.asarray(end, dtype=np.float64).reshape(-1, 3)
+        if start.shape != end.shape or start.shape[0] != index.size:
+            raise ValueError(f"blocked() needs one world index and one (3,) start and end per camera, got "
+                             f"{index.size} worlds, start {start.shape}, end {end.shape}")
+        if index.size and (index.min() < 0 or index.max() >= self.time.numel()):
+            raise ValueError(f"worlds {index.tolist()} include one that was never started "
+                             f"({self.time.numel()} started)")
+        # The room (the ground and the world's edge outdoors), seen from inside: the distance to
+        # its nearest face is concave along a straight path, so its least value is at an end.
+        room_lo = self.room_lo.cpu().numpy()[index].astype(np.float64)
+        room_hi = self.room_hi.cpu().numpy()[index].astype(np.float64)
+        inside = lambda p: np.minimum(p - room_lo, room_hi - p).min(-1)  # noqa: E731
+        blocked = inside(end) < np.minimum(inside(start), clearance)
+        # Objects: footprints in x and z, where they stand in the next frame (the moving crate moves).
+        on_device = torch.as_tensor(index, device=self.device)
+        box_lo, box_hi = self._object_boxes(on_device, self.time[on_device][:, None])
+        box_lo = box_lo[:, 0][..., [0, 2]].cpu().numpy().astype(np.float64)  # (N, K, 2)
+        box_hi = box_hi[:, 0][..., [0, 2]].cpu().numpy().astype(np.float64)
+        a, b = start[:, None, [0, 2]], end[:, None, [0, 2]]  # (N, 1, 2)
+        near_start = _point_box_distance(a, box_lo, box_hi)
+        along = _segment_box_distance(a, b, box_lo, box_hi)
+        blocked |= (along < np.minimum(near_start, clearance)).any(-1)
+        return torch.from_numpy(blocked)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -477,3 +527,33 @@ def _argmax3(x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
 
 def _pick3(which: torch.Tensor, x: torch.Tensor, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
     return torch.where(which == 0, x, torch.where(which == 1, y, z))
+
+
+def _point_box_distance(point: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Euclidean distance from points (..., D) to axis-aligned boxes [lo, hi] (..., D); 0 inside."""
+    return np.linalg.norm(np.maximum(np.maximum(lo - point, point - hi), 0.0), axis=-1)
+
+
+def _segment_box_distance(a: np.ndarray, b: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Least distance between segments a-b and axis-aligned rectangles [lo, hi], all (..., 2); 0 where they meet.
+
+    Two convex sets that do not meet are nearest at a vertex of one of them: an end of
+    the segment to the rectangle, or a corner of the rectangle to the segment.
+    """
+    a, b, lo, hi = np.broadcast_arrays(a, b, lo, hi)
+    direction = b - a
+    # Slab test: the part of the segment (parameter in [0, 1]) inside each axis' slab.
+    still = np.abs(direction) < 1e-12
+    safe = np.where(still, 1.0, direction)
+    t1, t2 = (lo - a) / safe, (hi - a) / safe
+    within = (a >= lo) & (a <= hi)
+    enter = np.where(still, np.where(within, -np.inf, np.inf), np.minimum(t1, t2)).max(-1)
+    leave = np.where(still, np.where(within, np.inf, -np.inf), np.maximum(t1, t2)).min(-1)
+    meets = np.maximum(enter, 0.0) <= np.minimum(leave, 1.0)
+    distance = np.minimum(_point_box_distance(a, lo, hi), _point_box_distance(b, lo, hi))
+    length2 = (direction * direction).sum(-1)
+    for corner in (lo, hi, np.stack([lo[..., 0], hi[..., 1]], -1), np.stack([hi[..., 0], lo[..., 1]], -1)):
+        t = ((corner - a) * direction).sum(-1) / np.where(length2 > 0, length2, 1.0)
+        nearest = a + np.clip(t, 0.0, 1.0)[..., None] * direction
+        distance = np.minimum(distance, np.linalg.norm(corner - nearest, axis=-1))
+    return np.where(meets, 0.0, distance)
