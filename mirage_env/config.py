@@ -171,9 +171,10 @@ class AgentConfig:
     observations: tuple[str, ...] = field(default=("rgb", "pose"), metadata=_cli(
         f"comma-separated observation keys from {', '.join(OBSERVATION_KEYS)} (the task adds its own)",
         type=lambda text: tuple(k for k in text.split(",") if k)))
-    # FORWARD is refused when the depth ahead is shorter than the step plus this margin.
+    # A translation is refused when its path comes nearer than this to the world's geometry
+    # (a backend without geometry can only check the depth straight ahead).
     collision_distance: float = field(default=0.3, metadata=_cli(
-        "metres kept between the camera and what it sees ahead", type=non_negative_float))
+        "metres kept between the camera and walls or objects", type=non_negative_float))
     start_spread: float = 0.5
 
     def __post_init__(self):

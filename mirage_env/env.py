@@ -136,7 +136,7 @@ class MirageEnv(gym.Env):
     | value | meaning |
     |---|---|
     | 0 | stay |
-    | 1 | forward (``motion.step_metres``, on the ground plane; refused when blocked) |
+    | 1 | forward (``motion.step_metres``, on the ground plane) |
     | 2 | backward |
     | 3 | strafe left |
     | 4 | strafe right |
@@ -147,6 +147,11 @@ class MirageEnv(gym.Env):
 
     ``action_type="continuous"``: ``Box(-1, 1, (6,), float32)`` velocity
     (forward, right, up, yaw rate, pitch rate, roll rate), scaled by ``motion``.
+
+    A translation (discrete or continuous, any direction) whose path comes nearer than
+    ``collision_distance`` to a wall or object is refused: the camera stays put, turns
+    still apply, ``info["collided"]`` is True. A backend without geometry (Wan) can only
+    check moves with a forward part, against the depth straight ahead.
 
     ## Observation Space
     ``Dict`` with the keys chosen by ``observations`` (plus task entries):
