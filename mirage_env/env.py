@@ -56,6 +56,14 @@ class ExclusiveUse:
         return ExclusiveUse, (self.owner,)
 
 
+def check_render_map(render_map, render_mode) -> bool:
+    if not isinstance(render_map, bool):
+        raise ValueError(f"render_map must be True or False, got {render_map!r}")
+    if render_map and render_mode is None:
+        raise ValueError('render_map=True draws the map in render(); it needs a render_mode ("rgb_array")')
+    return render_map
+
+
 def exclusive(method):
     """Run an env method under the env's :class:`ExclusiveUse` guard (``self._exclusive``)."""
 
@@ -185,7 +193,8 @@ class MirageEnv(gym.Env):
     ``memory_options``; agent: ``action_type``, ``frames_per_step`` (latent frames per
     step; None: the world model's segment length if it has one, else 1),
     ``max_episode_steps``, ``observations``, ``motion`` (MotionConfig or dict),
-    ``collision_distance``. A misspelt option raises ``ValueError`` naming the closest
+    ``collision_distance``; ``render_map=True``: ``render()`` returns the frame with a top-down map of
+    memory beside it (:mod:`mirage_env.topdown`). A misspelt option raises ``ValueError`` naming the closest
     valid one. ``config=EnvConfig(...)`` gives them all at once (keywords override it);
     ``world=`` a prebuilt ``World``.
 
@@ -215,9 +224,11 @@ class MirageEnv(gym.Env):
 
     metadata = {"render_modes": ["rgb_array"], "render_fps": 15}
 
-    def __init__(self, task=None, *, config: EnvConfig | None = None, world: World | None = None, **options):
+    def __init__(self, task=None, *, config: EnvConfig | None = None, world: World | None = None,
+                 render_map: bool = False, **options):
         self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
         self.render_mode = self.config.render_mode
+        self.render_map = check_render_map(render_map, self.render_mode)
         self.world, self.task, self.batch = self.config.build(num_worlds=1, world=world)
         self.action_space = self.batch.action_space
         self.observation_space = self.batch.observation_space
@@ -247,13 +258,25 @@ class MirageEnv(gym.Env):
         return observation, float(reward[0]), bool(terminated[0]), bool(truncated[0]), infos[0]
 
     def render(self):
-        if self.render_mode == "rgb_array":
-            return self.batch.last_frames[0].copy()
-        return None
+        """The last frame (H, W, 3) uint8; with ``render_map=True`` the frame and the top-down map
+        of memory beside it, (H, 2 W, 3) (``render_mode="rgb_array"``)."""
+        if self.render_mode != "rgb_array":
+            return None
+        frame = self.batch.last_frames[0].copy()
+        if not self.render_map:
+            return frame
+        return np.concatenate([frame, self.top_down_map(frame.shape[:2])], axis=1)
+
+    def top_down_map(self, size: tuple[int, int] | None = None) -> np.ndarray:
+        """A bird's-eye map of what the world remembers, the camera and the task's goal on it,
+        (H, W, 3) uint8 (default: the frame's size); see :mod:`mirage_env.topdown`."""
+        from .topdown import TopDownMap, batch_map
+
+        return batch_map(self.batch, 0, TopDownMap(size=tuple(size or self.batch.last_frames[0].shape[:2])))
 
     def step_frames(self) -> np.ndarray:
         """Every frame the last step generated, (F, H, W, 3) uint8 (for videos); the last is ``rgb``."""
-        return self.batch.last_step.frames[0].cpu().numpy()
+        return self.batch.crop(self.batch.last_step.frames[0].cpu().numpy())
 
     # ------------------------------------------------------------------ persistence and snapshots
 

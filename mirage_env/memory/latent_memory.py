@@ -348,6 +348,16 @@ class LatentSpatialMemory:
         entry_of = self._index.entry_of
         return self._pool.points[entry_of[entry_of >= 0].long()]
 
+    def stored_entries(self, world: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``world``'s stored entries as copies: (n, 3) float32 world points and (n, C) features, in
+        storage order (O(stored); for maps and inspection)."""
+        if not 0 <= world < self.num_worlds:
+            raise ValueError(f"world must be in [0, {self.num_worlds}), got {world}")
+        of_world = torch.arange(self.num_worlds, device=self._pool.points.device) == world
+        entries = self._index.entry_of[self._index.live_slots(of_world)]
+        entries = entries[entries >= 0].long()
+        return self._pool.points[entries], self._pool.features[entries]
+
     def entries_per_world(self) -> torch.Tensor:
         """(num_worlds,) number of stored entries of each world."""
         return self._pool.entries_per_world.clone()
