@@ -10,21 +10,23 @@ from __future__ import annotations
 
 import copy
 import os
+import sys
 import warnings
 from typing import Any
 
 import numpy as np
+from gymnasium import spaces
 from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 
 from .config import EnvConfig
 from .batch import Snapshot
-from .env import (RESET_OPTIONS, ExclusiveUse, checked_env_fields, exclusive, fork_env, optional_generator,
-                  read_snapshot, save_snapshot, snapshot_check)
+from .env import (RESET_OPTIONS, ExclusiveUse, check_render_map, checked_env_fields, exclusive, fork_env,
+                  optional_generator, read_snapshot, save_snapshot, snapshot_check)
 from .memory.fileformat import StateCheck
 from .geometry import Move
 
-__all__ = ["MirageParallelEnv"]
+__all__ = ["MirageParallelEnv", "parallel_env", "env", "raw_env"]
 
 
 class MirageParallelEnv(ParallelEnv):
@@ -68,17 +70,33 @@ class MirageParallelEnv(ParallelEnv):
 
     ## Arguments
     ``n_agents``, ``task`` (name or Task instance), ``shared_memory`` (False: the
-    separate-memories ablation), ``config``, and any :class:`mirage_env.config.EnvConfig`
+    separate-memories ablation), ``config``, ``max_cycles`` (PettingZoo's name for
+    ``max_episode_steps``; give one or the other), ``render_map`` (``render()`` adds the
+    top-down map of memory beside the frames), and any :class:`mirage_env.config.EnvConfig`
     option as a keyword, as ``MirageEnv`` takes them (``start_spread``: metres between
     the agents' starting places; ``memory_horizon`` K: read only what the last K
     segments of the world wrote or saw; ``render_mode="rgb_array"``: the agents'
-    frames side by side).
+    frames side by side; ``render_mode="human"``: those frames in a matplotlib window,
+    where a display exists; without one, a warning says so and nothing is shown).
     The world model must not compress time (the procedural one does not): a
     video VAE would mix the frames of different agents.
 
     Reset options: ``image`` / ``prompt`` start the world from a picture
-    (backends that support it). Other keys are ignored with a warning, as
-    PettingZoo's API test passes an arbitrary option.
+    (backends that support it). Other keys are passed over silently (PettingZoo's
+    API test passes an arbitrary option; wrappers may add their own).
+
+    ## State
+    ``state()``: a global view of the shared world for centralised critics, the
+    top-down map of the memory (:mod:`mirage_env.topdown`: what the team has seen,
+    coloured by the decoded latents, every agent's position and heading, the task's
+    goals), (H, W, 3) uint8 at the frames' size; with ``shared_memory=False`` the
+    maps of every agent's own world side by side, (H, n_agents * W, 3).
+    ``state_space`` is the matching ``Box``.
+
+    ## PettingZoo layout
+    As PettingZoo's own envs: ``mirage_env.multi_agent.parallel_env(**kwargs)``,
+    ``env(**kwargs)`` (the AEC form, through ``pettingzoo.utils.parallel_to_aec``) and
+    ``raw_env(**kwargs)`` (AEC without the order-enforcing wrapper).
 
     ## Example
     >>> from mirage_env.multi_agent import MirageParallelEnv
@@ -92,18 +110,29 @@ class MirageParallelEnv(ParallelEnv):
     True
     """
 
-    metadata = {"name": "mirage_shared_world_v0", "render_modes": ["rgb_array"], "render_fps": 15,
+    metadata = {"name": "mirage_shared_world_v0", "render_modes": ["rgb_array", "human"], "render_fps": 15,
                 "is_parallelizable": True}
 
     def __init__(self, n_agents: int = 2, task=None, *, shared_memory: bool = True,
-                 config: EnvConfig | None = None, **options):
+                 config: EnvConfig | None = None, render_mode: str | None = None, render_map: bool = False,
+                 max_cycles: int | None = None, **options):
         if isinstance(n_agents, bool) or not isinstance(n_agents, (int, np.integer)) or n_agents < 1:
             raise ValueError(f"n_agents must be a positive integer, got {n_agents!r}")
         n_agents = int(n_agents)
+        if max_cycles is not None:
+            if options.get("max_episode_steps", max_cycles) != max_cycles:
+                raise ValueError(f"max_cycles={max_cycles!r} and max_episode_steps={options['max_episode_steps']!r} "
+                                 f"name the same limit; give one of them")
+            options["max_episode_steps"] = max_cycles
+        if render_mode not in (None, "rgb_array", "human"):
+            raise ValueError(f"render_mode must be one of {self.metadata['render_modes']} or None, got {render_mode!r}")
+        self.render_mode = render_mode
+        # The world renders frames either way; "human" shows what "rgb_array" would return.
+        options["render_mode"] = None if render_mode is None else "rgb_array"
+        self.render_map = check_render_map(render_map, render_mode)
         # The team task is this env's default; a task given here or in ``config`` wins.
         base = config or EnvConfig(task="coverage")
         self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=base)
-        self.render_mode = self.config.render_mode
         self.shared_memory = bool(shared_memory)
         num_worlds = 1 if self.shared_memory else n_agents
         self.world, self.task, self.batch = self.config.build(
@@ -120,6 +149,10 @@ class MirageParallelEnv(ParallelEnv):
         self._live = np.zeros(n_agents, dtype=bool)
         self._np_random: np.random.Generator | None = None
         self._exclusive = ExclusiveUse("MirageParallelEnv")
+        height, width = self.observation_spaces[self.possible_agents[0]]["rgb"].shape[:2]
+        self._map_size = (height, width)
+        self.state_space = spaces.Box(0, 255, (height, width * num_worlds, 3), np.uint8)
+        self._window = None
 
     def observation_space(self, agent: str):
         return self.observation_spaces[self._check_agent(agent)]
@@ -141,11 +174,8 @@ class MirageParallelEnv(ParallelEnv):
             self._np_random, _ = seeding.np_random(seed)
         if options is not None and not isinstance(options, dict):
             raise ValueError(f"reset options must be a dict (keys: {sorted(RESET_OPTIONS)}), got {type(options).__name__}")
-        options = dict(options or {})
-        unknown = sorted(set(options) - set(RESET_OPTIONS))
-        if unknown:
-            warnings.warn(f"ignoring unknown reset option(s) {unknown}; known: {sorted(RESET_OPTIONS)}", stacklevel=2)
-        options = {k: v for k, v in options.items() if k in RESET_OPTIONS}
+        # Only the world's own options condition it; others (PettingZoo's API test, wrappers) pass by.
+        options = {k: v for k, v in (options or {}).items() if k in RESET_OPTIONS}
         world_seed = int(self.np_random.integers(2**62))
         worlds = list(range(self.world.num_worlds))
         # Without shared memory every agent gets a copy of the same world: same seed, same scene.
@@ -177,13 +207,37 @@ class MirageParallelEnv(ParallelEnv):
         return result
 
     def render(self) -> np.ndarray | None:
-        """All agents' last frames side by side, (H, n_agents * W, 3) uint8 (``render_mode="rgb_array"``)."""
-        if self.render_mode == "rgb_array":
-            return np.concatenate(list(self.batch.last_frames), axis=1)
-        return None
+        """All agents' last frames side by side, (H, n_agents * W, 3) uint8 (``render_mode="rgb_array"``),
+        followed by the state map when ``render_map=True``. ``render_mode="human"`` shows that image in a
+        window and returns None."""
+        if self.render_mode is None:
+            return None
+        image = np.concatenate(list(self.batch.last_frames), axis=1)
+        if self.render_map:
+            image = np.concatenate([image, self.state()], axis=1)
+        if self.render_mode == "human":
+            self._show(image)
+            return None
+        return image
+
+    def state(self) -> np.ndarray:
+        """The top-down map of the shared world's memory with every agent and goal on it, (H, W, 3) uint8;
+        without shared memory, every agent's world's map side by side (see ``state_space``)."""
+        from .topdown import TopDownMap, batch_map
+
+        settings = TopDownMap(size=self._map_size)
+        return np.concatenate([batch_map(self.batch, world, settings) for world in range(self.world.num_worlds)],
+                              axis=1)
 
     def close(self) -> None:
-        pass
+        if self._window is not None:
+            self._window.close()
+            self._window = None
+
+    def _show(self, image: np.ndarray) -> None:
+        if self._window is None:
+            self._window = _HumanWindow(self.metadata["name"])
+        self._window.show(image)
 
     # ------------------------------------------------------------------ persistence and snapshots
 
@@ -214,6 +268,11 @@ class MirageParallelEnv(ParallelEnv):
         """An independent copy of this env mid-episode that diverges without touching this one
         (it shares the world model's weights, not its per-world state)."""
         return fork_env(self)
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_window"] = None  # a window belongs to the process that opened it (pickle, deepcopy, fork)
+        return state
 
     def _env_state(self) -> dict:
         return {
@@ -256,3 +315,71 @@ class MirageParallelEnv(ParallelEnv):
         # Agents whose episode ended stand still: STAY, or zero velocity.
         stay = Move.STAY if self.batch.action_type == "discrete" else np.zeros(6)
         return [actions[agent] if agent in actions else stay for agent in self.possible_agents]
+
+
+class _HumanWindow:
+    """A matplotlib window for ``render_mode="human"``; without a display, one warning and no window."""
+
+    def __init__(self, title: str):
+        self.title, self.figure, self.artist = title, None, None
+        self.available = _display_available()
+        if not self.available:
+            warnings.warn('render_mode="human" found no display (no DISPLAY / WAYLAND_DISPLAY, or matplotlib is not '
+                          'installed): nothing is shown; use render_mode="rgb_array" and save the frames instead',
+                          stacklevel=4)
+
+    def show(self, image: np.ndarray) -> None:
+        if not self.available:
+            return
+        import matplotlib.pyplot as plt
+
+        if self.figure is None:
+            plt.ion()
+            self.figure, axes = plt.subplots(num=self.title)
+            axes.set_axis_off()
+            self.artist = axes.imshow(image)
+        else:
+            self.artist.set_data(image)
+        self.figure.canvas.draw_idle()
+        plt.pause(0.001)
+
+    def close(self) -> None:
+        if self.figure is not None:
+            import matplotlib.pyplot as plt
+
+            plt.close(self.figure)
+            self.figure = None
+
+
+def _display_available() -> bool:
+    try:
+        import matplotlib
+    except ImportError:
+        return False
+    if os.name == "posix" and sys.platform != "darwin" and not (os.environ.get("DISPLAY")
+                                                                 or os.environ.get("WAYLAND_DISPLAY")):
+        return False
+    return matplotlib.get_backend().lower() not in ("agg", "pdf", "ps", "svg", "pgf", "cairo", "template")
+
+
+# ---------------------------------------------------------------------- PettingZoo's module layout
+
+
+def parallel_env(**kwargs) -> MirageParallelEnv:
+    """The ParallelEnv (PettingZoo's ``module.parallel_env(**kwargs)``); kwargs as ``MirageParallelEnv``,
+    ``max_cycles`` included."""
+    return MirageParallelEnv(**kwargs)
+
+
+def raw_env(**kwargs):
+    """The AEC form without PettingZoo's order-enforcing wrapper."""
+    from pettingzoo.utils.conversions import parallel_to_aec_wrapper
+
+    return parallel_to_aec_wrapper(parallel_env(**kwargs))
+
+
+def env(**kwargs):
+    """The AEC form (PettingZoo's ``module.env(**kwargs)``): ``parallel_to_aec(parallel_env(**kwargs))``."""
+    from pettingzoo.utils import parallel_to_aec
+
+    return parallel_to_aec(parallel_env(**kwargs))

@@ -143,3 +143,142 @@ def test_a_pickled_env_has_a_thread_guard_of_its_own():
     assert twin._exclusive is not env._exclusive
     with twin._exclusive:  # the restored lock works
         twin.reset(seed=0)
+
+
+# ---------------------------------------------------------------------- PettingZoo's own tests
+
+
+def test_pettingzoo_parallel_api_test_passes_without_warnings():
+    from pettingzoo.test import parallel_api_test
+
+    import warnings
+
+    from mirage_env import multi_agent
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an ignored reset option used to warn here
+        parallel_api_test(multi_agent.parallel_env(), num_cycles=20)
+
+
+def test_pettingzoo_seed_test_passes():
+    from pettingzoo.test import parallel_seed_test
+
+    from mirage_env import multi_agent
+
+    parallel_seed_test(multi_agent.parallel_env, num_cycles=10)
+
+
+def test_pettingzoo_max_cycles_test_passes_with_max_cycles_as_the_horizon():
+    from pettingzoo.test import max_cycles_test
+
+    from mirage_env import multi_agent
+
+    max_cycles_test(multi_agent)
+    assert multi_agent.parallel_env(max_cycles=7).config.agent.max_episode_steps == 7
+    with pytest.raises(ValueError, match="max_cycles"):
+        multi_agent.parallel_env(max_cycles=7, max_episode_steps=8)
+
+
+def test_pettingzoo_render_test_passes_headless(monkeypatch):
+    from pettingzoo.test import render_test
+
+    from mirage_env import multi_agent
+
+    monkeypatch.delenv("DISPLAY", raising=False)
+    monkeypatch.delenv("WAYLAND_DISPLAY", raising=False)
+    with pytest.warns(UserWarning, match="no display"):
+        render_test(multi_agent.env)
+
+
+def test_pettingzoo_state_test_passes_and_the_state_is_the_shared_map():
+    from pettingzoo.test import state_test
+
+    from mirage_env import multi_agent
+
+    state_test(multi_agent.env(), multi_agent.parallel_env())
+    env = multi_agent.parallel_env(n_agents=3)
+    env.reset(seed=0)
+    state = env.state()
+    assert state.shape == (64, 64, 3) and env.state_space.contains(state)
+    separate = multi_agent.parallel_env(n_agents=2, shared_memory=False)
+    separate.reset(seed=0)
+    assert separate.state().shape == (64, 128, 3) == separate.state_space.shape
+
+
+def test_raw_env_and_env_are_the_aec_forms():
+    from pettingzoo import AECEnv
+
+    from mirage_env import multi_agent
+
+    for make in (multi_agent.env, multi_agent.raw_env):
+        aec = make(n_agents=2)
+        assert isinstance(aec, AECEnv)
+        aec.reset(seed=0)
+        assert aec.agent_selection == "camera_0"
+
+
+# ---------------------------------------------------------------------- SuperSuit
+
+
+def test_supersuit_concat_vec_envs_with_two_processes_steps():
+    ss = pytest.importorskip("supersuit")
+    from mirage_env import multi_agent
+
+    vec = ss.concat_vec_envs_v1(ss.pettingzoo_env_to_vec_env_v1(multi_agent.parallel_env(n_agents=2)), 2,
+                                num_cpus=2, base_class="gymnasium")
+    try:
+        observations, _ = vec.reset(seed=0)
+        assert observations["rgb"].shape == (4, 64, 64, 3)
+        for _ in range(2):
+            observations, rewards, terminated, truncated, _ = vec.step(
+                np.array([vec.action_space.sample() for _ in range(vec.num_envs)]))
+        assert rewards.shape == (4,)
+    finally:
+        vec.close()
+
+
+# ---------------------------------------------------------------------- the top-down map
+
+
+def test_render_map_puts_the_map_beside_the_frame_and_the_default_render_is_unchanged():
+    plain = gym.make("Mirage/PointNav-v0", render_mode="rgb_array")
+    mapped = gym.make("Mirage/PointNav-v0", render_mode="rgb_array", render_map=True)
+    for env in (plain, mapped):
+        env.reset(seed=0)
+        for action in (1, 1, 5, 1):
+            env.step(action)
+    frame, both = plain.render(), mapped.render()
+    assert frame.shape == (64, 64, 3)
+    assert both.shape == (64, 128, 3) and both.dtype == np.uint8
+    np.testing.assert_array_equal(both[:, :64], frame)
+
+
+def test_the_map_grows_as_the_world_is_seen_and_shows_the_agent_and_the_goal():
+    from mirage_env.topdown import GOAL_COLOUR, UNSEEN
+
+    env = MirageEnv(task="pointnav")
+    env.reset(seed=0)
+    first = env.top_down_map((96, 96))
+    for action in (5, 5, 5, 5, 5, 5):  # look around
+        env.step(action)
+    later = env.top_down_map((96, 96))
+    seen_before, seen_after = (~(first == UNSEEN).all(-1)).sum(), (~(later == UNSEEN).all(-1)).sum()
+    assert seen_after > seen_before > 0
+    assert (later == GOAL_COLOUR).all(-1).any()  # the PointNav goal is drawn
+    assert (later == [255, 60, 60]).all(-1).any()  # the first agent's colour
+
+
+def test_the_map_colours_by_height_when_asked_or_when_the_model_cannot_decode():
+    from mirage_env.topdown import TopDownMap, render_top_down
+
+    env = MirageEnv()
+    env.reset(seed=0)
+    env.step(1)
+    memory, rigs = env.world.memory, env.batch.rigs
+    by_height = render_top_down(memory, 0, rigs, settings=TopDownMap(colour="height"))
+    no_model = render_top_down(memory, 0, rigs, model=None)
+    np.testing.assert_array_equal(by_height, no_model)
+    decoded = render_top_down(memory, 0, rigs, model=env.world.model)
+    assert not np.array_equal(decoded, by_height)
+    with pytest.raises(ValueError, match="colour"):
+        TopDownMap(colour="rainbow")
