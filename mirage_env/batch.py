@@ -70,6 +70,7 @@ class AgentBatch:
         collision_distance: float = 0.3,
         start_spread: float = 0.5,
         team_slots=None,
+        image_size: tuple[int, int] | None = None,
     ):
         if action_type not in ("discrete", "continuous"):
             raise ValueError(f"action_type must be 'discrete' or 'continuous', got {action_type!r}")
@@ -113,13 +114,21 @@ class AgentBatch:
                                  f"got {team_slots!r}")
 
         camera, latent, channels = world.camera, world.latent_camera, world.model.latent.channels
+        # Frames are shown at ``image_size``: the centre of what the model generates (it can only
+        # make multiples of its latent grid, e.g. 88 for an asked 84).
+        shown = (camera.height, camera.width) if image_size is None else tuple(int(x) for x in image_size)
+        if shown[0] > camera.height or shown[1] > camera.width:
+            raise ValueError(f"image_size {shown} exceeds the {camera.height}x{camera.width} frames the world makes")
+        top, left = (camera.height - shown[0]) // 2, (camera.width - shown[1]) // 2
+        self._crop = (slice(top, top + shown[0]), slice(left, left + shown[1]))
+        self.image_size = shown
         self.latent_pixels_per_frame = latent.height * latent.width
         self.action_space = (
             spaces.Discrete(len(Move)) if action_type == "discrete"
             else spaces.Box(-1.0, 1.0, shape=(6,), dtype=np.float32)
         )
         available = {
-            "rgb": spaces.Box(0, 255, shape=(camera.height, camera.width, 3), dtype=np.uint8),
+            "rgb": spaces.Box(0, 255, shape=(*shown, 3), dtype=np.uint8),
             # Bounded by what the memory can address and by the rig's angle ranges.
             "pose": spaces.Box(np.array([-1e4] * 3 + [-np.pi] * 3, dtype=np.float32),
                                np.array([1e4] * 3 + [np.pi] * 3, dtype=np.float32), dtype=np.float32),
@@ -136,7 +145,7 @@ class AgentBatch:
         self.steps = np.zeros(n, dtype=np.int64)
         self.path_length = np.zeros(n)
         self.collided = np.zeros(n, dtype=bool)
-        self.last_frames = np.zeros((n, camera.height, camera.width, 3), dtype=np.uint8)
+        self.last_frames = np.zeros((n, *shown, 3), dtype=np.uint8)
         self.first_frames = np.zeros_like(self.last_frames)
         self.last_depth = np.full((n, latent.height, latent.width), np.inf, dtype=np.float32)
         self.last_latents = np.zeros((n, channels, latent.height, latent.width), dtype=np.float32)
@@ -293,12 +302,16 @@ class AgentBatch:
         last_latent = result.latents.reshape(len(worlds), a, per_agent_latents, *result.latents.shape[2:])[:, :, -1]
         last_depth = result.depth.reshape(len(worlds), a, per_agent_latents, *result.depth.shape[2:])[:, :, -1]
         hit = result.memory_hit.reshape(len(worlds), a, per_agent_latents).mean(-1)
-        self.last_frames[agents] = last_frame.reshape(-1, *frames.shape[2:]).cpu().numpy()
+        self.last_frames[agents] = self.crop(last_frame.reshape(-1, *frames.shape[2:]).cpu().numpy())
         self.last_latents[agents] = last_latent.reshape(-1, *result.latents.shape[2:]).float().cpu().numpy()
         self.last_depth[agents] = last_depth.reshape(-1, *result.depth.shape[2:]).float().cpu().numpy()
         self.last_memory_hit[agents] = hit.reshape(-1).cpu().numpy()
         self.last_new_entries[worlds_array] = result.new_entries.cpu().numpy()
         self.last_step = result
+
+    def crop(self, frames):
+        """``frames`` (..., H, W, 3) as generated -> (..., h, w, 3) as shown (``image_size``)."""
+        return frames[..., self._crop[0], self._crop[1], :]
 
     def observe(self, agents: np.ndarray) -> dict[str, np.ndarray]:
         observation: dict[str, np.ndarray] = {}

@@ -137,12 +137,27 @@ class WorldConfig:
         _check_names("backend option", self.backend_options, _backend_option_names(self.backend),
                      f" for backend {self.backend!r}")
 
+    @property
+    def sides(self) -> tuple[int, int]:
+        """(height, width) asked for."""
+        size = self.image_size
+        return (int(size), int(size)) if isinstance(size, numbers.Integral) else (int(size[0]), int(size[1]))
+
+    def generated_sides(self) -> tuple[int, int]:
+        """(height, width) the world model generates: the asked sides rounded up to what it can make
+        (the env shows the centre crop of the asked size, so 84x84 works on an 8-pixel latent grid)."""
+        from .backends import size_multiple
+
+        multiple = max(1, size_multiple(self.backend, self.checkpoint, **self.backend_options))
+        return tuple(-(-side // multiple) * multiple for side in self.sides)
+
     def build(self, num_worlds: int = 1):
-        """A ``World`` of ``num_worlds`` worlds with these settings."""
+        """A ``World`` of ``num_worlds`` worlds with these settings (generating at ``generated_sides()``)."""
         from .backends import make_model
         from .world import World
 
-        model = make_model(self.backend, image_size=self.image_size, checkpoint=self.checkpoint, **self.backend_options)
+        model = make_model(self.backend, image_size=self.generated_sides(), checkpoint=self.checkpoint,
+                           **self.backend_options)
         return World(model, num_worlds=num_worlds, use_memory=self.memory.use_memory,
                      voxel_size=self.memory.voxel_size, memory_options=self.memory.memory_kwargs(),
                      write=self.memory.memory_write)
@@ -266,7 +281,8 @@ class EnvConfig:
         from .threads import limit_worker_threads
 
         limit_worker_threads()  # an env in a worker process: one torch thread, not one per core
-        if world is None:
+        built = world is None
+        if built:
             world = self.world.build(num_worlds)
         else:
             if world.num_worlds != num_worlds:
@@ -279,7 +295,11 @@ class EnvConfig:
         task = self.make_task()
         # Every AgentConfig field is an AgentBatch argument of the same name.
         agent = {f.name: getattr(self.agent, f.name) for f in dataclasses.fields(AgentConfig)}
-        batch = AgentBatch(world, task, agents_per_world=agents_per_world, team_slots=team_slots, **agent)
+        # A given world shows its frames whole; a built one the asked size (a centre crop when
+        # the model generates a larger multiple).
+        shown = self.world.sides if built else None
+        batch = AgentBatch(world, task, agents_per_world=agents_per_world, team_slots=team_slots,
+                           image_size=shown, **agent)
         return world, task, batch
 
     def make_task(self):

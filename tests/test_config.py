@@ -114,3 +114,19 @@ def test_a_new_option_reaches_every_env_the_cli_and_training_from_one_field():
         module.add_arguments(parser)
         assert options_from_args(parser.parse_args(["--memory-write", "all"]))["memory_write"] == "all"
     assert json.loads(EnvConfig.from_options({"memory_write": "all"}).to_json())["memory_write"] == "all"
+
+
+def test_any_image_size_shows_the_centre_of_the_next_size_the_model_makes():
+    from gymnasium.utils.env_checker import check_env
+
+    check_env(gym.make("Mirage/Explore-v0", image_size=84).unwrapped)
+    asked, made = MirageEnv(image_size=84), MirageEnv(image_size=88)
+    assert asked.world.camera.width == 88 and asked.observation_space["rgb"].shape == (84, 84, 3)
+    a, _ = asked.reset(seed=5)
+    b, _ = made.reset(seed=5)
+    for move in (1, 5, 1, 3):
+        a, *_ = asked.step(move)
+        b, *_ = made.step(move)
+        assert np.array_equal(a["rgb"], b["rgb"][2:86, 2:86])
+    assert asked.step_frames().shape[1:] == (84, 84, 3)
+    assert MirageVectorEnv(2, image_size=(84, 100)).observation_space["rgb"].shape == (2, 84, 100, 3)
