@@ -71,13 +71,21 @@ def rollout(args) -> dict:
     else:
         observation, info = env.reset(seed=args.seed, options=_start_options(args, env))
     policy = _policy(args)
-    frames = [_upscale(env.render(), args.video_scale)]
+
+    def video_frame(frame):
+        if args.map:  # the map after the step, beside each of the step's frames
+            frame = np.concatenate([frame, step_map], axis=1)
+        return _upscale(frame, args.video_scale)
+
+    step_map = env.top_down_map() if args.map else None
+    frames = [video_frame(env.render())]
     start = time.perf_counter()
     total_reward, episodes = 0.0, 1
     for step in tqdm(range(args.steps), desc="rollout", unit="step", disable=args.quiet):
         observation, reward, terminated, truncated, info = env.step(policy(observation, info))
         total_reward += reward
-        frames.extend(_upscale(frame, args.video_scale) for frame in env.step_frames())
+        step_map = env.top_down_map() if args.map else None
+        frames.extend(video_frame(frame) for frame in env.step_frames())
         if (terminated or truncated) and step + 1 < args.steps:
             observation, info = env.reset()
             episodes += 1
@@ -201,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=video_file, default="rollout.mp4", help="video path (.mp4 or .gif; \"\" for none)")
     p.add_argument("--fps", type=positive_int, default=15)
     p.add_argument("--video-scale", type=positive_int, default=4, help="nearest-neighbour upscaling of the video")
+    p.add_argument("--map", action="store_true",
+                   help="put the top-down map of memory (agent, goals) beside each frame of the video")
     p.add_argument("--start", default=None, choices=["procedural"],
                    help="backend wan: start from the first view (and depth) of a procedural scene of --seed")
     p.add_argument("--save-world", type=output_file, default=None, help="save the world here at the end")

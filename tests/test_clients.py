@@ -282,3 +282,15 @@ def test_the_map_colours_by_height_when_asked_or_when_the_model_cannot_decode():
     assert not np.array_equal(decoded, by_height)
     with pytest.raises(ValueError, match="colour"):
         TopDownMap(colour="rainbow")
+
+
+def test_rollout_map_writes_a_video_with_the_map_beside_the_frame(tmp_path):
+    import imageio.v3 as iio
+
+    from mirage_env.cli import main
+
+    video = tmp_path / "map.gif"
+    assert main(["rollout", "--env", "Mirage/PointNav-v0", "--policy", "loop", "--steps", "3", "--map",
+                 "--video-scale", "1", "--out", str(video), "--quiet"]) == 0
+    frames = iio.imread(video)
+    assert frames.shape[1:] == (64, 128, 3)
