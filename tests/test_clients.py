@@ -294,3 +294,23 @@ def test_rollout_map_writes_a_video_with_the_map_beside_the_frame(tmp_path):
                  "--video-scale", "1", "--out", str(video), "--quiet"]) == 0
     frames = iio.imread(video)
     assert frames.shape[1:] == (64, 128, 3)
+
+
+def test_stored_entries_lists_each_worlds_own_entries():
+    envs = MirageVectorEnv(num_envs=3)
+    envs.reset(seed=0)
+    envs.step(np.array([1, 5, 1]))
+    memory = envs.world.memory
+    counts = [len(memory.stored_entries(world)[0]) for world in range(3)]
+    assert counts == memory.entries_per_world().tolist()
+    points, features = memory.stored_entries(1)
+    assert points.shape == (counts[1], 3) and features.shape == (counts[1], memory.channels)
+    with pytest.raises(ValueError, match="world"):
+        memory.stored_entries(3)
+
+
+def test_an_84_pixel_env_draws_its_map_at_its_own_size():
+    env = MirageEnv(image_size=84, render_mode="rgb_array", render_map=True)
+    env.reset(seed=0)
+    env.step(1)
+    assert env.render().shape == (84, 168, 3)
