@@ -346,6 +346,12 @@ def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
     return poses
 
 
+def _ground_axes(yaw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 3) forward and right unit vectors on the ground plane for headings ``yaw``."""
+    zero = np.zeros_like(yaw)
+    return np.stack([np.sin(yaw), zero, np.cos(yaw)], -1), np.stack([np.cos(yaw), zero, -np.sin(yaw)], -1)
+
+
 def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
     """Batched ``apply_move``: (N, 6) rigs and (N,) moves -> (N, 6) rigs."""
     from .actions import check_actions
@@ -353,8 +359,7 @@ def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = Moti
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
     moves = check_actions(moves, "discrete", len(rigs), "rig")
     yaw = rigs[:, 3]
-    forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
-    right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)
+    forward, right = _ground_axes(yaw)
     along = (moves == Move.FORWARD).astype(float) - (moves == Move.BACKWARD)
     across = (moves == Move.STRAFE_RIGHT).astype(float) - (moves == Move.STRAFE_LEFT)
     rigs[:, :3] += motion.step_metres * (along[:, None] * forward + across[:, None] * right)
@@ -373,8 +378,7 @@ def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionCon
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
     velocities = check_actions(velocities, "continuous", len(rigs), "rig")
     yaw = rigs[:, 3]
-    forward = np.stack([np.sin(yaw), np.zeros_like(yaw), np.cos(yaw)], -1)
-    right = np.stack([np.cos(yaw), np.zeros_like(yaw), -np.sin(yaw)], -1)
+    forward, right = _ground_axes(yaw)
     up = np.array([0.0, -1.0, 0.0])
     rigs[:, :3] += motion.max_speed_metres * (
         velocities[:, :1] * forward + velocities[:, 1:2] * right + velocities[:, 2:3] * up

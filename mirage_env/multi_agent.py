@@ -19,17 +19,17 @@ from gymnasium import spaces
 from gymnasium.utils import seeding
 from pettingzoo import ParallelEnv
 
-from .config import EnvConfig
 from .batch import Snapshot
-from .env import (RESET_OPTIONS, ExclusiveUse, check_render_map, checked_env_fields, exclusive, fork_env,
-                  optional_generator, read_snapshot, save_snapshot, snapshot_check)
-from .memory.fileformat import StateCheck
+from .config import EnvConfig
+from .env import RESET_OPTIONS, check_render_map
 from .geometry import Move
+from .memory.fileformat import StateCheck
+from .persistence import ExclusiveUse, Persistent, checked_env_fields, exclusive, optional_generator
 
 __all__ = ["MirageParallelEnv", "parallel_env", "env", "raw_env"]
 
 
-class MirageParallelEnv(ParallelEnv):
+class MirageParallelEnv(Persistent, ParallelEnv):
     """``n_agents`` cameras exploring one world generated with a shared latent spatial memory.
 
     ## Description
@@ -239,40 +239,7 @@ class MirageParallelEnv(ParallelEnv):
             self._window = _HumanWindow(self.metadata["name"])
         self._window.show(image)
 
-    # ------------------------------------------------------------------ persistence and snapshots
-
-    @exclusive
-    def save_world(self, path: str | os.PathLike) -> None:
-        """Save the world(s) and every agent's episode (memory, RNGs, cameras, task) to one safetensors file, atomically."""
-        save_snapshot(path, self.batch.snapshot(self._env_state(), copy=False))
-
-    @exclusive
-    def load_world(self, path: str | os.PathLike) -> None:
-        """Resume a world saved by ``save_world`` of an env made alike; every agent continues bit-for-bit.
-        A file that fails its checks (MemoryFileError naming the field) leaves the env as it was."""
-        self._restore(*read_snapshot(path))
-
-    @exclusive
-    def snapshot(self) -> Snapshot:
-        """The env's whole state in memory, as ``save_world`` would write it (for planning)."""
-        return self.batch.snapshot(self._env_state())
-
-    @exclusive
-    def restore(self, snapshot: Snapshot) -> None:
-        """Go back to ``snapshot``: the same actions then give the same observations, bit for bit.
-        Checked as a file is; a refused snapshot changes nothing."""
-        self._restore(snapshot, snapshot_check())
-
-    @exclusive
-    def fork(self) -> MirageParallelEnv:
-        """An independent copy of this env mid-episode that diverges without touching this one
-        (it shares the world model's weights, not its per-world state)."""
-        return fork_env(self)
-
-    def __getstate__(self) -> dict:
-        state = dict(self.__dict__)
-        state["_window"] = None  # a window belongs to the process that opened it (pickle, deepcopy, fork)
-        return state
+    # ------------------------------------------------------------------ persistence (Persistent)
 
     def _env_state(self) -> dict:
         return {

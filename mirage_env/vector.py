@@ -8,7 +8,6 @@ one batched memory read, one batched generation and one batched memory write.
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
 import numpy as np
@@ -16,18 +15,17 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from .batch import validate_options
+from .batch import Snapshot, validate_options
 from .config import EnvConfig
-from .batch import Snapshot
-from .env import (RESET_OPTIONS, ExclusiveUse, checked_env_fields, exclusive, fork_env, optional_generator,
-                  read_snapshot, save_snapshot, snapshot_check)
+from .env import RESET_OPTIONS
 from .memory.fileformat import StateCheck
+from .persistence import ExclusiveUse, Persistent, checked_env_fields, exclusive, optional_generator
 from .world import World
 
 __all__ = ["MirageVectorEnv"]
 
 
-class MirageVectorEnv(VectorEnv):
+class MirageVectorEnv(Persistent, VectorEnv):
     """N independent Mirage worlds stepped together: the batched form of ``MirageEnv``.
 
     ## Description
@@ -174,35 +172,7 @@ class MirageVectorEnv(VectorEnv):
             return tuple(self.batch.last_frames.copy())
         return None
 
-    # ------------------------------------------------------------------ persistence and snapshots
-
-    @exclusive
-    def save_world(self, path: str | os.PathLike) -> None:
-        """Save every world and episode (memory, RNGs, cameras, task) to one safetensors file, atomically."""
-        save_snapshot(path, self.batch.snapshot(self._env_state(), copy=False))
-
-    @exclusive
-    def load_world(self, path: str | os.PathLike) -> None:
-        """Resume worlds saved by ``save_world`` of a vector env made alike; every episode continues bit-for-bit.
-        A file that fails its checks (MemoryFileError naming the field) leaves the env as it was."""
-        self._restore(*read_snapshot(path))
-
-    @exclusive
-    def snapshot(self) -> Snapshot:
-        """Every sub-environment's whole state in memory, as ``save_world`` would write it (for planning)."""
-        return self.batch.snapshot(self._env_state())
-
-    @exclusive
-    def restore(self, snapshot: Snapshot) -> None:
-        """Go back to ``snapshot``: the same actions then give the same observations, bit for bit.
-        Checked as a file is; a refused snapshot changes nothing."""
-        self._restore(snapshot, snapshot_check())
-
-    @exclusive
-    def fork(self) -> MirageVectorEnv:
-        """An independent copy of this vector env mid-episode that diverges without touching this one
-        (it shares the world model's weights, not its per-world state)."""
-        return fork_env(self)
+    # ------------------------------------------------------------------ persistence (Persistent)
 
     def _env_state(self) -> dict:
         return {
