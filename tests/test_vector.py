@@ -25,36 +25,45 @@ def assert_same_observation(batched: dict, single: dict, where: str) -> None:
         np.testing.assert_array_equal(batched[key], single[key], err_msg=f"{key} differs {where}")
 
 
-@pytest.mark.parametrize("task", ["pointnav", "explore"])
-def test_four_batched_worlds_equal_four_single_envs_through_an_autoreset(task):
-    num_envs, horizon, steps = 4, 6, 20
-    seeds = [3, 11, 5, 42]
-    venv = MirageVectorEnv(num_envs, task=task, max_episode_steps=horizon)
-    envs = [MirageEnv(task=task, max_episode_steps=horizon) for _ in range(num_envs)]
-
+def step_side_by_side(venv, envs, seeds, steps: int) -> int:
+    """Step ``venv`` and its single-env twins with the same random actions; assert they agree on every
+    observation, reward, end, final observation and info (all but the shared memory's bytes).
+    Returns the number of episodes that ended."""
     observations, _ = venv.reset(seed=seeds)
     for i, env in enumerate(envs):
-        single, _ = env.reset(seed=seeds[i])
-        assert_same_observation({k: v[i] for k, v in observations.items()}, single, f"at reset {i}")
-
+        assert_same_observation({k: v[i] for k, v in observations.items()}, env.reset(seed=seeds[i])[0], f"reset {i}")
     rng = np.random.default_rng(0)
-    autoresets = 0
+    ended = 0
     for t in range(steps):
-        actions = rng.integers(0, venv.single_action_space.n, num_envs)
+        actions = rng.integers(0, venv.single_action_space.n, len(envs))
         observations, rewards, terminated, truncated, infos = venv.step(actions)
         for i, env in enumerate(envs):
-            observation, reward, term, trunc, _ = env.step(int(actions[i]))
+            observation, reward, term, trunc, info = env.step(int(actions[i]))
             assert (rewards[i], terminated[i], truncated[i]) == (reward, term, trunc), f"step {t}, env {i}"
             if term or trunc:
                 # SAME_STEP: the ended episode's last observation is in info, the new episode's first is returned.
                 assert infos["_final_obs"][i]
                 assert_same_observation(infos["final_obs"][i], observation, f"at the end of step {t}, env {i}")
-                observation, _ = env.reset()
-                autoresets += 1
+                for key, value in info.items():
+                    if key != "memory_bytes":  # the batched memory's bytes, all worlds together
+                        assert infos["final_info"][key][i] == value, f"{key} at the end of step {t}, env {i}"
+                observation, info = env.reset()
+                ended += 1
             else:
-                assert not infos.get("_final_obs", np.zeros(num_envs, bool))[i]
+                assert not infos.get("_final_obs", np.zeros(len(envs), bool))[i]
             assert_same_observation({k: v[i] for k, v in observations.items()}, observation, f"after step {t}, env {i}")
-    assert autoresets >= num_envs * (steps // horizon)
+            for key, value in info.items():
+                if key != "memory_bytes":
+                    assert infos[key][i] == value, f"info {key!r} after step {t}, env {i}"
+    return ended
+
+
+@pytest.mark.parametrize("task", ["pointnav", "explore"])
+def test_four_batched_worlds_equal_four_single_envs_through_an_autoreset(task):
+    num_envs, horizon, steps = 4, 6, 20
+    venv = MirageVectorEnv(num_envs, task=task, max_episode_steps=horizon)
+    envs = [MirageEnv(task=task, max_episode_steps=horizon) for _ in range(num_envs)]
+    assert step_side_by_side(venv, envs, [3, 11, 5, 42], steps) >= num_envs * (steps // horizon)
 
 
 @pytest.mark.slow
@@ -71,29 +80,8 @@ def test_eight_batched_worlds_equal_eight_single_envs_for_400_steps_and_many_epi
                 "observations": ("rgb", "pose", "depth", "latent")}
     venv = MirageVectorEnv(num_envs, **settings)
     envs = [MirageEnv(**settings) for _ in range(num_envs)]
-    observations, _ = venv.reset(seed=seed)
-    for i, env in enumerate(envs):
-        assert_same_observation({k: v[i] for k, v in observations.items()}, env.reset(seed=seed + i)[0], f"reset {i}")
-    rng = np.random.default_rng(0)
-    episodes = 0
-    for t in range(steps):
-        actions = rng.integers(0, venv.single_action_space.n, num_envs)
-        observations, rewards, terminated, truncated, infos = venv.step(actions)
-        for i, env in enumerate(envs):
-            observation, reward, term, trunc, info = env.step(int(actions[i]))
-            assert (rewards[i], terminated[i], truncated[i]) == (reward, term, trunc), f"step {t}, env {i}"
-            if term or trunc:
-                assert_same_observation(infos["final_obs"][i], observation, f"at the end of step {t}, env {i}")
-                for key, value in info.items():
-                    if key != "memory_bytes":  # the batched memory's bytes, all worlds together
-                        assert infos["final_info"][key][i] == value, f"{key} at the end of step {t}, env {i}"
-                observation, info = env.reset()
-                episodes += 1
-            assert_same_observation({k: v[i] for k, v in observations.items()}, observation, f"after step {t}, env {i}")
-            for key, value in info.items():
-                if key != "memory_bytes":
-                    assert infos[key][i] == value, f"info {key!r} after step {t}, env {i}"
-    assert episodes >= num_envs * (steps // horizon)
+    seeds = [seed + i for i in range(num_envs)]
+    assert step_side_by_side(venv, envs, seeds, steps) >= num_envs * (steps // horizon)
 
 
 def test_a_step_is_one_generator_call_for_all_worlds():
