@@ -8,6 +8,10 @@ generator call for the whole batch:
 
 It knows nothing of actions, rewards or agents: env, vector and multi_agent
 drive it with poses; tasks read it.
+
+Why it is long: the loop and the World's state (its tail segment, the generator RNGs,
+its memory) are one object, and saving, validating and restoring that state has to
+know every part of it; split, the parts would reach into each other.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Train a small metric depth estimator on procedural frames, for learned world models.
 
+Why it is long: one file because it is one recipe: the data, model, metrics and training loop share the
+constants below (depth range, sky threshold, patch size, seeds) that the choices explain.
+
 A learned world model (the CPU-scale Wan path) knows no depth, yet memory must
 lift every generated frame. This module trains a tiny ``transformers``
 ``DepthAnythingForDepthEstimation`` (DINOv2 backbone + DPT neck, metric head) on
@@ -40,9 +43,6 @@ Choices, and why:
 
 Shapes: frames are uint8 (N, H, W, 3), depth is float32 (N, H, W) z-depth with
 +inf for sky, as everywhere in mirage_env.
-
-One file because it is one recipe: the data, model, metrics and training loop share the
-constants below (depth range, sky threshold, patch size, seeds) that the choices explain.
 """
 
 from __future__ import annotations

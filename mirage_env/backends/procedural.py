@@ -1,5 +1,8 @@
 """The embedded default world model: procedural geometry, generated appearance.
 
+Why it is long: one file because it is one class: drawing scenes, ray casting and shading all read and
+write ``ProceduralWorldModel``'s per-world tensors (boxes, motion, appearance, what is in view).
+
 It stands in for a video diffusion model, honestly:
 
 - **Geometry is procedural and ray-cast**, so depth is exact. A scene is a set of
@@ -23,9 +26,6 @@ It stands in for a video diffusion model, honestly:
 
 Everything is batched over worlds and frames: one call renders (B, T, H*W) rays
 against (B, K) boxes with a handful of tensor ops.
-
-One file because it is one class: drawing scenes, ray casting and shading all read and
-write ``ProceduralWorldModel``'s per-world tensors (boxes, motion, appearance, what is in view).
 """
 
 from __future__ import annotations

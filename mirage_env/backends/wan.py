@@ -1,5 +1,8 @@
 """The Wan2.2 world model: diffusers components + memory branch + LoRA, from local files.
 
+Why it is long: one file because it is one class: loading, codec, text, sampler, depth, ``start`` and
+``generate`` all use the modules ``WanWorldModel`` loaded, so a split would scatter one object.
+
 Follows the published system (Mirage, microsoft/LatentSpatialMemory): base
 Wan2.2-TI2V-5B (VAE 48 channels, 16x spatial, 4x temporal; DiT patch (1, 2, 2));
 memory read by a VACE-style branch (see wan_memory); segments of 33 frames =
@@ -25,9 +28,6 @@ Latents in and out are normalised with the VAE's ``latents_mean`` / ``latents_st
 Nothing is downloaded: every component comes from ``from_pretrained(local_dir,
 local_files_only=True)``; a missing piece raises :class:`CheckpointNotFoundError`
 saying what is missing and how to get it.
-
-One file because it is one class: loading, codec, text, sampler, depth, ``start`` and
-``generate`` all use the modules ``WanWorldModel`` loaded, so a split would scatter one object.
 """
 
 from __future__ import annotations

@@ -1,5 +1,8 @@
 """Latent memory against colour memory, head to head, in one run.
 
+Why it is long: one file because it is one benchmark: the room, the loop, the per-setting run, the
+summary, the plot and the options all describe the same measured run and its JSON.
+
     mirage-env bench memory --json memory_vs_colour.json --plot docs/memory_vs_colour.png
     python benchmarks/memory_vs_colour.py --json memory_vs_colour.json --plot docs/memory_vs_colour.png
 
@@ -36,9 +39,6 @@ Two settings in one run:
   8x, 48 channels, per frame), whose latents are the real encoding of the
   scene, run for ``--loops`` laps of the same path, so the plot shows the latent
   memory bounded by the explored space while the colour memory keeps growing.
-
-One file because it is one benchmark: the room, the loop, the per-setting run, the
-summary, the plot and the options all describe the same measured run and its JSON.
 """
 
 from __future__ import annotations

@@ -5,6 +5,8 @@ world): tensors plus metadata ``{"format", "version", "kind", "config", "sha256"
 in the safetensors header. A save writes a temporary file of its own beside the target,
 fsyncs it and renames it over the target, so a reader sees the old file or the new one,
 never a torn one, and two processes saving to one path leave one whole save (the last).
+Why it is long: every field of a file is checked on its own here (the schema with its
+limits), in one place, so a new field cannot be loaded without a check beside it.
 A load checks the SHA-256 (over the metadata and the tensors since version 5).
 
 The checksum catches corruption, not edits: anyone can recompute it. So nothing in a
