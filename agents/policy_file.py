@@ -184,11 +184,13 @@ def _policy_kwargs(data: Any) -> dict:
     return out
 
 
-def _shared_alias(policy, name: str) -> bool:
-    """Whether ``name`` shares its storage with another parameter of ``policy`` (saved once, under that one)."""
+def _shared_aliases(policy) -> set[str]:
+    """Names of ``policy``'s tensors that share storage with another name (saved once, under one of them)."""
     state = policy.state_dict()
-    pointer = state[name].data_ptr()
-    return any(other != name and tensor.data_ptr() == pointer for other, tensor in state.items())
+    owners: dict[int, int] = {}
+    for tensor in state.values():
+        owners[tensor.data_ptr()] = owners.get(tensor.data_ptr(), 0) + 1
+    return {name for name, tensor in state.items() if owners[tensor.data_ptr()] > 1}
 
 
 def load_policy_file(path: str | os.PathLike):
@@ -252,7 +254,7 @@ def load_policy_file(path: str | os.PathLike):
         missing, unexpected = load_model(policy, str(weights), strict=False)
     except (RuntimeError, SafetensorError) as error:
         raise PolicyFileError(f"{weights} does not fit the network {spec} describes: {str(error).strip()[:300]}") from None
-    if unexpected or any(not _shared_alias(policy, name) for name in missing):
+    if unexpected or set(missing) - _shared_aliases(policy):
         raise PolicyFileError(f"{weights} does not fit the network {spec} describes: missing {sorted(missing)[:3]}, "
                               f"unexpected {sorted(unexpected)[:3]}")
     return policy.eval(), env_options

@@ -34,6 +34,7 @@ import torch
 
 from ..geometry import Camera, check_pose, invert_pose, unproject
 from ..memory import MemoryRead, pool_depth
+from ..memory.shapes import written_pixels
 
 __all__ = ["ColourPointCloudMemory", "ColourRender"]
 
@@ -143,12 +144,7 @@ class ColourPointCloudMemory:
             raise ValueError("depth contains NaN; mark missing depth as +inf (it is then not written)")
         colours = _to_uint8(frames).to(self.device)
 
-        valid = torch.isfinite(depth) & (depth > 0)
-        if keep is not None:
-            keep = torch.as_tensor(keep, device=self.device)
-            if keep.numel() != valid.numel():
-                raise ValueError(f"keep must have shape {(count, height, width)}, got {tuple(keep.shape)}")
-            valid &= keep.reshape(valid.shape).bool()
+        valid = written_pixels(depth, keep, self.device, f"shape {(count, height, width)}")
         points = unproject(depth.masked_fill(~valid, 1.0), camera, poses.to(self.device, torch.float64))
         flat = valid.reshape(-1)
         new_points = points.to(torch.float32).reshape(-1, 3)[flat].contiguous()

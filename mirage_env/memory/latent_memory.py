@@ -32,7 +32,7 @@ from .lift import lift_latent_depth
 from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
 from .pool import EntryPool
 from .raster import prefer_at_pixels, project_to_pixels, zbuffer
-from .shapes import MemoryRead, as_batch, check_worlds
+from .shapes import MemoryRead, as_batch, check_worlds, written_pixels
 
 
 # Fewer bricks than this cannot hold what one segment of a small frame writes, so a bound
@@ -196,12 +196,7 @@ class LatentSpatialMemory:
         depth, all_points, camera = lift_latent_depth(depth, camera, c2w, (h, w))
         world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
 
-        valid = torch.isfinite(depth) & (depth > 0)
-        if keep is not None:
-            keep = torch.as_tensor(keep, device=self.device)
-            if keep.numel() != valid.numel():
-                raise ValueError(f"keep must match the latent grid {(batch, frames, h, w)}, got {tuple(keep.shape)}")
-            valid &= keep.reshape(valid.shape).bool()
+        valid = written_pixels(depth, keep, self.device, f"the latent grid {(batch, frames, h, w)}")
         if seen is not None:
             seen = torch.as_tensor(seen, device=self.device)
             if tuple(seen.shape[: len(lead)]) != lead or seen.dim() < len(lead) + 1 or seen.shape[-1] != 3:

@@ -62,3 +62,15 @@ def check_worlds(worlds, batch: int, num_worlds: int, device: torch.device) -> t
     if (worlds < 0).any() or (worlds >= num_worlds).any():
         raise ValueError(f"worlds must lie in [0, {num_worlds}), got {worlds.tolist()}")
     return worlds
+
+
+def written_pixels(depth: torch.Tensor, keep, device: torch.device, grid: str) -> torch.Tensor:
+    """Bool mask, depth's shape, of the pixels a write stores: finite depth > 0, and ``keep``
+    where given (any shape with depth's number of elements; ``grid`` names the expected one)."""
+    valid = torch.isfinite(depth) & (depth > 0)
+    if keep is not None:
+        keep = torch.as_tensor(keep, device=device)
+        if keep.numel() != valid.numel():
+            raise ValueError(f"keep must match {grid}, got {tuple(keep.shape)}")
+        valid &= keep.reshape(valid.shape).bool()
+    return valid
