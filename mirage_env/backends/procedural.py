@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 from .base import LatentSpec, Segment, SegmentRequest
 from .codec import PatchDCTCodec
@@ -290,9 +291,14 @@ class ProceduralWorldModel:
         index = torch.tensor(worlds, device=self.device)
         # The views of a world are simultaneous: frame j of every view is at the same instant.
         time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
-        depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
-        patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
-        latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
+        compiled = self._compiled_cast(poses, index, time) if kernels_enabled(self.device) else None
+        if compiled is not None:
+            depth, surface, face_axis, directions, origin, latent_depth, centre_surface, fog_arg = compiled
+        else:
+            depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
+            patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
+            latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
+            centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
         offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
 
         # Always draw, so every world consumes its generator the same way whatever it sees.
@@ -307,7 +313,6 @@ class ProceduralWorldModel:
             agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
             memory_used = memory_mask.to(self.device) & agrees
         # Surfaces memory shows somewhere in view keep the look memory recorded for them.
-        centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
         shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
         shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
         recalled = shown.reshape(batch, surfaces) & ~continuing
@@ -315,8 +320,11 @@ class ProceduralWorldModel:
                                  torch.where(recalled[..., None], self.committed[index], fresh))
         self.appearance[index] = appearance
 
-        images = self._shade(directions, origin, depth, surface, face_axis, appearance)
-        images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
+        if compiled is not None:
+            images = self._compiled_shade(directions, origin, depth, surface, face_axis, appearance, fog_arg)
+        else:
+            images = self._shade(directions, origin, depth, surface, face_axis, appearance)
+            images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
         latents = self.codec.encode(images)  # (B, T, C, h, w)
         if memory is not None:
             latents = torch.where(memory_used[:, :, None], memory_latents.to(self.device), latents)
@@ -350,6 +358,52 @@ class ProceduralWorldModel:
 
     def _surface_count(self) -> int:
         return FACES + NUM_OBJECTS * FACES + 1  # room faces, object faces, sky
+
+    def _compiled_cast(self, poses, index, time):
+        """``_cast`` and the latent-grid reductions by the compiled kernels (None: they failed to build).
+
+        Returns depth, surface, face axis (B, T, P), directions (B, T, P, 3), origin (B, T, 1, 3),
+        latent depth and centre surface (B, T, h, w), and the fog's exp argument (B, T, P).
+        """
+        try:
+            from . import procedural_kernels as kernels
+        except Exception as error:  # numba missing or broken: the torch path, with a warning
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        batch, frames = poses.shape[:2]
+        views, pixels = batch * frames, self._rays.shape[0]
+        poses32 = poses.to(torch.float32).numpy().reshape(views, 4, 4)
+        rotation = np.ascontiguousarray(poses32[:, :3, :3])
+        origin = np.ascontiguousarray(poses32[:, :3, 3])
+        of_view = index.numpy().repeat(frames)
+        box_lo, box_hi = self._object_boxes(index, time)
+        parallel = torch.get_num_threads() > 1
+        rays = self._rays.numpy()
+        camera, f = self.camera, self.codec.factor
+        depth, surface, face_axis, directions = kernels.cast(
+            rays, rotation, origin, self.room_lo.numpy()[of_view], self.room_hi.numpy()[of_view],
+            box_lo.numpy().reshape(views, -1, 3), box_hi.numpy().reshape(views, -1, 3), self.scene == "outdoor",
+            self._surface_count() - 1, camera, parallel)
+        latent_depth, centre_surface, fog_arg = kernels.latent_grid(depth, surface, camera.width, camera.height, f,
+                                                                    parallel)
+        h, w = camera.height // f, camera.width // f
+        grid = lambda a, *shape: torch.from_numpy(a).reshape(batch, frames, *shape)  # noqa: E731
+        return (grid(depth, pixels), grid(surface, pixels), grid(face_axis, pixels), grid(directions, pixels, 3),
+                grid(origin, 1, 3), grid(latent_depth, h, w), grid(centre_surface, h, w), grid(fog_arg, pixels))
+
+    def _compiled_shade(self, directions, origin, depth, surface, face_axis, appearance, fog_arg):
+        """``_shade`` by the compiled kernel; the fog's exp stays torch's, whose rounding the kernel cannot match."""
+        from . import procedural_kernels as kernels
+        batch, frames, pixels = depth.shape
+        views = batch * frames
+        fog = torch.exp(fog_arg).numpy().reshape(views, pixels)
+        world = np.arange(batch).repeat(frames)
+        images = kernels.shade(world, directions.numpy().reshape(views, pixels, 3), origin.numpy().reshape(views, 3),
+                               depth.numpy().reshape(views, pixels), surface.numpy().reshape(views, pixels),
+                               face_axis.numpy().reshape(views, pixels), appearance.contiguous().numpy(), fog,
+                               self._ray_length.numpy(), self.scene == "outdoor", self._surface_count() - 1,
+                               self.camera.width, self.camera.height, torch.get_num_threads() > 1)
+        return torch.from_numpy(images).reshape(batch, frames, 3, self.camera.height, self.camera.width)
 
     def _cast(self, poses, index, time):
         """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins.

@@ -1,0 +1,55 @@
+"""Whether the compiled CPU kernels run, and the fallback to torch when they cannot.
+
+The default world's hot path (the procedural model's ray cast and shading, the memory's
+projection and z-buffer, the depth lift) is a few hundred tiny tensor operations per
+step when written in torch, and on a CPU their dispatch, not their arithmetic, is the
+cost. The same maths as a handful of numba kernels (``@njit(cache=True)``) runs in
+microseconds. We chose numba over ``torch.compile`` after timing both on the shading
+kernel (see the README's performance section): numba compiles each kernel once per
+machine into ``__pycache__`` (a cold process loads it in well under a second), needs no
+C++ toolchain, and loops with per-ray early exits, which a traced tensor graph cannot
+express; ``torch.compile`` on CPU needs gcc, stalled the first step for several seconds
+per input shape, and still paid per-call guard overhead comparable to the work.
+
+The torch code stays the reference: it runs on other devices (``cuda``), it is the
+oracle the kernels are tested against, and it runs whenever numba is missing or a
+kernel fails to compile (with one warning, never an error). ``MIRAGE_ENV_KERNELS=0``
+forces the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+
+import torch
+
+__all__ = ["KERNELS_ENV", "kernels_enabled", "disable_kernels"]
+
+#: Environment variable: "0" turns the compiled kernels off (the torch path runs everywhere).
+KERNELS_ENV = "MIRAGE_ENV_KERNELS"
+
+_broken: str | None = None  # why the kernels were given up, once
+
+
+def kernels_enabled(device: torch.device | str) -> bool:
+    """True when the compiled kernels should run for tensors on ``device``."""
+    if torch.device(device).type != "cpu" or _broken is not None:
+        return False
+    if os.environ.get(KERNELS_ENV, "1") == "0":
+        return False
+    try:
+        import numba  # noqa: F401
+    except ImportError as error:
+        disable_kernels(f"numba is not installed ({error}); `pip install numba` for the fast CPU path")
+        return False
+    return True
+
+
+def disable_kernels(reason: str) -> None:
+    """Give up on the kernels for this process (a compile or import failure), warning once."""
+    global _broken
+    if _broken is None:
+        _broken = reason
+        warnings.warn(f"mirage-env: compiled CPU kernels disabled, using the torch path: {reason}",
+                      RuntimeWarning, stacklevel=3)
