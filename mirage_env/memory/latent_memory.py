@@ -14,6 +14,7 @@ import os
 
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
@@ -27,7 +28,7 @@ from .fileformat import (
 )
 from .horizon import WriteClock, check_horizon
 from .index import BrickIndex, Released
-from .keys import WORLD_BITS
+from .keys import EMPTY, WORLD_BITS, world_of
 from .lift import lift_latent_depth
 from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
 from .pool import EntryPool
@@ -288,6 +289,24 @@ class LatentSpatialMemory:
         out_points = torch.full((pixels, 3), math.nan, dtype=torch.float32, device=self.device)
 
         w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
+        compiled = self._compiled_read(camera, poses, w2c, world_index, frames) if kernels_enabled(self.device) else None
+        if compiled is not None:
+            winner, out_depth, out_points = compiled
+            out_mask = winner >= 0
+            hit = torch.nonzero(out_mask).flatten()
+            out_latents[hit] = self._pool.features[winner[hit]].to(torch.float32)
+        else:
+            self._torch_read(camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points)
+        return MemoryRead(
+            latents=out_latents.reshape(*lead, h, w, self.channels).movedim(-1, -3).contiguous(),
+            mask=out_mask.reshape(*lead, h, w),
+            depth=out_depth.reshape(*lead, h, w),
+            points=out_points.reshape(*lead, h, w, 3),
+        )
+
+    def _torch_read(self, camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points):
+        """The read in torch ops (any device; the oracle of :mod:`.raster_kernels`), into the ``out_*`` tensors."""
+        views, pixels = w2c.shape[0], out_mask.numel()
         brick_slot, view = self._index.visible_bricks(camera, w2c, world_index, frames, self.max_read_depth)
         if brick_slot.numel() > 0:
             entries = self._index.entry_of[brick_slot]
@@ -311,12 +330,27 @@ class LatentSpatialMemory:
                 out_depth[hit] = z[winner]
                 out_points[hit] = self._pool.points[winners]
                 out_mask[hit] = True
-        return MemoryRead(
-            latents=out_latents.reshape(*lead, h, w, self.channels).movedim(-1, -3).contiguous(),
-            mask=out_mask.reshape(*lead, h, w),
-            depth=out_depth.reshape(*lead, h, w),
-            points=out_points.reshape(*lead, h, w, 3),
-        )
+
+    def _compiled_read(self, camera, poses, w2c, world_index, frames):
+        """The read by :mod:`.raster_kernels`: winning entry, depth and point per pixel (None: the kernel
+        could not be built, and the torch path runs)."""
+        try:
+            from . import raster_kernels
+        except Exception as error:  # numba missing or broken
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        index, chunks = self._index, self._index.chunks
+        batch_of_world = torch.full((self.num_worlds,), -1, dtype=torch.int64)
+        batch_of_world[world_index] = torch.arange(world_index.numel())
+        chunk_keys = chunks.keys[: chunks.in_use]
+        chunk_batch = torch.where(chunk_keys != EMPTY, batch_of_world[world_of(chunk_keys).clamp_min(0)], -1)
+        camera_origin = poses.to(torch.float32).reshape(-1, 4, 4)[:, :3, 3].contiguous()
+        winner, depth, points = raster_kernels.read(
+            frames, w2c.contiguous().numpy(), camera_origin.numpy(), chunk_keys.numpy(), chunk_batch.numpy(),
+            chunks.members.numpy(), index.keys.numpy(), index.entry_of.numpy(), self._pool.points.numpy(),
+            self._pool.origins.numpy(), camera, self.chunk_size, self.brick_size * self.voxel_size,
+            self.max_read_depth, self.revisit_radius, self.surface_tolerance, torch.get_num_threads() > 1)
+        return torch.from_numpy(winner), torch.from_numpy(depth), torch.from_numpy(points)
 
     # ------------------------------------------------------------------ inspection
 

@@ -1,0 +1,216 @@
+"""A memory read as one compiled CPU kernel (numba): cull, project, z-buffer.
+
+The same steps as ``LatentSpatialMemory.read`` in torch (chunk and brick culling by
+:func:`~.raster.spheres_in_frustum`, :func:`~.raster.project_to_pixels`,
+:func:`~.raster.prefer_at_pixels`, :func:`~.raster.zbuffer`), one view at a time, in the
+order the torch path visits samples (chunk slot, member brick, voxel), so the winner of
+every pixel, ties included, is the torch path's (tests/test_compiled.py checks it bit for
+bit). The float32 arithmetic is written in torch's order: a 3x3 matrix times a point is
+``((0 + r0 * x) + r1 * y) + r2 * z`` (torch's small-``bmm`` loop), and the revisit
+distance is the fused multiply-add chain of torch's vectorised ``norm``, emulated in
+float64 (exact products; the sum then rounds once to float32, as an FMA does, except in
+the astronomically rare case that the float64 sum itself rounds at a float32 tie).
+
+What it returns is per pixel, over (V, h, w): the winning entry (-1: none), its z-depth
+(+inf: none) and its world point (NaN: none); the caller gathers the features.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+_AXIS_BITS = 16
+_AXIS_MASK = (1 << _AXIS_BITS) - 1
+
+
+@njit(cache=True, inline="always")
+def _local(m, x, y, z, i):
+    acc = np.float32(0.0)
+    acc += m[i, 0] * x
+    acc += m[i, 1] * y
+    acc += m[i, 2] * z
+    return acc + m[i, 3]
+
+
+@njit(cache=True, inline="always")
+def _sphere_visible(m, x, y, z, frustum):
+    # frustum: -r, max_depth + r, right, left, bottom, top, and the four side thresholds (float32).
+    lx = _local(m, x, y, z, 0)
+    ly = _local(m, x, y, z, 1)
+    lz = _local(m, x, y, z, 2)
+    return (lz > frustum[0] and lz < frustum[1] and (lx - frustum[2] * lz) <= frustum[6]
+            and (-lx - frustum[3] * lz) <= frustum[7] and (ly - frustum[4] * lz) <= frustum[8]
+            and (-ly - frustum[5] * lz) <= frustum[9])
+
+
+@njit(cache=True, inline="always")
+def _fma32(a, b, c):
+    return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
+
+
+@njit(cache=True)
+def _grow(array, size):
+    bigger = np.empty((max(2 * array.shape[0], size),) + array.shape[1:], array.dtype)
+    bigger[: array.shape[0]] = array
+    return bigger
+
+
+@njit(cache=True)
+def _read_view(v, b, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points, origins,
+               intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum, max_depth,
+               revisit_radius, tolerance, winner, out_depth, out_points):
+    m = w2c[v]
+    fx, fy, cx, cy = intrinsics[0], intrinsics[1], intrinsics[2], intrinsics[3]
+    near = np.float32(1e-6)
+    offset = np.int64(1 << (_AXIS_BITS - 1))
+    half_chunk, half_brick = chunk_frustum[10], brick_frustum[10]
+    prefer = revisit_radius > 0
+    capacity = 1024
+    s_pixel = np.empty(capacity, np.int64)
+    s_z = np.empty(capacity, np.float32)
+    s_u = np.empty(capacity, np.float32)
+    s_v = np.empty(capacity, np.float32)
+    s_entry = np.empty(capacity, np.int64)
+    s_here = np.empty(capacity, np.bool_)
+    count = 0
+    pixels = width * height
+    for c in range(chunk_keys.shape[0]):
+        if chunk_batch[c] != b:
+            continue
+        key = chunk_keys[c]
+        fx0 = np.float32((((key >> (2 * _AXIS_BITS)) & _AXIS_MASK) * chunk_size - offset))
+        fx1 = np.float32((((key >> _AXIS_BITS) & _AXIS_MASK) * chunk_size - offset))
+        fx2 = np.float32(((key & _AXIS_MASK) * chunk_size - offset))
+        if not _sphere_visible(m, fx0 * brick_edge + half_chunk, fx1 * brick_edge + half_chunk,
+                               fx2 * brick_edge + half_chunk, chunk_frustum):
+            continue
+        for member in range(members.shape[1]):
+            slot = members[c, member]
+            if slot < 0:
+                continue
+            bkey = brick_keys[slot]
+            b0 = np.float32(((bkey >> (2 * _AXIS_BITS)) & _AXIS_MASK) - offset)
+            b1 = np.float32(((bkey >> _AXIS_BITS) & _AXIS_MASK) - offset)
+            b2 = np.float32((bkey & _AXIS_MASK) - offset)
+            if not _sphere_visible(m, b0 * brick_edge + half_brick, b1 * brick_edge + half_brick,
+                                   b2 * brick_edge + half_brick, brick_frustum):
+                continue
+            for voxel in range(entry_of.shape[1]):
+                e = entry_of[slot, voxel]
+                if e < 0:
+                    continue
+                px, py, pz = points[e, 0], points[e, 1], points[e, 2]
+                z = _local(m, px, py, pz, 2)
+                if not (z > near and z <= max_depth):
+                    continue
+                safe_z = max(z, near)
+                u = fx * _local(m, px, py, pz, 0) / safe_z + cx
+                vv = fy * _local(m, px, py, pz, 1) / safe_z + cy
+                column, row = np.floor(u), np.floor(vv)
+                if not (column >= 0 and column < width and row >= 0 and row < height):
+                    continue
+                if count == s_pixel.shape[0]:
+                    s_pixel, s_z, s_u, s_v = _grow(s_pixel, 0), _grow(s_z, 0), _grow(s_u, 0), _grow(s_v, 0)
+                    s_entry, s_here = _grow(s_entry, 0), _grow(s_here, 0)
+                s_pixel[count] = np.int64(row) * width + np.int64(column)
+                s_z[count], s_u[count], s_v[count], s_entry[count] = z, u, vv, e
+                if prefer:
+                    d0 = origins[e, 0] - camera_origin[v, 0]
+                    d1 = origins[e, 1] - camera_origin[v, 1]
+                    d2 = origins[e, 2] - camera_origin[v, 2]
+                    acc = _fma32(d0, d0, np.float32(0.0))
+                    acc = _fma32(d1, d1, acc)
+                    acc = _fma32(d2, d2, acc)
+                    s_here[count] = np.sqrt(acc) <= revisit_radius
+                count += 1
+
+    base = v * pixels
+    has_preferred = np.zeros(pixels, np.bool_)
+    if prefer:
+        for i in range(count):
+            if s_here[i]:
+                has_preferred[s_pixel[i]] = True
+    nearest = np.full(pixels, np.inf, np.float32)
+    for i in range(count):
+        p = s_pixel[i]
+        if (not prefer or s_here[i] or not has_preferred[p]) and s_z[i] < nearest[p]:
+            nearest[p] = s_z[i]
+    best = np.full(pixels, np.inf, np.float32)
+    half = np.float32(0.5)
+    for i in range(count):
+        p = s_pixel[i]
+        if prefer and not s_here[i] and has_preferred[p]:
+            continue
+        if not s_z[i] <= nearest[p] * tolerance:
+            continue
+        du = s_u[i] - np.floor(s_u[i]) - half
+        dv = s_v[i] - np.floor(s_v[i]) - half
+        off = du * du + dv * dv
+        if off <= best[p]:  # ties: the later sample
+            best[p] = off
+            winner[base + p] = i
+    for p in range(pixels):
+        i = winner[base + p]
+        if i >= 0:
+            e = s_entry[i]
+            winner[base + p] = e
+            out_depth[base + p] = s_z[i]
+            out_points[base + p, 0], out_points[base + p, 1], out_points[base + p, 2] = \
+                points[e, 0], points[e, 1], points[e, 2]
+
+
+@njit(cache=True)
+def _read_serial(frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points, origins,
+                 intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum, max_depth,
+                 revisit_radius, tolerance, winner, out_depth, out_points):
+    for v in range(w2c.shape[0]):
+        _read_view(v, v // frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points,
+                   origins, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum,
+                   max_depth, revisit_radius, tolerance, winner, out_depth, out_points)
+
+
+@njit(cache=True, parallel=True)
+def _read_parallel(frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points, origins,
+                   intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum, max_depth,
+                   revisit_radius, tolerance, winner, out_depth, out_points):
+    for v in prange(w2c.shape[0]):
+        _read_view(v, v // frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points,
+                   origins, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum,
+                   max_depth, revisit_radius, tolerance, winner, out_depth, out_points)
+
+
+def frustum_constants(camera, radius: float, max_depth: float) -> np.ndarray:
+    """The float32 numbers :func:`~.raster.spheres_in_frustum` compares with, for spheres of ``radius``
+    (the last one: the offset from a cell's first corner to its centre is set by the caller)."""
+    left, right = camera.cx / camera.fx, (camera.width - camera.cx) / camera.fx
+    top, bottom = camera.cy / camera.fy, (camera.height - camera.cy) / camera.fy
+    return np.array([-radius, max_depth + radius, right, left, bottom, top,
+                     radius * np.sqrt(1 + right * right), radius * np.sqrt(1 + left * left),
+                     radius * np.sqrt(1 + bottom * bottom), radius * np.sqrt(1 + top * top), 0.0], np.float32)
+
+
+def read(frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points, origins, camera,
+         chunk_size, brick_edge, max_depth, revisit_radius, surface_tolerance, parallel):
+    """Winning entry (V*h*w,) int64, z-depth (V*h*w,) float32 and world point (V*h*w, 3) float32 per pixel.
+
+    ``chunk_batch`` (chunks,) is the batch item each live chunk is read by (-1: none); view v
+    belongs to batch item ``v // frames``.
+    """
+    views = w2c.shape[0]
+    pixels = views * camera.height * camera.width
+    winner = np.full(pixels, -1, np.int64)
+    depth = np.full(pixels, np.inf, np.float32)
+    out_points = np.full((pixels, 3), np.nan, np.float32)
+    chunk_edge = chunk_size * brick_edge
+    chunk_frustum = frustum_constants(camera, 0.5 * np.sqrt(3) * chunk_edge, max_depth)
+    chunk_frustum[10] = 0.5 * chunk_edge
+    brick_frustum = frustum_constants(camera, 0.5 * np.sqrt(3) * brick_edge, max_depth)
+    brick_frustum[10] = 0.5 * brick_edge
+    intrinsics = np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float32)
+    kernel = _read_parallel if parallel and views > 1 else _read_serial
+    kernel(frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_keys, entry_of, points, origins,
+           intrinsics, camera.width, camera.height, chunk_size, np.float32(brick_edge), chunk_frustum, brick_frustum,
+           np.float32(max_depth), np.float32(revisit_radius), np.float32(1 + surface_tolerance), winner, depth,
+           out_points)
+    return winner, depth, out_points
