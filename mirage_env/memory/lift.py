@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 
 
@@ -51,6 +52,10 @@ def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor
     """
     *lead, height, width = depth.shape
     h, w, f = height // factor, width // factor, factor
+    if kernels_enabled(depth.device):
+        compiled = _compiled_lift(depth, camera, c2w, factor, surface_tolerance)
+        if compiled is not None:
+            return compiled
     median = pool_depth(depth, f)
     patch_depth = depth.reshape(*lead, h, f, w, f).movedim(-3, -2).reshape(*lead, h, w, f * f)
     on_surface = (patch_depth - median[..., None]).abs() <= surface_tolerance * median[..., None]
@@ -73,6 +78,22 @@ def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor
     rotation, translation = c2w[..., None, None, :3, :3], c2w[..., None, None, :3, 3]
     points = (rotation @ camera_points[..., None])[..., 0] + translation
     return points, chosen_depth
+
+
+def _compiled_lift(depth, camera, c2w, factor, surface_tolerance):
+    """:func:`lift_dominant_surface` by :mod:`.lift_kernels` (None: the kernel could not be built)."""
+    try:
+        from . import lift_kernels
+    except Exception as error:  # numba missing or broken
+        disable_kernels(f"{type(error).__name__}: {error}")
+        return None
+    *lead, height, width = depth.shape
+    points, chosen = lift_kernels.lift_dominant_surface(
+        depth.reshape(-1, height, width).to(torch.float32).contiguous().numpy(),
+        c2w.reshape(-1, 4, 4).to(torch.float64).contiguous().numpy(), camera, factor, surface_tolerance,
+        torch.get_num_threads() > 1)
+    h, w = height // factor, width // factor
+    return torch.from_numpy(points).reshape(*lead, h, w, 3), torch.from_numpy(chosen).reshape(*lead, h, w)
 
 
 def lift_latent_depth(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor,

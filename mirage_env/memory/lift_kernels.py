@@ -1,0 +1,90 @@
+"""The dominant-surface depth lift as a compiled CPU kernel (numba).
+
+The same maths as :func:`~.lift.lift_dominant_surface`, one latent pixel at a time, in
+torch's float order, so points and depths are bit-for-bit the torch path's
+(tests/test_compiled.py): the median by sorting the patch, the centroid's sums exact
+(they add multiples of 0.5 far below 2**24, so their order cannot matter), the first
+index on ties as ``argmin``, and the camera-to-world product as torch's small-``bmm``
+loop, ``((0 + r0 * x) + r1 * y) + r2 * z`` in float64.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit, prange
+
+
+@njit(cache=True)
+def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, points, chosen_depth):
+    fx, fy, cx, cy = intrinsics[0], intrinsics[1], intrinsics[2], intrinsics[3]
+    f = factor
+    h, w = chosen_depth.shape[1], chosen_depth.shape[2]
+    patch = np.empty(f * f, np.float32)
+    ordered = np.empty(f * f, np.float32)
+    half = np.float32(0.5)
+    m = c2w[v]
+    for i in range(h):
+        for j in range(w):
+            for a in range(f):
+                for b in range(f):
+                    patch[a * f + b] = depth[v, i * f + a, j * f + b]
+            ordered[:] = patch
+            ordered.sort()
+            median = ordered[(f * f) // 2]
+            limit = tolerance * median
+            count = np.float32(0.0)
+            row_sum = np.float32(0.0)
+            column_sum = np.float32(0.0)
+            for k in range(f * f):
+                if abs(patch[k] - median) <= limit:
+                    count += np.float32(1.0)
+                    row_sum += np.float32(k // f) + half
+                    column_sum += np.float32(k % f) + half
+            count = max(count, np.float32(1.0))
+            centroid_row, centroid_column = row_sum / count, column_sum / count
+            best = np.float32(np.inf)
+            chosen = 0
+            for k in range(f * f):
+                if abs(patch[k] - median) <= limit:
+                    dr = np.float32(k // f) + half - centroid_row
+                    dc = np.float32(k % f) + half - centroid_column
+                    distance = dr * dr + dc * dc
+                    if distance < best:
+                        best = distance
+                        chosen = k
+            d = patch[chosen] if np.isfinite(median) else median
+            chosen_depth[v, i, j] = d
+            vv = np.float64(i * f + chosen // f) + 0.5
+            uu = np.float64(j * f + chosen % f) + 0.5
+            z = np.float64(d) if np.isfinite(d) else 1.0
+            x0 = (uu - cx) / fx * z
+            x1 = (vv - cy) / fy * z
+            for r in range(3):
+                acc = 0.0
+                acc += m[r, 0] * x0
+                acc += m[r, 1] * x1
+                acc += m[r, 2] * z
+                points[v, i, j, r] = acc + m[r, 3]
+
+
+@njit(cache=True)
+def _lift_serial(depth, c2w, intrinsics, factor, tolerance, points, chosen_depth):
+    for v in range(depth.shape[0]):
+        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, points, chosen_depth)
+
+
+@njit(cache=True, parallel=True)
+def _lift_parallel(depth, c2w, intrinsics, factor, tolerance, points, chosen_depth):
+    for v in prange(depth.shape[0]):
+        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, points, chosen_depth)
+
+
+def lift_dominant_surface(depth, c2w, camera, factor, surface_tolerance, parallel):
+    """(V, H, W) float32 depth and (V, 4, 4) float64 poses -> (V, h, w, 3) float64 points, (V, h, w) float32 depth."""
+    views, height, width = depth.shape
+    points = np.empty((views, height // factor, width // factor, 3), np.float64)
+    chosen_depth = np.empty((views, height // factor, width // factor), np.float32)
+    intrinsics = np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float64)
+    kernel = _lift_parallel if parallel and views > 1 else _lift_serial
+    kernel(depth, c2w, intrinsics, factor, np.float32(surface_tolerance), points, chosen_depth)
+    return points, chosen_depth
