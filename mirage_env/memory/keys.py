@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
+
 EMPTY = -1  # a free slot in a table, an unused key, an empty voxel
 AXIS_BITS = 16
 AXIS_OFFSET = 1 << (AXIS_BITS - 1)
@@ -67,6 +69,10 @@ class KeyTable:
         result = torch.full_like(keys, EMPTY)
         if keys.numel() == 0:
             return result
+        kernels = _kernels(keys.device)
+        if kernels is not None:
+            kernels.lookup(self.keys.numpy(), self.values.numpy(), self.mask, keys.contiguous().numpy(), result.numpy())
+            return result
         home = self._hash(keys)
         pending = torch.arange(keys.numel(), device=keys.device)
         probe = 0
@@ -85,6 +91,12 @@ class KeyTable:
             return
         if not self.fits(keys.numel()):
             raise RuntimeError("brick table over half full; rebuild it larger first")
+        kernels = _kernels(keys.device)
+        if kernels is not None:
+            kernels.insert(self.keys.numpy(), self.values.numpy(), self.mask, keys.contiguous().numpy(),
+                           values.to(torch.int64).contiguous().numpy())
+            self.count += keys.numel()
+            return
         home = self._hash(keys)
         pending = torch.arange(keys.numel(), device=keys.device)
         probe = 0
@@ -104,3 +116,15 @@ class KeyTable:
             pending = pending[~placed[pending]]
             probe += 1
         self.count += keys.numel()
+
+
+def _kernels(device: torch.device):
+    """:mod:`.keys_kernels` when the compiled kernels run on ``device``, else None (the torch loops run)."""
+    if not kernels_enabled(device):
+        return None
+    try:
+        from . import keys_kernels
+    except Exception as error:  # numba missing or broken
+        disable_kernels(f"{type(error).__name__}: {error}")
+        return None
+    return keys_kernels
