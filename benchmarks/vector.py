@@ -1,11 +1,17 @@
-"""Batched worlds: aggregate steps/s of MirageVectorEnv against gymnasium's SyncVectorEnv of single envs.
+"""Batched worlds: aggregate steps/s of MirageVectorEnv against gymnasium's Sync- and AsyncVectorEnv of single envs.
 
-    python benchmarks/vector.py [--json out.json] [--sizes 1,8,64] [--seconds 2] [--threads 1] [--profile]
+    python benchmarks/vector.py [--json out.json] [--sizes 1,8,64] [--seconds 2] [--threads 1] [--async-envs 8] [--profile]
 
 Both run N worlds of the default procedural model at 64x64 with memory on and
 random moves (episodes of ``--max-episode-steps``, autoresets included). The
 native env makes one memory read, one generator call and one memory write per
-step for all N worlds; SyncVectorEnv steps N ``MirageEnv``s one after another.
+step for all N worlds; SyncVectorEnv steps N ``MirageEnv``s one after another;
+AsyncVectorEnv runs ``--async-envs`` single envs in as many worker processes (one
+torch thread each, forkserver). Async is measured once, at that count rather than at
+every N: its aggregate rate is bounded by the cores (each worker is a single env),
+so more processes than cores add only contention, and 64 processes of torch do not
+fit a small machine's memory; ``speedup_vs_async_64`` divides the native rate at
+N = 64 by it.
 ``--profile`` prints where the native env spends its time at the largest N.
 """
 
@@ -13,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import functools
 import io
 import pstats
 import time
@@ -30,6 +37,12 @@ from mirage_env.vector import MirageVectorEnv
 def make(kind: str, num_envs: int, image_size: int, max_episode_steps: int):
     if kind == "native":
         return MirageVectorEnv(num_envs, image_size=image_size, max_episode_steps=max_episode_steps)
+    if kind == "async":
+        return gym.vector.AsyncVectorEnv(
+            [functools.partial(MirageEnv, image_size=image_size, max_episode_steps=max_episode_steps)
+             for _ in range(num_envs)],
+            autoreset_mode=gym.vector.AutoresetMode.SAME_STEP, context="forkserver",
+        )
     return gym.vector.SyncVectorEnv(
         [lambda: MirageEnv(image_size=image_size, max_episode_steps=max_episode_steps) for _ in range(num_envs)],
         autoreset_mode=gym.vector.AutoresetMode.SAME_STEP,  # as the native env: no step spent on a reset
@@ -76,6 +89,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0, help="time each measurement at least this long")
     parser.add_argument("--max-episode-steps", type=int, default=500)
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
+    parser.add_argument("--async-envs", type=int, default=8,
+                        help="worker processes of the AsyncVectorEnv comparison (0: skip it)")
     parser.add_argument("--profile", action="store_true", help="cProfile the native env at the largest N")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -94,6 +109,14 @@ def main() -> None:
         print(f"{n:>4} {native:>9.0f} {sync:>9.0f} {native / sync:>8.2f}x {1e3 * n / native:>15.2f}")
     if "64" in results["speedup_vs_sync"]:
         results["speedup_vs_sync_64"] = results["speedup_vs_sync"]["64"]
+    if args.async_envs > 0:
+        rate, _ = steps_per_second("async", args.async_envs, args.image_size, args.seconds, args.max_episode_steps)
+        results["async_envs"] = args.async_envs
+        results["async_steps_per_s"] = rate
+        print(f"AsyncVectorEnv of {args.async_envs} single envs (one process each): {rate:.0f} steps/s")
+        if "64" in results["steps_per_s"]:
+            results["speedup_vs_async_64"] = results["steps_per_s"]["64"] / rate
+            print(f"native N=64 vs async: {results['speedup_vs_async_64']:.2f}x")
     if args.profile:
         report = profile(max(sizes), args.image_size, steps=10, max_episode_steps=args.max_episode_steps)
         results["profile"] = report
