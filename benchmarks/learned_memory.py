@@ -87,6 +87,10 @@ def parse_args(argv=None):
     p.add_argument("--vace-every", type=int, default=5,
                    help="a branch block at DiT layers 0, k, 2k, ...; 5 on 6 layers puts one at the last layer, next to the output")
     p.add_argument("--ffn", type=int, default=768)
+    p.add_argument("--heads", type=int, default=3, help="attention heads of 64 channels: the DiT's width is 64 x heads")
+    p.add_argument("--device", default="cpu", help="where stages 0-2 and the evaluation run (clips are prepared on the CPU)")
+    p.add_argument("--precision", default="no", choices=["no", "bf16"],
+                   help="mixed precision of training; 'no' keeps the CPU recipe's float32 numerics on any device")
     p.add_argument("--horizon", type=int, default=1, help="segments the short-term memory keeps")
     p.add_argument("--min-hit", type=float, default=0.5, help="stages 1-2 train on samples with at least this memory coverage")
     p.add_argument("--seed", type=int, default=0)
@@ -117,13 +121,15 @@ def latent_statistics(clips: list[Path], limit: int = 512) -> tuple[list[float],
     return mean[:, 0].tolist(), [shared] * z.shape[0]
 
 
-def load_model(out: Path, memory: bool = True, vace_every: int = 2):
+def load_model(out: Path, memory: bool = True, vace_every: int = 2, device: str = "cpu", **options):
     from mirage_env.backends.depth import ConstantDepth
     from mirage_env.backends.wan import WanWorldModel
 
     # Training and the teacher-forced evaluation take depth from the clips, so the
-    # model's own depth estimator is not needed (and not timed) here.
-    return WanWorldModel(out, memory_dir="auto" if memory else None, depth_estimator=ConstantDepth(), vace_every=vace_every)
+    # model's own depth estimator is not needed (and not timed) here. float32 on every
+    # device: a GPU run of the recipe then differs from the CPU one only in rounding.
+    return WanWorldModel(out, memory_dir=options.pop("memory_dir", "auto" if memory else None), depth_estimator=ConstantDepth(),
+                         vace_every=vace_every, device=device, dtype=torch.float32, **options)
 
 
 def train(args, data: Path, out: Path, progress: bool) -> dict:
@@ -140,23 +146,27 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     mean, std = latent_statistics(clips)
     depth_dir = out / "depth"
     settings = {**MINI_SETTINGS, "depth_estimator": "depth"} if depth_dir.is_dir() else dict(MINI_SETTINGS)
-    config = mini_transformer_config(num_layers=args.layers, ffn_dim=args.ffn)
+    config = mini_transformer_config(num_layers=args.layers, ffn_dim=args.ffn, heads=args.heads)
     for stale in ("transformer", "memory", "vae", "scheduler"):
         shutil.rmtree(out / stale, ignore_errors=True)
     build_mini_checkpoint(out, mean, std, transformer_config=config, seed=args.seed, settings=settings)
-    model = load_model(out, memory=False)
-    samples = prepare_clip_samples(model, clips, voxel_size=model.suggested_voxel_size, progress=progress)
+    # Samples are cut on the CPU: the memory replay is thousands of tiny operations.
+    preparer = load_model(out, memory=False)
+    samples = prepare_clip_samples(preparer, clips, voxel_size=preparer.suggested_voxel_size, progress=progress)
+    del preparer
     timings["prepare_s"] = time.perf_counter() - t0
+    model = load_model(out, memory=False, device=args.device)
 
     losses = {}
-    options = dict(batch_size=args.batch, lora_rank=args.lora_rank, seed=args.seed, progress=progress)
+    options = dict(batch_size=args.batch, lora_rank=args.lora_rank, seed=args.seed, progress=progress,
+                   mixed_precision=args.precision)
     t = time.perf_counter()
     losses[0], _ = train_on_samples(model, samples, stage=0, steps=args.steps[0], learning_rate=args.lr[0], **options)
     save_base_transformer(model.transformer, out / "transformer")
     timings["stage0_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    model = load_model(out, memory=False, vace_every=args.vace_every)  # branch blocks start as copies of the *trained* DiT layers
+    model = load_model(out, memory=False, vace_every=args.vace_every, device=args.device)  # branch blocks start as copies of the *trained* DiT layers
     losses[1], _ = train_on_samples(model, samples, stage=1, steps=args.steps[1], learning_rate=args.lr[1],
                                     min_hit_fraction=args.min_hit, **options)
     save_memory_branch(model.transformer, out / "memory")
@@ -203,9 +213,6 @@ def pick_sampler(args, out: Path, validation: list[Path], progress: bool) -> dic
     Validation clips come from the training seed range but were never trained on, so the
     held-out test scenes play no part in the choice.
     """
-    from mirage_env.backends.depth import ConstantDepth
-    from mirage_env.backends.wan import WanWorldModel
-
     grid = [tuple(float(x) for x in pair.split(":")) for pair in args.sampler_grid.split(",") if pair]
     # The settings file does not name the memory folder yet at this point: name it, or the
     # candidates would be the base model without its branch and LoRA.
@@ -215,8 +222,7 @@ def pick_sampler(args, out: Path, validation: list[Path], progress: bool) -> dic
     samples = prepare_clip_samples(model, validation, voxel_size=model.suggested_voxel_size, segments=last, progress=False)
     scores = {}
     for steps, shift in tqdm(grid, desc="sampler", disable=not progress):
-        candidate = WanWorldModel(out, memory_dir=memory_dir, depth_estimator=ConstantDepth(),
-                                  num_inference_steps=int(steps), flow_shift=shift)
+        candidate = load_model(out, memory_dir=memory_dir, device=args.device, num_inference_steps=int(steps), flow_shift=shift)
         frames, _ = generate_returns(candidate, samples, True, args.seed)
         scores[f"{int(steps)}:{shift:g}"] = revisit_scores(frames, validation, samples)["psnr"]
     best = max(scores, key=scores.get)
@@ -291,11 +297,12 @@ def reconstruction_psnr(model, clips: list[Path]) -> float:
 
 def evaluate(args, data: Path, out: Path, progress: bool) -> tuple[dict, dict]:
     clips = list_clips(data / "test")
-    model = load_model(out)
-    last = [int(load_clip(clips[0])["frames"].shape[0] // model.latent_frames) - 1]
-    voxel = model.suggested_voxel_size
-    full = prepare_clip_samples(model, clips, voxel_size=voxel, segments=last, progress=progress)
-    short = prepare_clip_samples(model, clips, voxel_size=voxel, segments=last, memory_options={"horizon": args.horizon}, progress=progress)
+    preparer = load_model(out)
+    last = [int(load_clip(clips[0])["frames"].shape[0] // preparer.latent_frames) - 1]
+    voxel = preparer.suggested_voxel_size
+    full = prepare_clip_samples(preparer, clips, voxel_size=voxel, segments=last, progress=progress)
+    short = prepare_clip_samples(preparer, clips, voxel_size=voxel, segments=last, memory_options={"horizon": args.horizon}, progress=progress)
+    model = preparer if args.device == "cpu" else load_model(out, device=args.device)
     frames = {}
     frames["full_memory"], seconds = generate_returns(model, full, True, args.seed)
     frames["short_memory"], _ = generate_returns(model, short, True, args.seed)
@@ -351,6 +358,11 @@ def save_figure(path: str, shown: dict, rows: int = 4) -> None:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if args.device.startswith("cuda"):
+        # The recipe's float32 numerics on a GPU too: no TF32 in convolutions (the patch
+        # embedding) or matrix products, which would blur the copy of memory latents.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     progress = not args.quiet
     data, out = Path(args.data), Path(args.out)
     started = time.perf_counter()
@@ -372,7 +384,7 @@ def main(argv=None) -> dict:
     result["total_minutes"] = (time.perf_counter() - started) / 60
     result["trained_now"] = not args.no_train
     result["threads"] = args.threads
-    result["device"] = "cpu"
+    result["device"] = args.device if args.device == "cpu" else torch.cuda.get_device_name(args.device)
     if training:
         result["timings_s"] = training["timings"]
         result["final_loss"] = {k: float(np.mean(v[-100:])) for k, v in training["losses"].items()}

@@ -208,6 +208,20 @@ def test_shipped_model_runs_an_episode_by_name():
 
 
 @shipped
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_shipped_model_runs_an_episode_on_gpu():
+    env = gym.make("Mirage/Explore-v0", backend="wan", checkpoint=MINI_NAME, backend_options={"device": "cuda"},
+                   max_episode_steps=3)
+    observation, info = env.reset(seed=0)
+    for _ in range(3):
+        observation, reward, terminated, truncated, info = env.step(env.action_space.sample())
+        assert env.observation_space.contains(observation) and np.isfinite(reward)
+    assert truncated
+    env.close()
+
+
+@shipped
 def test_shipped_model_remembers_held_out_scenes(tmp_path):
     """On fresh held-out scenes, the returning view is far closer to the first visit with memory."""
     from mirage_env.dataset import revisit_pairs

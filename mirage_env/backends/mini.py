@@ -113,7 +113,7 @@ def build_mini_checkpoint(directory: str | os.PathLike, latents_mean: list[float
 
 def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: float, batch_size: int = 8,
                      lora_rank: int = 16, seed: int = 0, min_hit_fraction: float = 0.0,
-                     progress: bool = True) -> tuple[list[float], object]:
+                     mixed_precision: str = "auto", progress: bool = True) -> tuple[list[float], object]:
     """One stage of the recipe on prepared ``ClipSamples`` (held in memory: a few hundred MB at most).
 
     Stage 0 trains the whole DiT without memory (the samples' hit masks are zeroed),
@@ -138,6 +138,7 @@ def train_on_samples(model, samples, *, stage: int, steps: int, learning_rate: f
         warmup_steps=min(100, steps // 10), lr_schedule="cosine", batch_size=batch_size, past_frames=1,
         segment_frames=model.frames_per_segment, context_frames=model.context_frames, flow_shift=model.flow_shift,
         lora_rank=lora_rank, lora_alpha=float(lora_rank), seed=seed, max_sequence_length=model.max_sequence_length,
+        mixed_precision=mixed_precision,
     )
     trainer = MemoryBranchTrainer(model, args)
     embeds = model.prompt_embeds([""])

@@ -211,7 +211,8 @@ def build_memory_transformer(base: WanTransformer3DModel, vace_every: int = 2) -
         if name.startswith(_BRANCH_PREFIXES):
             fp32 = any(part in keep_fp32 for part in name.split("."))
             param.data = param.data.to(torch.float32 if fp32 else base.dtype)
-    return model
+    # init_empty_weights leaves buffers (the rotary tables) where they were made, on the CPU.
+    return model.to(device)
 
 
 def memory_control(memory_latents: torch.Tensor, memory_mask: torch.Tensor) -> torch.Tensor:
