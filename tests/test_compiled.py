@@ -84,3 +84,23 @@ def test_a_kernel_that_cannot_load_falls_back_to_torch_with_one_warning(monkeypa
     env = MirageEnv(image_size=32)
     env.reset(seed=0)
     env.step(0)  # runs on the torch path, no error
+
+
+def test_a_kernel_that_fails_when_first_called_falls_back_to_torch_with_the_same_frames(monkeypatch):
+    # numba compiles lazily, on the first call: a failure there must not reach the user either.
+    from mirage_env.backends import procedural_kernels
+
+    monkeypatch.setenv(compiled.KERNELS_ENV, "0")
+    oracle = MirageEnv(image_size=32)
+    expected = oracle.reset(seed=1)[0]["rgb"]
+    monkeypatch.setenv(compiled.KERNELS_ENV, "1")
+    monkeypatch.setattr(compiled, "_broken", None)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("test: numba could not compile the kernel")
+
+    monkeypatch.setattr(procedural_kernels, "cast", broken)
+    env = MirageEnv(image_size=32)
+    with pytest.warns(RuntimeWarning, match="torch path"):
+        observation = env.reset(seed=1)[0]
+    np.testing.assert_array_equal(observation["rgb"], expected)

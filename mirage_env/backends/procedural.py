@@ -320,9 +320,10 @@ class ProceduralWorldModel:
                                  torch.where(recalled[..., None], self.committed[index], fresh))
         self.appearance[index] = appearance
 
+        images = None
         if compiled is not None:
             images = self._compiled_shade(directions, origin, depth, surface, face_axis, appearance, fog_arg)
-        else:
+        if images is None:
             images = self._shade(directions, origin, depth, surface, face_axis, appearance)
             images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
         latents = self.codec.encode(images)  # (B, T, C, h, w)
@@ -380,12 +381,16 @@ class ProceduralWorldModel:
         parallel = torch.get_num_threads() > 1
         rays = self._rays.numpy()
         camera, f = self.camera, self.codec.factor
-        depth, surface, face_axis, directions = kernels.cast(
-            rays, rotation, origin, self.room_lo.numpy()[of_view], self.room_hi.numpy()[of_view],
-            box_lo.numpy().reshape(views, -1, 3), box_hi.numpy().reshape(views, -1, 3), self.scene == "outdoor",
-            self._surface_count() - 1, camera, parallel)
-        latent_depth, centre_surface, fog_arg = kernels.latent_grid(depth, surface, camera.width, camera.height, f,
-                                                                    parallel)
+        try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
+            depth, surface, face_axis, directions = kernels.cast(
+                rays, rotation, origin, self.room_lo.numpy()[of_view], self.room_hi.numpy()[of_view],
+                box_lo.numpy().reshape(views, -1, 3), box_hi.numpy().reshape(views, -1, 3), self.scene == "outdoor",
+                self._surface_count() - 1, camera, parallel)
+            latent_depth, centre_surface, fog_arg = kernels.latent_grid(depth, surface, camera.width, camera.height,
+                                                                        f, parallel)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
         h, w = camera.height // f, camera.width // f
         grid = lambda a, *shape: torch.from_numpy(a).reshape(batch, frames, *shape)  # noqa: E731
         return (grid(depth, pixels), grid(surface, pixels), grid(face_axis, pixels), grid(directions, pixels, 3),
@@ -398,11 +403,16 @@ class ProceduralWorldModel:
         views = batch * frames
         fog = torch.exp(fog_arg).numpy().reshape(views, pixels)
         world = np.arange(batch).repeat(frames)
-        images = kernels.shade(world, directions.numpy().reshape(views, pixels, 3), origin.numpy().reshape(views, 3),
-                               depth.numpy().reshape(views, pixels), surface.numpy().reshape(views, pixels),
-                               face_axis.numpy().reshape(views, pixels), appearance.contiguous().numpy(), fog,
-                               self._ray_length.numpy(), self.scene == "outdoor", self._surface_count() - 1,
-                               self.camera.width, self.camera.height, torch.get_num_threads() > 1)
+        try:
+            images = kernels.shade(
+                world, directions.numpy().reshape(views, pixels, 3), origin.numpy().reshape(views, 3),
+                depth.numpy().reshape(views, pixels), surface.numpy().reshape(views, pixels),
+                face_axis.numpy().reshape(views, pixels), appearance.contiguous().numpy(), fog,
+                self._ray_length.numpy(), self.scene == "outdoor", self._surface_count() - 1,
+                self.camera.width, self.camera.height, torch.get_num_threads() > 1)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
         return torch.from_numpy(images).reshape(batch, frames, 3, self.camera.height, self.camera.width)
 
     def _cast(self, poses, index, time):

@@ -70,8 +70,8 @@ class KeyTable:
         if keys.numel() == 0:
             return result
         kernels = _kernels(keys.device)
-        if kernels is not None:
-            kernels.lookup(self.keys.numpy(), self.values.numpy(), self.mask, keys.contiguous().numpy(), result.numpy())
+        if kernels is not None and _ran(kernels.lookup, self.keys.numpy(), self.values.numpy(), self.mask,
+                                        keys.contiguous().numpy(), result.numpy()):
             return result
         home = self._hash(keys)
         pending = torch.arange(keys.numel(), device=keys.device)
@@ -92,9 +92,8 @@ class KeyTable:
         if not self.fits(keys.numel()):
             raise RuntimeError("brick table over half full; rebuild it larger first")
         kernels = _kernels(keys.device)
-        if kernels is not None:
-            kernels.insert(self.keys.numpy(), self.values.numpy(), self.mask, keys.contiguous().numpy(),
-                           values.to(torch.int64).contiguous().numpy())
+        if kernels is not None and _ran(kernels.insert, self.keys.numpy(), self.values.numpy(), self.mask,
+                                        keys.contiguous().numpy(), values.to(torch.int64).contiguous().numpy()):
             self.count += keys.numel()
             return
         home = self._hash(keys)
@@ -128,3 +127,13 @@ def _kernels(device: torch.device):
         disable_kernels(f"{type(error).__name__}: {error}")
         return None
     return keys_kernels
+
+
+def _ran(kernel, *args) -> bool:
+    """Run ``kernel``; False (and the kernels off, with a warning) if numba could not compile it."""
+    try:
+        kernel(*args)
+    except Exception as error:  # a compile failure happens before the kernel touches the table
+        disable_kernels(f"{type(error).__name__}: {error}")
+        return False
+    return True

@@ -345,11 +345,15 @@ class LatentSpatialMemory:
         chunk_keys = chunks.keys[: chunks.in_use]
         chunk_batch = torch.where(chunk_keys != EMPTY, batch_of_world[world_of(chunk_keys).clamp_min(0)], -1)
         camera_origin = poses.to(torch.float32).reshape(-1, 4, 4)[:, :3, 3].contiguous()
-        winner, depth, points = raster_kernels.read(
-            frames, w2c.contiguous().numpy(), camera_origin.numpy(), chunk_keys.numpy(), chunk_batch.numpy(),
-            chunks.members.numpy(), index.keys.numpy(), index.entry_of.numpy(), self._pool.points.numpy(),
-            self._pool.origins.numpy(), camera, self.chunk_size, self.brick_size * self.voxel_size,
-            self.max_read_depth, self.revisit_radius, self.surface_tolerance, torch.get_num_threads() > 1)
+        try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
+            winner, depth, points = raster_kernels.read(
+                frames, w2c.contiguous().numpy(), camera_origin.numpy(), chunk_keys.numpy(), chunk_batch.numpy(),
+                chunks.members.numpy(), index.keys.numpy(), index.entry_of.numpy(), self._pool.points.numpy(),
+                self._pool.origins.numpy(), camera, self.chunk_size, self.brick_size * self.voxel_size,
+                self.max_read_depth, self.revisit_radius, self.surface_tolerance, torch.get_num_threads() > 1)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
         return torch.from_numpy(winner), torch.from_numpy(depth), torch.from_numpy(points)
 
     # ------------------------------------------------------------------ inspection

@@ -88,10 +88,14 @@ def _compiled_lift(depth, camera, c2w, factor, surface_tolerance):
         disable_kernels(f"{type(error).__name__}: {error}")
         return None
     *lead, height, width = depth.shape
-    points, chosen = lift_kernels.lift_dominant_surface(
-        depth.reshape(-1, height, width).to(torch.float32).contiguous().numpy(),
-        c2w.reshape(-1, 4, 4).to(torch.float64).contiguous().numpy(), camera, factor, surface_tolerance,
-        torch.get_num_threads() > 1)
+    try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
+        points, chosen = lift_kernels.lift_dominant_surface(
+            depth.reshape(-1, height, width).to(torch.float32).contiguous().numpy(),
+            c2w.reshape(-1, 4, 4).to(torch.float64).contiguous().numpy(), camera, factor, surface_tolerance,
+            torch.get_num_threads() > 1)
+    except Exception as error:
+        disable_kernels(f"{type(error).__name__}: {error}")
+        return None
     h, w = height // factor, width // factor
     return torch.from_numpy(points).reshape(*lead, h, w, 3), torch.from_numpy(chosen).reshape(*lead, h, w)
 
