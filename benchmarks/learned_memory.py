@@ -79,7 +79,7 @@ def parse_args(argv=None):
                    help="clips after the training ones (train seed range, never trained on) that pick the sampler settings")
     p.add_argument("--sampler-grid", default="2:2,2:4,3:4,4:2,4:4", metavar="STEPS:SHIFT,...",
                    help="sampler (steps, flow shift) settings tried on the validation clips after training; the best is shipped")
-    p.add_argument("--steps", type=int, nargs=3, default=[1500, 6000, 600], metavar=("STAGE0", "STAGE1", "STAGE2"))
+    p.add_argument("--steps", type=int, nargs=3, default=[1000, 4200, 400], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--lr", type=float, nargs=3, default=[1e-3, 2e-3, 5e-4], metavar=("STAGE0", "STAGE1", "STAGE2"))
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--lora-rank", type=int, default=16)
@@ -87,7 +87,8 @@ def parse_args(argv=None):
     p.add_argument("--vace-every", type=int, default=5,
                    help="a branch block at DiT layers 0, k, 2k, ...; 5 on 6 layers puts one at the last layer, next to the output")
     p.add_argument("--ffn", type=int, default=768)
-    p.add_argument("--heads", type=int, default=3, help="attention heads of 64 channels: the DiT's width is 64 x heads")
+    p.add_argument("--heads", type=int, default=4,
+                   help="attention heads of 64 channels: the DiT's width is 64 x heads (256 copies memory far better than 192)")
     p.add_argument("--device", default="cpu", help="where stages 0-2 and the evaluation run (clips are prepared on the CPU)")
     p.add_argument("--precision", default="no", choices=["no", "bf16"],
                    help="mixed precision of training; 'no' keeps the CPU recipe's float32 numerics on any device")
