@@ -6,18 +6,25 @@ Wan2.2 width). Before timing, the memory is filled with extra entries elsewhere 
 the explored world (rooms 100+ m away, beyond ``--max-read-depth``), so the table
 shows how the step cost changes with what is stored, not with what is visible.
 
-    python benchmarks/memory.py [--json out.json] [--threads 1]
+    python benchmarks/memory.py [--json out.json] [--threads 1] [--rounds 3]
+
+The compiled CPU kernels (mirage_env/compiled.py) and the torch path
+(``MIRAGE_ENV_KERNELS=0``) are timed in alternating rounds on the same memory (both
+write it identically), so a machine whose load wanders still gives a fair ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
 import time
 
 import torch
 
 from mirage_env.baselines.memory_bench import loop_poses, room_depth
 from mirage_env.benchreport import header, write_json
+from mirage_env.compiled import KERNELS_ENV
 from mirage_env.geometry import Camera
 from mirage_env.memory import LatentSpatialMemory
 
@@ -54,7 +61,8 @@ def fill(memory: LatentSpatialMemory, entries: int, generator: torch.Generator) 
                                f"raise max_bricks_per_world to hold {entries:,}")
 
 
-def time_steps(memory: LatentSpatialMemory, camera: Camera, steps: int, generator: torch.Generator) -> float:
+def time_steps(memory: LatentSpatialMemory, camera: Camera, steps: int, generator: torch.Generator) -> dict[str, float]:
+    """Milliseconds per step: read + write, and each alone."""
     latent = camera.scaled(1 / FACTOR)
     poses = loop(steps)
     depths = room_depth(latent, poses, ROOM_CENTRE)
@@ -62,11 +70,18 @@ def time_steps(memory: LatentSpatialMemory, camera: Camera, steps: int, generato
     for pose, depth, lat in zip(poses[:4], depths[:4], latents[:4]):  # warm-up
         memory.read(latent, pose)
         memory.write(lat, depth, latent, pose)
-    start = time.perf_counter()
+    read = write = 0.0
     for pose, depth, lat in zip(poses, depths, latents):
+        start = time.perf_counter()
         memory.read(latent, pose)
+        middle = time.perf_counter()
         memory.write(lat, depth, latent, pose)
-    return (time.perf_counter() - start) / steps * 1e3
+        read, write = read + middle - start, write + time.perf_counter() - middle
+    return {"ms": (read + write) / steps * 1e3, "read_ms": read / steps * 1e3, "write_ms": write / steps * 1e3}
+
+
+def with_kernels(enabled: bool) -> None:
+    os.environ[KERNELS_ENV] = "1" if enabled else "0"
 
 
 def main() -> None:
@@ -74,6 +89,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per setting")
+    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of compiled and torch paths")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--entries", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
     parser.add_argument("--voxel-size", type=float, default=0.05)
@@ -85,8 +101,10 @@ def main() -> None:
     results = header(args)
     results["config"].update(channels=CHANNELS, factor=FACTOR)
     results["read_write_ms_by_size"] = {}
-    print(f"read+write per step, {CHANNELS} channels, {args.threads} thread(s), voxel {args.voxel_size} m")
-    print(f"{'image':>9} {'latent':>7} {'stored entries':>15} {'ms / step':>10} {'vs 1e3':>7}")
+    print(f"read+write per step, {CHANNELS} channels, {args.threads} thread(s), voxel {args.voxel_size} m; "
+          f"compiled kernels and the torch path in {args.rounds} alternating rounds (median)")
+    print(f"{'image':>9} {'latent':>7} {'stored entries':>15} {'ms / step':>10} {'read':>7} {'write':>7} "
+          f"{'vs 1e3':>7} {'torch ms':>9}")
     for size in args.sizes:
         camera = Camera.from_fov(size, size, 90)
         per_size = {}
@@ -94,15 +112,28 @@ def main() -> None:
             # Room for the largest fill: sparse far rooms use many bricks per entry.
             memory = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size, max_read_depth=args.max_read_depth,
                                          max_bricks_per_world=1 << 20)
+            with_kernels(True)
             fill(memory, entries, generator)
             stored = memory.stats(bounds=False)["entries"]
-            ms = time_steps(memory, camera, args.steps, generator)
-            per_size[entries] = {"ms": ms, "stored": stored}
+            rounds = {True: [], False: []}
+            for _ in range(args.rounds):  # both paths write the same memory the same way, so they can share it
+                for kernels in (True, False):
+                    with_kernels(kernels)
+                    rounds[kernels].append(time_steps(memory, camera, args.steps, generator))
+            with_kernels(True)
+            median = {path: {key: statistics.median(r[key] for r in rounds[path]) for key in rounds[path][0]}
+                      for path in rounds}
+            per_size[entries] = {**median[True], "stored": stored, "torch_path_ms": median[False]["ms"]}
             base = per_size[args.entries[0]]["ms"]
-            print(f"{size:>4}x{size:<4} {size // FACTOR:>3}x{size // FACTOR:<3} {stored:>15,} {ms:>10.3f} {ms / base:>6.2f}x")
+            ms = per_size[entries]["ms"]
+            print(f"{size:>4}x{size:<4} {size // FACTOR:>3}x{size // FACTOR:<3} {stored:>15,} {ms:>10.3f} "
+                  f"{median[True]['read_ms']:>7.3f} {median[True]['write_ms']:>7.3f} {ms / base:>6.2f}x "
+                  f"{median[False]['ms']:>9.3f}")
         results["read_write_ms_by_size"][size] = per_size
     if 64 in args.sizes:
         results["read_write_ms"] = {str(k): v["ms"] for k, v in results["read_write_ms_by_size"][64].items()}
+        results["torch_path_read_write_ms"] = {str(k): v["torch_path_ms"]
+                                               for k, v in results["read_write_ms_by_size"][64].items()}
 
     # Bytes over repeated passes of the same closed loop: memory grows with space, not time.
     camera = Camera.from_fov(64, 64, 90)

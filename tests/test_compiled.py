@@ -13,7 +13,7 @@ pytest.importorskip("numba")
 
 
 def rollout(monkeypatch, kernels: bool, make, steps: int, actions_for) -> list[dict[str, np.ndarray]]:
-    """Every observation, the generated latents, depth and the memory's read of each step."""
+    """Every observation, the generated latents, depth, the memory's read and the whole memory after each step."""
     monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
     env = make()
     env.reset(seed=[5, 6, 7][: getattr(env, "num_envs", 1)] if hasattr(env, "num_envs") else 5)
@@ -38,7 +38,7 @@ def rollout(monkeypatch, kernels: bool, make, steps: int, actions_for) -> list[d
                     "latents": tail.latents.numpy().copy(), "depth": tail.depth.numpy().copy(),
                     "read_latents": read.latents.numpy().copy(), "read_mask": read.mask.numpy().copy(),
                     "read_depth": read.depth.numpy().copy(), "read_points": read.points.numpy().copy(),
-                    "entries": world.memory.entries_per_world().numpy().copy()})
+                    "entries": world.memory.entries_per_world().numpy().copy(), **memory_state(world.memory)})
     return out
 
 
@@ -104,3 +104,89 @@ def test_a_kernel_that_fails_when_first_called_falls_back_to_torch_with_the_same
     with pytest.warns(RuntimeWarning, match="torch path"):
         observation = env.reset(seed=1)[0]
     np.testing.assert_array_equal(observation["rgb"], expected)
+
+
+def memory_state(memory) -> dict[str, np.ndarray]:
+    """Everything a memory holds, storage beyond what is in use included (capacities, hash tables, free lists)."""
+    index, pool = memory._index, memory._pool
+    held = {name: value for name, value in memory.state_tensors(copy=True).items()}
+    held |= {"pool.features": pool.features, "pool.points": pool.points, "pool.depth": pool.observed_depth,
+             "pool.origins": pool.origins, "pool.last_write": pool.last_write, "table.keys": index.table.keys,
+             "table.values": index.table.values, "chunk.keys": index.chunks.keys, "chunk.members": index.chunks.members,
+             "entry_of": index.entry_of, "brick.last_write": index.last_write}
+    state = {name: value.detach().clone().view(torch.int16) if value.dtype == torch.bfloat16 else value.detach().clone()
+             for name, value in held.items()}
+    return {name: value.numpy() for name, value in state.items()} | {
+        "in_use": np.array([index.in_use, pool.in_use, index.step])}
+
+
+@pytest.mark.parametrize("merge,feature_dtype", [("first", torch.float16), ("closest", torch.bfloat16),
+                                                 ("latest", torch.float32)])
+@pytest.mark.parametrize("threads", [1, 2])
+def test_memory_writes_and_reads_are_bit_exact_with_the_torch_path(monkeypatch, merge, feature_dtype, threads):
+    # Two worlds, latent- and image-resolution depth, sub-batches, a bound small enough to evict,
+    # a pool that grows: the write and read kernels against the torch code, whole memories compared.
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    image = Camera.from_fov(32, 32, 90)
+    latent = image.scaled(1 / 8)
+    poses = loop_poses(12, 2)  # (12, 2, 4, 4)
+
+    def run(kernels: bool):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        generator = torch.Generator().manual_seed(3)
+        memory = LatentSpatialMemory(6, voxel_size=0.07, num_worlds=2, merge=merge, feature_dtype=feature_dtype,
+                                     max_bricks_per_world=64)
+        out = []
+        for step, segment in enumerate(poses):
+            shifted = segment.clone()
+            shifted[:, 1, 3] += 0.01 * step  # the second world a little lower each step: new voxels, merges
+            both = torch.stack([segment, shifted])
+            image_resolution = step % 2 == 0
+            camera = image if image_resolution else latent
+            depth = torch.stack([room_depth(camera, pose) for pose in both])
+            if step % 3 == 0:
+                depth[:, :, :2] = torch.inf  # sky: not written
+            latents = torch.randn(2, 2, 6, 4, 4, generator=generator)
+            keep = torch.rand(2, 2, 4, 4, generator=generator) > 0.2
+            if step % 4 == 3:  # a sub-batch: world 1 only
+                memory.write(latents[1:], depth[1:], latent, both[1:], keep=keep[1:], worlds=[1])
+            else:
+                memory.write(latents, depth, latent, both, keep=keep)
+            read = memory.read(latent, both)
+            out.append({"read_latents": read.latents.numpy(), "read_mask": read.mask.numpy(),
+                        "read_depth": read.depth.numpy(), "read_points": read.points.numpy(),
+                        **memory_state(memory)})
+        return out
+
+    with torch_threads(threads):
+        fast, oracle = run(True), run(False)
+    assert_same(fast, oracle)
+
+
+def test_selection_gives_the_value_a_sort_puts_there():
+    from mirage_env.memory.lift_kernels import kth_smallest
+
+    rng = np.random.default_rng(0)
+    for trial in range(2000):
+        n = int(rng.integers(1, 80))
+        values = rng.choice([0.5, 1.0, 2.0, np.inf, 3.25], n) if trial % 2 else rng.random(n)
+        values = values.astype(np.float32)
+        if trial % 7 == 0:
+            values[rng.integers(0, n)] = np.nan
+        k = int(rng.integers(0, n))
+        np.testing.assert_array_equal(kth_smallest(values.copy(), k), np.sort(values)[k])
+
+
+def test_the_kernels_world_to_camera_poses_are_torchs():
+    from mirage_env.geometry import invert_pose, poses_from_rigs
+    from mirage_env.memory.raster_kernels import world_to_camera
+
+    rng = np.random.default_rng(1)
+    rigs = np.concatenate([rng.normal(0, 30, (20000, 3)), rng.uniform(-np.pi, np.pi, (20000, 3))], 1)
+    c2w = poses_from_rigs(rigs)
+    c2w[:100, :3, 3] = 0.0  # zero translations: signed zeros must match too
+    expected = invert_pose(torch.from_numpy(c2w)).to(torch.float32).numpy()
+    np.testing.assert_array_equal(world_to_camera(c2w).view(np.int32), expected.view(np.int32))

@@ -85,13 +85,17 @@ class BrickIndex:
         local_index = (local[:, 0] * self.brick_size + local[:, 1]) * self.brick_size + local[:, 2]
         shifted = brick + AXIS_OFFSET
         if (shifted < 0).any() or (shifted >= (1 << AXIS_BITS)).any():
-            limit = AXIS_OFFSET * self.brick_size * self.voxel_size
-            raise ValueError(
-                f"a point lies farther than {limit:g} world units from the origin; the memory "
-                f"addresses +-{limit:g} with voxel_size={self.voxel_size}: use a larger voxel_size "
-                f"or keep the scene closer to the first camera"
-            )
+            raise self.out_of_range()
         return pack(world, shifted), local_index
+
+    def out_of_range(self) -> ValueError:
+        """The error for a point beyond what the keys can address."""
+        limit = AXIS_OFFSET * self.brick_size * self.voxel_size
+        return ValueError(
+            f"a point lies farther than {limit:g} world units from the origin; the memory "
+            f"addresses +-{limit:g} with voxel_size={self.voxel_size}: use a larger voxel_size "
+            f"or keep the scene closer to the first camera"
+        )
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Brick slots of ``keys`` (N,), -1 where no brick is allocated."""

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import os
 
+import numpy as np
 import torch
 
 from ..compiled import disable_kernels, kernels_enabled
@@ -28,13 +29,16 @@ from .fileformat import (
 )
 from .horizon import WriteClock, check_horizon
 from .index import BrickIndex, Released
-from .keys import EMPTY, WORLD_BITS, world_of
+from .keys import AXIS_BITS, EMPTY, WORLD_BITS
 from .lift import lift_latent_depth
 from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
 from .pool import EntryPool
 from .raster import prefer_at_pixels, project_to_pixels, zbuffer
-from .shapes import MemoryRead, as_batch, check_worlds, written_pixels
+from .shapes import MemoryRead, as_batch, check_worlds, keep_mask, written_pixels
 
+
+# Integer dtypes of each element size: the kernels copy features as bits, whatever their float dtype.
+_BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 # Fewer bricks than this cannot hold what one segment of a small frame writes, so a bound
 # below it would be overshot on every write (bricks a write uses are never evicted by it).
@@ -196,6 +200,11 @@ class LatentSpatialMemory:
         c2w = poses.to(self.device, torch.float64)
         depth, all_points, camera = lift_latent_depth(depth, camera, c2w, (h, w))
         world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
+        # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
+        if self.horizon is None and seen is None and kernels_enabled(self.device):
+            written = self._compiled_write(latents, depth, all_points, camera, c2w, keep, world_index)
+            if written is not None:
+                return written
 
         valid = written_pixels(depth, keep, self.device, f"the latent grid {(batch, frames, h, w)}")
         if seen is not None:
@@ -249,6 +258,73 @@ class LatentSpatialMemory:
         self._index.release_if_empty(emptied)
         return int(winners.numel())
 
+    def _compiled_write(self, latents, depth, all_points, camera, c2w, keep, world_index) -> int | None:
+        """The write after the lift by :mod:`.write_kernels` (None: the kernels could not be built, and the
+        torch path runs); the same memory, bit for bit, as the torch path."""
+        try:
+            from . import write_kernels
+        except Exception as error:  # numba missing or broken
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        batch, frames, h, w = depth.shape
+        pixels = depth.numel()
+        keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}")
+        keep = np.ones(pixels, np.bool_) if keep is None else keep.reshape(-1).numpy()
+        observed = depth.reshape(-1).contiguous().numpy()
+        worlds = world_index.numpy()
+        index = self._index
+        pixel, keys, local, slot = (np.empty(pixels, np.int64) for _ in range(4))
+        try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
+            if all_points is None:  # depth at latent resolution: each pixel along its centre ray
+                points = np.empty((pixels, 3), np.float32)
+                write_kernels.unproject(
+                    observed.reshape(batch * frames, h, w), c2w.reshape(-1, 4, 4).to(torch.float32).contiguous().numpy(),
+                    np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float32), points)
+            else:
+                points = all_points.reshape(-1, 3).to(torch.float32).contiguous().numpy()
+            count, status = write_kernels.address(
+                points, observed, keep, frames * h * w, worlds, np.float32(self.voxel_size), self.brick_size,
+                index.table.keys.numpy(), index.table.values.numpy(), index.table.mask, pixel, keys, local, slot)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        # From here the write happens (as the torch path, a point out of range fails after the clocks moved).
+        index.step += 1
+        self._clock.ticks.numpy()[worlds] += 1  # once per world, however often the batch names it
+        if count == 0:
+            return 0
+        if status == write_kernels.OUT_OF_RANGE:
+            raise index.out_of_range()
+        pixel, local, slot = pixel[:count], local[:count], slot[:count]
+        if status == write_kernels.MISSING:  # new bricks (and eviction to make room): the torch allocation
+            slots, released = index.slots_for(torch.from_numpy(keys[:count]))
+            self._return_to_pool(released)
+            slot = slots.numpy()
+        pool = self._pool
+        features = latents.reshape(batch * frames, self.channels, h * w).to(self.device, pool.features.dtype).contiguous()
+        origins = c2w[..., :3, 3].to(torch.float32).reshape(-1, 3).contiguous().numpy()
+        policy, factor = write_kernels.POLICY[self.merge], np.float32(1 + self.closest_tolerance)
+        bits = _BITS[pool.features.element_size()]
+        while True:
+            try:
+                written, taken, fresh = write_kernels.merge_and_store(
+                    pixel, slot, local, observed, frames * h * w, frames, h * w, worlds, self._clock.ticks.numpy(),
+                    index.entry_of.numpy(), index.last_write.numpy(), index.step, policy, factor, pool.free.numpy(),
+                    pool.in_use, pool.capacity, pool.entries_per_world.numpy(), features.view(bits).numpy(), points,
+                    origins, pool.features.view(bits).numpy(), pool.points.numpy(), pool.observed_depth.numpy(),
+                    pool.origins.numpy(), pool.last_write.numpy())
+            except Exception as error:  # it failed to compile, before changing anything: undo the clocks
+                index.step -= 1
+                self._clock.ticks.numpy()[worlds] -= 1
+                disable_kernels(f"{type(error).__name__}: {error}")
+                return None  # (bricks allocated above are the ones the torch path's write allocates)
+            if written >= 0:
+                break
+            pool.reserve(fresh)  # grown exactly as EntryPool.take would; nothing was changed yet
+        pool.free = pool.free[taken:]
+        pool.in_use += fresh
+        return int(written)
+
     def clear(self, worlds=None) -> None:
         """Forget everything stored for ``worlds`` (default: all worlds)."""
         if worlds is None:
@@ -283,20 +359,17 @@ class LatentSpatialMemory:
         h, w = camera.height, camera.width
         views = batch * frames
         pixels = views * h * w
+        compiled = self._compiled_read(camera, poses, world_index, frames) if kernels_enabled(self.device) else None
+        if compiled is not None:
+            latents, mask, depth, points = compiled
+            return MemoryRead(latents=latents.reshape(*lead, self.channels, h, w), mask=mask.reshape(*lead, h, w),
+                              depth=depth.reshape(*lead, h, w), points=points.reshape(*lead, h, w, 3))
         out_latents = torch.zeros(pixels, self.channels, dtype=torch.float32, device=self.device)
         out_depth = torch.full((pixels,), math.inf, dtype=torch.float32, device=self.device)
         out_mask = torch.zeros(pixels, dtype=torch.bool, device=self.device)
         out_points = torch.full((pixels, 3), math.nan, dtype=torch.float32, device=self.device)
-
         w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
-        compiled = self._compiled_read(camera, poses, w2c, world_index, frames) if kernels_enabled(self.device) else None
-        if compiled is not None:
-            winner, out_depth, out_points = compiled
-            out_mask = winner >= 0
-            hit = torch.nonzero(out_mask).flatten()
-            out_latents[hit] = self._pool.features[winner[hit]].to(torch.float32)
-        else:
-            self._torch_read(camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points)
+        self._torch_read(camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points)
         return MemoryRead(
             latents=out_latents.reshape(*lead, h, w, self.channels).movedim(-1, -3).contiguous(),
             mask=out_mask.reshape(*lead, h, w),
@@ -331,37 +404,51 @@ class LatentSpatialMemory:
                 out_points[hit] = self._pool.points[winners]
                 out_mask[hit] = True
 
-    def _compiled_read(self, camera, poses, w2c, world_index, frames):
-        """The read by :mod:`.raster_kernels`: winning entry, depth and point per pixel (None: the kernel
-        could not be built, and the torch path runs)."""
+    def _compiled_read(self, camera, poses, world_index, frames):
+        """The read by :mod:`.raster_kernels`: latents (V, C, h, w), mask, depth (V, h, w) and points (V, h, w, 3)
+        (None: the kernel could not be built, or the features' dtype is not one it widens, and the torch path runs)."""
         try:
             from . import raster_kernels
         except Exception as error:  # numba missing or broken
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
+        features = self._pool.features
+        kind = raster_kernels.WIDEN.get(features.element_size(), {}).get(str(features.dtype).removeprefix("torch."))
+        if kind is None:
+            return None
         index, chunks = self._index, self._index.chunks
-        batch_of_world = torch.full((self.num_worlds,), -1, dtype=torch.int64)
-        batch_of_world[world_index] = torch.arange(world_index.numel())
-        chunk_keys = chunks.keys[: chunks.in_use]
-        chunk_batch = torch.where(chunk_keys != EMPTY, batch_of_world[world_of(chunk_keys).clamp_min(0)], -1)
-        camera_origin = poses.to(torch.float32).reshape(-1, 4, 4)[:, :3, 3].contiguous()
+        batch_of_world = np.full(self.num_worlds, -1, np.int64)
+        batch_of_world[world_index.numpy()] = np.arange(world_index.numel())
+        chunk_keys = chunks.keys[: chunks.in_use].numpy()
+        chunk_batch = np.where(chunk_keys != EMPTY, batch_of_world[np.maximum(chunk_keys >> (3 * AXIS_BITS), 0)], -1)
+        c2w = poses.detach().cpu().numpy().astype(np.float64, copy=False).reshape(-1, 4, 4)
+        camera_origin = np.ascontiguousarray(c2w[:, :3, 3], np.float32)
+        views, pixels = c2w.shape[0], camera.height * camera.width
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             winner, depth, points = raster_kernels.read(
-                frames, w2c.contiguous().numpy(), camera_origin.numpy(), chunk_keys.numpy(), chunk_batch.numpy(),
+                frames, raster_kernels.world_to_camera(c2w), camera_origin, chunk_keys, chunk_batch,
                 chunks.members.numpy(), index.keys.numpy(), index.entry_of.numpy(), self._pool.points.numpy(),
                 self._pool.origins.numpy(), camera, self.chunk_size, self.brick_size * self.voxel_size,
                 self.max_read_depth, self.revisit_radius, self.surface_tolerance, torch.get_num_threads() > 1)
+            latents = np.zeros((views, self.channels, pixels), np.float32)
+            raster_kernels.features_at(winner, features.view(_BITS[features.element_size()]).numpy(), kind,
+                                       latents.view(np.uint32))
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        return torch.from_numpy(winner), torch.from_numpy(depth), torch.from_numpy(points)
+        return (torch.from_numpy(latents), torch.from_numpy(winner >= 0), torch.from_numpy(depth),
+                torch.from_numpy(points))
 
     # ------------------------------------------------------------------ inspection
+
+    def nbytes(self) -> int:
+        """Bytes the memory holds: its entries, bricks, tables and clocks (``stats()["bytes"]``)."""
+        return self._pool.nbytes() + self._index.nbytes() + self._clock.nbytes()
 
     def stats(self, bounds: bool = True) -> dict:
         """Entries, bytes held, voxel size, horizon and (optionally, O(entries)) the bounds of what is stored."""
         entries = int(self._pool.entries_per_world.sum())
-        bytes_held = self._pool.nbytes() + self._index.nbytes() + self._clock.nbytes()
+        bytes_held = self.nbytes()
         if bounds and entries:
             stored = self.stored_points()
             bounds = [stored.min(0).values.tolist(), stored.max(0).values.tolist()]

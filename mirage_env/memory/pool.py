@@ -53,17 +53,22 @@ class EntryPool:
         self.free = self.free[count:]
         fresh = count - reused.numel()
         if fresh > 0:
-            start, capacity = self.in_use, self.capacity
-            if start + fresh > capacity:
-                extra = max(start + fresh, 2 * capacity) - capacity
-                pad = lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])
-                self.features, self.points = pad(self.features), pad(self.points)
-                self.observed_depth, self.origins = pad(self.observed_depth), pad(self.origins)
-                self.last_write = pad(self.last_write)
+            start = self.in_use
+            self.reserve(fresh)
             self.in_use += fresh
             reused = torch.cat([reused, torch.arange(start, start + fresh, device=self.free.device)])
         self.entries_per_world += torch.bincount(worlds, minlength=self.num_worlds)
         return reused
+
+    def reserve(self, fresh: int) -> None:
+        """Grow the storage (by doubling) so that ``fresh`` entries fit above ``in_use``; ``in_use`` is unchanged."""
+        start, capacity = self.in_use, self.capacity
+        if start + fresh > capacity:
+            extra = max(start + fresh, 2 * capacity) - capacity
+            pad = lambda t: torch.cat([t, t.new_zeros((extra, *t.shape[1:]))])  # noqa: E731
+            self.features, self.points = pad(self.features), pad(self.points)
+            self.observed_depth, self.origins = pad(self.observed_depth), pad(self.origins)
+            self.last_write = pad(self.last_write)
 
     def store(self, entries: torch.Tensor, features: torch.Tensor, points: torch.Tensor, observed_depth: torch.Tensor,
               origins: torch.Tensor, last_write: torch.Tensor) -> None:

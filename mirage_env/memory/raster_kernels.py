@@ -180,6 +180,22 @@ def _read_parallel(frames, w2c, camera_origin, chunk_keys, chunk_batch, members,
                    max_depth, revisit_radius, tolerance, winner, out_depth, out_points)
 
 
+def world_to_camera(c2w: np.ndarray) -> np.ndarray:
+    """(V, 4, 4) float32 inverses of (V, 4, 4) float64 rigid camera-to-world poses, the numbers
+    ``invert_pose(c2w).to(torch.float32)`` gives: the translation ``-R^T t`` summed as torch's
+    small-``bmm`` loop does, ``((0 + a0 * t0) + a1 * t1) + a2 * t2`` in float64, then rounded once."""
+    rotation, translation = c2w[:, :3, :3], c2w[:, :3, 3]
+    negated = -rotation  # row k of it, times t_k, summed over k: (-R^T t)_i = sum_k -R[k, i] t_k
+    total = 0.0 + negated[:, 0, :] * translation[:, 0:1]
+    total = total + negated[:, 1, :] * translation[:, 1:2]
+    total = total + negated[:, 2, :] * translation[:, 2:3]
+    inverse = np.zeros((c2w.shape[0], 4, 4), np.float32)
+    inverse[:, :3, :3] = rotation.transpose(0, 2, 1)
+    inverse[:, :3, 3] = total
+    inverse[:, 3, 3] = 1.0
+    return inverse
+
+
 def frustum_constants(camera, radius: float, max_depth: float) -> np.ndarray:
     """The float32 numbers :func:`~.raster.spheres_in_frustum` compares with, for spheres of ``radius``
     (the last one: the offset from a cell's first corner to its centre is set by the caller)."""
@@ -214,3 +230,44 @@ def read(frames, w2c, camera_origin, chunk_keys, chunk_batch, members, brick_key
            np.float32(max_depth), np.float32(revisit_radius), np.float32(1 + surface_tolerance), winner, depth,
            out_points)
     return winner, depth, out_points
+
+
+# How ``features_at`` widens a stored feature's bits to float32: float16, bfloat16, float32 (a copy).
+WIDEN = {2: {"float16": 0, "bfloat16": 1}, 4: {"float32": 2}}
+
+
+@njit(cache=True, inline="always")
+def _float32_bits(x, kind):
+    # Exact: every float16 and bfloat16 value is a float32 value (NaN payloads kept, as a CPU conversion keeps them).
+    if kind == 2:
+        return x & 0xFFFFFFFF
+    if kind == 1:
+        return (x & 0xFFFF) << 16
+    h = x & 0xFFFF
+    sign = (h & 0x8000) << 16
+    exponent = (h >> 10) & 0x1F
+    mantissa = h & 0x3FF
+    if exponent == 0x1F:
+        return sign | 0x7F800000 | (mantissa << 13)
+    if exponent == 0:
+        if mantissa == 0:
+            return sign
+        exponent32 = 113  # a subnormal half: normalise its mantissa
+        while (mantissa & 0x400) == 0:
+            mantissa <<= 1
+            exponent32 -= 1
+        return sign | (exponent32 << 23) | ((mantissa & 0x3FF) << 13)
+    return sign | ((exponent + 112) << 23) | (mantissa << 13)
+
+
+@njit(cache=True)
+def features_at(winner, features, kind, out):
+    """Features of each pixel's winning entry into ``out`` (V, C, h*w) float32 bits (left as they are where none)."""
+    views, channels, pixels = out.shape
+    for v in range(views):
+        for p in range(pixels):
+            e = winner[v * pixels + p]
+            if e < 0:
+                continue
+            for c in range(channels):
+                out[v, c, p] = _float32_bits(np.int64(features[e, c]), kind)

@@ -68,9 +68,18 @@ def written_pixels(depth: torch.Tensor, keep, device: torch.device, grid: str) -
     """Bool mask, depth's shape, of the pixels a write stores: finite depth > 0, and ``keep``
     where given (any shape with depth's number of elements; ``grid`` names the expected one)."""
     valid = torch.isfinite(depth) & (depth > 0)
+    keep = keep_mask(keep, valid.numel(), device, grid)
     if keep is not None:
-        keep = torch.as_tensor(keep, device=device)
-        if keep.numel() != valid.numel():
-            raise ValueError(f"keep must match {grid}, got {tuple(keep.shape)}")
-        valid &= keep.reshape(valid.shape).bool()
+        valid &= keep.reshape(valid.shape)
     return valid
+
+
+def keep_mask(keep, count: int, device: torch.device, grid: str) -> torch.Tensor | None:
+    """``keep`` (None: keep all) as a bool tensor of ``count`` elements in its own shape; a ValueError
+    naming ``grid`` (the expected shape) if it has another number of elements."""
+    if keep is None:
+        return None
+    keep = torch.as_tensor(keep, device=device)
+    if keep.numel() != count:
+        raise ValueError(f"keep must match {grid}, got {tuple(keep.shape)}")
+    return keep.bool()

@@ -1,0 +1,211 @@
+"""A memory write as two compiled CPU kernels (numba): address + brick lookup, then merge + store.
+
+The same steps as :meth:`LatentSpatialMemory.write <.latent_memory.LatentSpatialMemory.write>`
+in torch after the lift: :meth:`~.index.BrickIndex.address` and the table lookup of
+:meth:`~.index.BrickIndex.slots_for` (:func:`address`), then
+:func:`~.merge.nearest_per_voxel`, the stamp of entries observed again, :func:`~.merge.accepts`,
+:meth:`~.pool.EntryPool.take`, :meth:`~.pool.EntryPool.store` and
+:meth:`~.index.BrickIndex.mark_written` (:func:`merge_and_store`). In torch those are ~60
+small tensor operations; here one pass each over the written pixels. Bricks a write needs
+but the table lacks are allocated by the torch code (:meth:`~.index.BrickIndex.slots_for`,
+with its eviction) between the two kernels: after warm-up that is the rare case.
+
+Exactness (tests/test_compiled.py compares whole memories bit for bit): voxel coordinates
+are ``floor(point / voxel_size)`` in float32, as torch divides a float32 tensor by a Python
+scalar; winners come out in ascending (brick slot, voxel) order, as ``torch.unique`` sorts
+them, so new entries take pool slots in the torch path's order; features are converted to
+the pool's dtype by torch before the kernel, which then only copies their bits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+from .keys_kernels import _home
+
+_EMPTY = -1
+_AXIS_BITS = 16
+_AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
+
+# ``address`` status: everything found; some bricks missing (allocate, then merge); a point out of range.
+FOUND, MISSING, OUT_OF_RANGE = 0, 1, 2
+# ``merge_and_store`` policies, as :data:`~.merge.MERGE_POLICIES` names them.
+POLICY = {"first": 0, "closest": 1, "latest": 2}
+
+
+@njit(cache=True)
+def address(points, depth, keep, samples_per_world, world_index, voxel_size, brick_size, table_keys, table_values,
+            mask, pixel, keys, local, slot):
+    """Compact the written pixels and address each.
+
+    Args:
+        points: (P, 3) float32 world point of every latent pixel (P = B * T * h * w).
+        depth: (P,) float32 observed depth; a pixel is written where it is finite and > 0 and ``keep``.
+        keep: (P,) bool.
+        samples_per_world: T * h * w, pixels per batch item.
+        world_index: (B,) int64 world of each batch item.
+        voxel_size: float32.
+
+    Fills ``pixel`` (flat pixel index), ``keys`` (brick key), ``local`` (voxel in brick) and
+    ``slot`` (brick slot, -1 if not allocated) for the first ``count`` entries.
+
+    Returns:
+        (count, status): status FOUND, MISSING (some slot is -1) or OUT_OF_RANGE.
+    """
+    count = 0
+    status = FOUND
+    limit = np.int64(1 << _AXIS_BITS)
+    for p in range(depth.shape[0]):
+        d = depth[p]
+        if not (np.isfinite(d) and d > 0 and keep[p]):
+            continue
+        world = world_index[p // samples_per_world]
+        v0 = np.int64(np.floor(points[p, 0] / voxel_size))
+        v1 = np.int64(np.floor(points[p, 1] / voxel_size))
+        v2 = np.int64(np.floor(points[p, 2] / voxel_size))
+        b0, b1, b2 = v0 // brick_size, v1 // brick_size, v2 // brick_size
+        local[count] = ((v0 - b0 * brick_size) * brick_size + (v1 - b1 * brick_size)) * brick_size \
+            + (v2 - b2 * brick_size)
+        s0, s1, s2 = b0 + _AXIS_OFFSET, b1 + _AXIS_OFFSET, b2 + _AXIS_OFFSET
+        if s0 < 0 or s1 < 0 or s2 < 0 or s0 >= limit or s1 >= limit or s2 >= limit:
+            status = OUT_OF_RANGE
+        key = (world << (3 * _AXIS_BITS)) | (s0 << (2 * _AXIS_BITS)) | (s1 << _AXIS_BITS) | s2
+        keys[count] = key
+        pixel[count] = p
+        found = _EMPTY
+        h = _home(key) & mask
+        while True:
+            k = table_keys[h]
+            if k == key:
+                found = table_values[h]
+                break
+            if k == _EMPTY:
+                break
+            h = (h + 1) & mask
+        slot[count] = found
+        if found < 0 and status == FOUND:
+            status = MISSING
+        count += 1
+    return count, status
+
+
+@njit(cache=True)
+def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels_per_frame, world_index, ticks,
+                    entry_of, brick_last_write, step, policy, closest_factor, free, in_use, capacity,
+                    entries_per_world, features, points, origins, pool_features, pool_points,
+                    pool_depth, pool_origins, pool_last_write):
+    """Keep the nearest sample of each voxel, merge it with what the voxel holds, store it.
+
+    Args:
+        pixel, slot, local: (n,) from :func:`address` (every slot allocated).
+        depth: (P,) float32 observed depth of every pixel.
+        ticks: (num_worlds,) int64 write clocks, already advanced for this write.
+        entry_of, brick_last_write: the brick index's arrays (changed in place).
+        closest_factor: float32 ``1 + closest_tolerance``.
+        free: int64 free pool entries, used first (lowest position first); then ``in_use`` onwards.
+        features: (B * T, C, h * w) latents in the pool's dtype (bits: any same-size integer view).
+        points: (P, 3) float32; origins: (B * T, 3) float32 camera origin of each frame.
+
+    Returns:
+        (written, taken_from_free, fresh): ``fresh`` new entries from ``in_use`` on. When
+        those would not fit in ``capacity``, nothing is changed and ``written`` is -1: grow
+        the pool by ``fresh`` (as :meth:`~.pool.EntryPool.take` would) and call again.
+    """
+    n = pixel.shape[0]
+    voxels_per_brick = entry_of.shape[1]
+    voxel = np.empty(n, np.int64)
+    for i in range(n):
+        voxel[i] = slot[i] * voxels_per_brick + local[i]
+    order = np.argsort(voxel, kind="mergesort")
+    # The winner of each voxel: nearest observed depth, then the later frame, then the later sample.
+    winners = np.empty(n, np.int64)
+    count = 0
+    i = 0
+    while i < n:
+        best = order[i]
+        j = i + 1
+        while j < n and voxel[order[j]] == voxel[best]:
+            c = order[j]
+            if depth[pixel[c]] < depth[pixel[best]] or (
+                    depth[pixel[c]] == depth[pixel[best]]
+                    and (pixel[c] // pixels_per_frame) % frames >= (pixel[best] // pixels_per_frame) % frames):
+                best = c
+            j += 1
+        winners[count] = best
+        count += 1
+        i = j
+    entry = np.empty(count, np.int64)
+    accepted = np.empty(count, np.bool_)
+    new = 0
+    for k in range(count):
+        c = winners[k]
+        e = np.int64(entry_of[slot[c], local[c]])
+        entry[k] = e
+        if policy == 0:
+            accepted[k] = e < 0
+        elif policy == 1:
+            accepted[k] = e < 0 or depth[pixel[c]] <= pool_depth[max(e, 0)] * closest_factor
+        else:
+            accepted[k] = True
+        if accepted[k] and e < 0:
+            new += 1
+    fresh = max(0, new - free.shape[0])
+    if in_use + fresh > capacity:
+        return -1, 0, fresh
+    # A stored entry whose voxel this write observed again was seen now, whatever the merge keeps.
+    for k in range(count):
+        if entry[k] >= 0:
+            c = winners[k]
+            pool_last_write[entry[k]] = np.int32(ticks[world_index[pixel[c] // samples_per_world]])
+    taken = 0
+    written = 0
+    channels = features.shape[1]
+    for k in range(count):
+        if not accepted[k]:
+            continue
+        c = winners[k]
+        p = pixel[c]
+        world = world_index[p // samples_per_world]
+        e = entry[k]
+        if e < 0:
+            e = free[taken] if taken < free.shape[0] else in_use + (taken - free.shape[0])
+            taken += 1
+            entry_of[slot[c], local[c]] = np.int32(e)
+            entries_per_world[world] += 1
+        frame, q = p // pixels_per_frame, p % pixels_per_frame
+        for ch in range(channels):
+            pool_features[e, ch] = features[frame, ch, q]
+        for a in range(3):
+            pool_points[e, a] = points[p, a]
+            pool_origins[e, a] = origins[frame, a]
+        pool_depth[e] = depth[p]
+        pool_last_write[e] = np.int32(ticks[world])
+        written += 1
+    for i in range(n):
+        brick_last_write[slot[i]] = step
+    return written, min(taken, free.shape[0]), fresh
+
+
+@njit(cache=True)
+def unproject(depth, c2w, intrinsics, points):
+    """:func:`~mirage_env.geometry.unproject` of (V, h, w) float32 depth with (V, 4, 4) float32 poses into
+    ``points`` (V * h * w, 3) float32, in torch's order: ``(u - cx) / fx * z`` with u the pixel centre, then
+    the rotation as torch's small-``bmm`` loop, ``((0 + r0 * x) + r1 * y) + r2 * z``, plus the translation."""
+    fx, fy, cx, cy = intrinsics[0], intrinsics[1], intrinsics[2], intrinsics[3]
+    views, h, w = depth.shape
+    half = np.float32(0.5)
+    n = 0
+    for v in range(views):
+        for i in range(h):
+            for j in range(w):
+                z = depth[v, i, j]
+                x = (np.float32(j) + half - cx) / fx * z
+                y = (np.float32(i) + half - cy) / fy * z
+                for r in range(3):
+                    acc = np.float32(0.0)
+                    acc += c2w[v, r, 0] * x
+                    acc += c2w[v, r, 1] * y
+                    acc += c2w[v, r, 2] * z
+                    points[n, r] = acc + c2w[v, r, 3]
+                n += 1
