@@ -18,6 +18,8 @@ import math
 
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
+
 
 def dct_basis(size: int, keep: int) -> torch.Tensor:
     """(size*size, keep*keep) orthonormal 2-D DCT-II basis vectors of the lowest frequencies."""
@@ -60,9 +62,13 @@ class PatchDCTCodec:
         self._check(height, width)
         f, h, w = self.factor, height // self.factor, width // self.factor
         patches = images.reshape(-1, 3, h, f, w, f).permute(0, 1, 2, 4, 3, 5).reshape(-1, 3, h, w, f * f)
+        return self.encode_patches(patches).reshape(*lead, self.channels, h, w)
+
+    def encode_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """(N, 3, h, w, f*f) images cut into patches (row-major within a patch) -> (N, C, h, w) latents."""
+        n, _, h, w, _ = patches.shape
         coefficients = patches @ self.basis  # (N, 3, h, w, keep*keep)
-        latents = coefficients.permute(0, 1, 4, 2, 3).reshape(*lead, self.channels, h, w)
-        return latents
+        return coefficients.permute(0, 1, 4, 2, 3).reshape(n, self.channels, h, w)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """(..., C, h, w) latents -> (..., 3, H, W) images clamped to [0, 1]."""
@@ -77,5 +83,29 @@ class PatchDCTCodec:
 
     def decode_uint8(self, latents: torch.Tensor) -> torch.Tensor:
         """(..., C, h, w) latents -> (..., H, W, 3) uint8 frames."""
+        if latents.dtype == torch.float32 and kernels_enabled(latents.device):
+            frames = self._compiled_decode_uint8(latents)
+            if frames is not None:
+                return frames
         images = self.decode(latents)
         return (images * 255.0 + 0.5).to(torch.uint8).movedim(-3, -1)
+
+    def _compiled_decode_uint8(self, latents: torch.Tensor) -> torch.Tensor | None:
+        """``decode_uint8`` with the product in torch and the pixel shuffle and quantisation by
+        :mod:`.codec_kernels` (None: the kernel could not be built)."""
+        *lead, channels, h, w = latents.shape
+        if channels != self.channels:
+            raise ValueError(f"latents have {channels} channels, this codec makes {self.channels}")
+        try:
+            from . import codec_kernels
+        except Exception as error:  # numba missing or broken
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        coefficients = latents.reshape(-1, 3, self.keep * self.keep, h, w).permute(0, 1, 3, 4, 2)
+        patches = (coefficients @ self.basis.T).contiguous()  # (N, 3, h, w, f*f), as decode computes it
+        try:
+            frames = codec_kernels.frames_from_patches(patches.numpy(), self.factor, torch.get_num_threads() > 1)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        return torch.from_numpy(frames).reshape(*lead, h * self.factor, w * self.factor, 3)

@@ -172,9 +172,12 @@ class ProceduralWorldModel:
         blocked = inside(end) < np.minimum(inside(start), clearance)
         # Objects: footprints in x and z, where they stand in the next frame (the moving crate moves).
         on_device = torch.as_tensor(index, device=self.device)
-        box_lo, box_hi = self._object_boxes(on_device, self.time[on_device][:, None])
-        box_lo = box_lo[:, 0][..., [0, 2]].cpu().numpy().astype(np.float64)  # (N, K, 2)
-        box_hi = box_hi[:, 0][..., [0, 2]].cpu().numpy().astype(np.float64)
+        if self.device.type == "cpu":
+            box_lo, box_hi = self._object_boxes_on_host(on_device, self.time[on_device][:, None])
+        else:
+            box_lo, box_hi = (b.cpu().numpy() for b in self._object_boxes(on_device, self.time[on_device][:, None]))
+        box_lo = box_lo[:, 0][..., [0, 2]].astype(np.float64)  # (N, K, 2)
+        box_hi = box_hi[:, 0][..., [0, 2]].astype(np.float64)
         a, b = start[:, None, [0, 2]], end[:, None, [0, 2]]  # (N, 1, 2)
         near_start = _point_box_distance(a, box_lo, box_hi)
         along = _segment_box_distance(a, b, box_lo, box_hi)
@@ -214,7 +217,7 @@ class ProceduralWorldModel:
         poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
-        if not torch.isfinite(poses).all():
+        if not np.isfinite(poses.detach().cpu().numpy()).all():
             raise ValueError("poses contain NaN or inf; camera-to-world poses must be finite")
         if len(generators) != poses.shape[0]:
             raise ValueError(f"need one generator per world: {len(generators)} for {poses.shape[0]} worlds")
@@ -300,50 +303,62 @@ class ProceduralWorldModel:
             latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
             centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
         offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
+        moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
 
         # Always draw, so every world consumes its generator the same way whatever it sees.
         fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
-        continuing = self.in_view[index]
-        memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
-        if memory is not None:
-            memory_latents, memory_mask, memory_depth = memory
-            # Memory that contradicts the geometry in view (a crate that has since moved, a
-            # sample from an oblique view of another part of the surface) is not shown: an
-            # ideal model resolves such conflicts in favour of what is there now.
-            agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
-            memory_used = memory_mask.to(self.device) & agrees
-        # Surfaces memory shows somewhere in view keep the look memory recorded for them.
-        shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
-        recalled = shown.reshape(batch, surfaces) & ~continuing
-        appearance = torch.where(continuing[..., None], self.appearance[index],
-                                 torch.where(recalled[..., None], self.committed[index], fresh))
-        self.appearance[index] = appearance
+        kept = self._compiled_bookkeeping(index, frames_per_view, surface, centre_surface, latent_depth, memory,
+                                          fresh) if compiled is not None else None
+        if kept is not None:
+            memory_used, moving = kept
+            appearance = None  # updated in place; gathered below only if the torch shading runs
+        else:
+            continuing = self.in_view[index]
+            memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
+            if memory is not None:
+                memory_latents, memory_mask, memory_depth = memory
+                # Memory that contradicts the geometry in view (a crate that has since moved, a
+                # sample from an oblique view of another part of the surface) is not shown: an
+                # ideal model resolves such conflicts in favour of what is there now.
+                agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
+                memory_used = memory_mask.to(self.device) & agrees
+            # Surfaces memory shows somewhere in view keep the look memory recorded for them.
+            shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+            shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
+            recalled = shown.reshape(batch, surfaces) & ~continuing
+            appearance = torch.where(continuing[..., None], self.appearance[index],
+                                     torch.where(recalled[..., None], self.committed[index], fresh))
+            self.appearance[index] = appearance
 
-        images = None
+        patches = None
         if compiled is not None:
-            images = self._compiled_shade(directions, origin, depth, surface, face_axis, appearance, fog_arg)
-        if images is None:
+            patches = self._compiled_shade(directions, origin, depth, surface, face_axis, index, fog_arg)
+        if patches is not None:
+            latents = self.codec.encode_patches(patches).reshape(batch, frames, -1, h, w)
+        else:
+            appearance = self.appearance[index] if appearance is None else appearance
             images = self._shade(directions, origin, depth, surface, face_axis, appearance)
             images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
-        latents = self.codec.encode(images)  # (B, T, C, h, w)
+            latents = self.codec.encode(images)  # (B, T, C, h, w)
         if memory is not None:
-            latents = torch.where(memory_used[:, :, None], memory_latents.to(self.device), latents)
+            latents = torch.where(memory_used[:, :, None], memory[0].to(self.device), latents)
 
         surface = surface.reshape(batch, frames, height, width)
-        in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        # Every view's last frame is context for the next segment, not only the last view's.
-        last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
-        in_view[(last_of_each_view + offsets).reshape(-1)] = True
-        self.in_view[index] = in_view.reshape(batch, surfaces)
-        # What this segment shows goes to memory (the World writes every segment) with its current look.
-        seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
-        self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance, self.committed[index])
+        if kept is None:
+            in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+            # Every view's last frame is context for the next segment, not only the last view's.
+            last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
+            in_view[(last_of_each_view + offsets).reshape(-1)] = True
+            self.in_view[index] = in_view.reshape(batch, surfaces)
+            # What this segment shows goes to memory (the World writes every segment) with its current look.
+            seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+            seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
+            self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance,
+                                                self.committed[index])
+            moving = (surface >= moving_surface) & (surface < moving_surface + FACES)
+            moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
         self.time[index] += frames_per_view
 
-        moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
-        moving = (surface >= moving_surface) & (surface < moving_surface + FACES)
         return Segment(
             latents=latents,
             depth=latent_depth,
@@ -351,7 +366,7 @@ class ProceduralWorldModel:
             image_depth=depth.reshape(batch, frames, height, width),
             frames=self.codec.decode_uint8(latents),
             info={
-                "moving": moving.reshape(batch, frames, h, f, w, f).any(5).any(3),
+                "moving": moving,
                 "sky": torch.isinf(latent_depth),
                 "memory_used": memory_used,
             },
@@ -377,14 +392,14 @@ class ProceduralWorldModel:
         rotation = np.ascontiguousarray(poses32[:, :3, :3])
         origin = np.ascontiguousarray(poses32[:, :3, 3])
         of_view = index.numpy().repeat(frames)
-        box_lo, box_hi = self._object_boxes(index, time)
+        box_lo, box_hi = self._object_boxes_on_host(index, time)
         parallel = torch.get_num_threads() > 1
         rays = self._rays.numpy()
         camera, f = self.camera, self.codec.factor
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             depth, surface, face_axis, directions = kernels.cast(
                 rays, rotation, origin, self.room_lo.numpy()[of_view], self.room_hi.numpy()[of_view],
-                box_lo.numpy().reshape(views, -1, 3), box_hi.numpy().reshape(views, -1, 3), self.scene == "outdoor",
+                box_lo.reshape(views, -1, 3), box_hi.reshape(views, -1, 3), self.scene == "outdoor",
                 self._surface_count() - 1, camera, parallel)
             latent_depth, centre_surface, fog_arg = kernels.latent_grid(depth, surface, camera.width, camera.height,
                                                                         f, parallel)
@@ -396,24 +411,51 @@ class ProceduralWorldModel:
         return (grid(depth, pixels), grid(surface, pixels), grid(face_axis, pixels), grid(directions, pixels, 3),
                 grid(origin, 1, 3), grid(latent_depth, h, w), grid(centre_surface, h, w), grid(fog_arg, pixels))
 
-    def _compiled_shade(self, directions, origin, depth, surface, face_axis, appearance, fog_arg):
+    def _compiled_bookkeeping(self, index, frames_per_view, surface, centre_surface, latent_depth, memory, fresh):
+        """The per-surface bookkeeping by the compiled kernel: memory_used and moving (B, T, h, w), the model's
+        appearance, committed and in_view updated in place (None: the kernel could not be built; nothing changed)."""
+        from . import procedural_kernels as kernels
+        batch, frames, h, w = latent_depth.shape
+        memory_used = np.empty((batch, frames, h, w), np.bool_)
+        moving = np.empty((batch, frames, h, w), np.bool_)
+        if memory is None:
+            mask, memory_depth = memory_used, latent_depth.numpy()  # not read: use_memory is False
+        else:
+            mask = memory[1].to(self.device, torch.bool).contiguous().numpy()
+            memory_depth = memory[2].to(self.device, torch.float32).contiguous().numpy()
+        try:
+            kernels.bookkeeping(
+                index.numpy(), frames_per_view, surface.numpy(), centre_surface.numpy(), latent_depth.numpy(), mask,
+                memory_depth, memory is not None, np.float32(self.memory_depth_tolerance), fresh.numpy(),
+                self.appearance.numpy(), self.committed.numpy(), self.in_view.numpy(),
+                FACES + (NUM_OBJECTS - 1) * FACES, self.codec.factor, self.camera.width, memory_used, moving)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        return torch.from_numpy(memory_used), torch.from_numpy(moving)
+
+    def _compiled_shade(self, directions, origin, depth, surface, face_axis, index, fog_arg):
         """``_shade`` by the compiled kernel; the fog's exp stays torch's, whose rounding the kernel cannot match."""
         from . import procedural_kernels as kernels
         batch, frames, pixels = depth.shape
         views = batch * frames
         fog = torch.exp(fog_arg).numpy().reshape(views, pixels)
-        world = np.arange(batch).repeat(frames)
+        world = index.numpy().repeat(frames)
+        f = self.codec.factor
+        # torch's allocator, not numpy's: the codec's matrix product reads this buffer, and a BLAS may
+        # round differently with differently aligned memory.
+        patches = torch.empty(views, 3, self.camera.height // f, self.camera.width // f, f * f)
         try:
-            images = kernels.shade(
+            kernels.shade(
                 world, directions.numpy().reshape(views, pixels, 3), origin.numpy().reshape(views, 3),
                 depth.numpy().reshape(views, pixels), surface.numpy().reshape(views, pixels),
-                face_axis.numpy().reshape(views, pixels), appearance.contiguous().numpy(), fog,
+                face_axis.numpy().reshape(views, pixels), self.appearance.numpy(), fog,
                 self._ray_length.numpy(), self.scene == "outdoor", self._surface_count() - 1,
-                self.camera.width, self.camera.height, torch.get_num_threads() > 1)
+                self.camera.width, self.camera.height, f, torch.get_num_threads() > 1, patches.numpy())
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        return torch.from_numpy(images).reshape(batch, frames, 3, self.camera.height, self.camera.width)
+        return patches
 
     def _cast(self, poses, index, time):
         """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins.
@@ -518,6 +560,21 @@ class ProceduralWorldModel:
         which = torch.where(which == boxes, torch.zeros_like(which), which)
         shape = (batch, frames, pixels)
         return object_depth.reshape(shape), which.reshape(shape), object_axis.reshape(shape)
+
+    def _object_boxes_on_host(self, index, time) -> tuple[np.ndarray, np.ndarray]:
+        """``_object_boxes`` as numpy arrays (CPU): the same numbers, a few torch ops fewer.
+
+        The crate's shift stays a torch computation: torch's ``sin`` (vectorised or not by
+        position in the tensor) and numpy's need not round alike.
+        """
+        amplitude, speed, phase = self.motion[index].unbind(-1)
+        shift = (amplitude[:, None] * torch.sin(speed[:, None] * time.float() + phase[:, None])).numpy()
+        rows = index.numpy()
+        lo = np.repeat(self.box_lo.numpy()[rows][:, None], time.shape[1], axis=1)
+        hi = np.repeat(self.box_hi.numpy()[rows][:, None], time.shape[1], axis=1)
+        lo[:, :, -1, 0] += shift
+        hi[:, :, -1, 0] += shift
+        return lo, hi
 
     def _object_boxes(self, index, time):
         lo = self.box_lo[index][:, None].expand(-1, time.shape[1], -1, -1).clone()

@@ -18,6 +18,8 @@ from __future__ import annotations
 import numpy as np
 from numba import njit, prange
 
+from ..memory.lift_kernels import kth_smallest
+
 _F = np.float32
 _TINY = _F(1e-9)
 _ONE = _F(1.0)
@@ -176,8 +178,7 @@ def _latent_view(v, depth, surface, width, factor, latent_depth, centre_surface,
                 for b in range(factor):
                     patch[n] = depth[v, (i * factor + a) * width + j * factor + b]
                     n += 1
-            patch.sort()
-            latent_depth[v, i, j] = patch[(factor * factor) // 2]
+            latent_depth[v, i, j] = kth_smallest(patch, (factor * factor) // 2)
             centre_surface[v, i, j] = surface[v, (i * factor + factor // 2) * width + j * factor + factor // 2]
     for p in range(depth.shape[1]):
         d = depth[v, p]
@@ -210,7 +211,7 @@ def latent_grid(depth, surface, width, height, factor, parallel):
 
 @njit(cache=True)
 def _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id,
-                width, height, image):
+                width, factor, image):
     o0, o1, o2 = origin[v, 0], origin[v, 1], origin[v, 2]
     b = world[v]
     zero, one = np.float32(0.0), np.float32(1.0)
@@ -265,31 +266,101 @@ def _shade_view(v, world, directions, origin, depth, surface, face_axis, appeara
                 top = top0 if c == 0 else (top1 if c == 1 else top2)
                 hor = hor0 if c == 0 else (hor1 if c == 1 else hor2)
                 colour = hor + (top - hor) * elevation
-            image[v, c, row, column] = min(max(colour, zero), one)
+            image[v, c, row // factor, column // factor, (row % factor) * factor + column % factor] = \
+                min(max(colour, zero), one)
 
 
 @njit(cache=True)
 def _shade_serial(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id,
-                  width, height, image):
+                  width, factor, image):
     for v in range(depth.shape[0]):
         _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
-                    sky_id, width, height, image)
+                    sky_id, width, factor, image)
 
 
 @njit(cache=True, parallel=True)
 def _shade_parallel(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
-                    sky_id, width, height, image):
+                    sky_id, width, factor, image):
     for v in prange(depth.shape[0]):
         _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
-                    sky_id, width, height, image)
+                    sky_id, width, factor, image)
 
 
 def shade(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id, width,
-          height, parallel):
-    """Images (V, 3, H, W) float32 in [0, 1]; ``world`` (V,) is each view's row of ``appearance`` (B, S, 6)."""
+          height, factor, parallel, image):
+    """Images as codec patches into ``image`` (V, 3, H/f, W/f, f*f) float32, in [0, 1] (what
+    ``PatchDCTCodec.encode_patches`` takes, so the codec copies no pixels); ``world`` (V,) is each
+    view's row of ``appearance`` (W, S, 6)."""
     views = depth.shape[0]
-    image = np.empty((views, 3, height, width), np.float32)
     kernel = _shade_parallel if parallel and views > 1 else _shade_serial
     kernel(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id, width,
-           height, image)
+           factor, image)
     return image
+
+
+@njit(cache=True)
+def bookkeeping(index, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                use_memory, tolerance, fresh, appearance, committed, in_view, moving_first, factor, width,
+                memory_used, moving):
+    """The per-surface bookkeeping of ``ProceduralWorldModel._generate`` around the shading, in place.
+
+    Args:
+        index: (B,) world of each batch item (distinct).
+        surface: (B, T, P) int64 surface of every ray; centre_surface, latent_depth (B, T, h, w).
+        memory_mask, memory_depth: (B, T, h, w) the projected memory (read only when ``use_memory``).
+        tolerance: float32 relative depth within which memory agrees with the geometry.
+        fresh: (B, S, 6) float32 looks drawn for this segment.
+        appearance, committed: (W, S, 6) float32; in_view (W, S) bool: the model's per-world state.
+        moving_first: first surface of the moving crate (it has 6).
+
+    Fills ``memory_used`` (B, T, h, w) (memory agrees with the geometry there) and ``moving``
+    (B, T, h, w) (a latent pixel shows the moving crate anywhere in its patch); updates
+    ``appearance``, ``committed`` and ``in_view`` of the worlds in ``index`` as the torch path does.
+    """
+    batch, frames, h, w = latent_depth.shape
+    surfaces = fresh.shape[1]
+    shown = np.zeros(surfaces, np.bool_)
+    seen = np.zeros(surfaces, np.bool_)
+    last = np.zeros(surfaces, np.bool_)
+    for b in range(batch):
+        world = index[b]
+        shown[:] = False
+        for t in range(frames):
+            for i in range(h):
+                for j in range(w):
+                    used = False
+                    if use_memory and memory_mask[b, t, i, j]:
+                        d = latent_depth[b, t, i, j]
+                        used = abs(memory_depth[b, t, i, j] - d) <= tolerance * d
+                    memory_used[b, t, i, j] = used
+                    if used:
+                        shown[centre_surface[b, t, i, j]] = True
+        # Surfaces still in view keep their look; surfaces memory shows keep the look it recorded.
+        for s in range(surfaces):
+            if in_view[world, s]:
+                continue
+            for c in range(6):
+                appearance[world, s, c] = committed[world, s, c] if shown[s] else fresh[b, s, c]
+        seen[:] = False
+        last[:] = False
+        for t in range(frames):
+            is_last = (t % frames_per_view) == frames_per_view - 1
+            for p in range(surface.shape[2]):
+                s = surface[b, t, p]
+                seen[s] = True
+                if is_last:
+                    last[s] = True
+            for i in range(h):
+                for j in range(w):
+                    hit = False
+                    for a in range(factor):
+                        for c in range(factor):
+                            s = surface[b, t, (i * factor + a) * width + j * factor + c]
+                            if s >= moving_first and s < moving_first + 6:
+                                hit = True
+                    moving[b, t, i, j] = hit
+        for s in range(surfaces):
+            in_view[world, s] = last[s]
+            if seen[s]:
+                for c in range(6):
+                    committed[world, s, c] = appearance[world, s, c]
