@@ -17,7 +17,8 @@ import torch
 from gymnasium import spaces
 
 from .actions import check_actions
-from .geometry import MotionConfig, Move, apply_moves, apply_velocities, interpolate_rigs, poses_from_rigs
+from .geometry import (MotionConfig, Move, apply_checked_moves, apply_checked_velocities, interpolate_rigs,
+                       poses_from_rigs)
 from .memory import FORMAT_VERSION
 from .memory.fileformat import StateCheck
 from .world import World, WorldStep, load_model_state
@@ -220,9 +221,9 @@ class AgentBatch:
         actions = check_actions(actions, self.action_type, self.num_agents, labels)
         before = self.rigs
         if self.action_type == "discrete":
-            after = apply_moves(before, actions, self.motion)
+            after = apply_checked_moves(before, actions, self.motion)
         else:
-            after = apply_velocities(before, actions, self.motion)
+            after = apply_checked_velocities(before, actions, self.motion)
         blocked = self._blocked(before, after, actions)
         after[blocked, :3] = before[blocked, :3]
         self._check_range(after, labels)
@@ -328,7 +329,7 @@ class AgentBatch:
 
     def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
         entries = self.world.memory.entries_per_world().numpy()
-        memory_bytes = self.world.memory.stats(bounds=False)["bytes"]
+        memory_bytes = self.world.memory.nbytes()
         infos = []
         for i, agent in enumerate(agents):
             info = {

@@ -99,13 +99,24 @@ def check_pose(c2w: torch.Tensor | np.ndarray, name: str = "pose") -> torch.Tens
     c2w = torch.as_tensor(c2w)
     if c2w.shape[-2:] != (4, 4):
         raise ValueError(f"{name} must have shape (..., 4, 4), got {tuple(c2w.shape)}")
-    if not torch.isfinite(c2w).all():
+    if c2w.device.type == "cpu" and c2w.dtype in (torch.float32, torch.float64) and not c2w.requires_grad:
+        # The same checks in numpy: on a few poses its per-call cost is far below torch's.
+        array = c2w.numpy()
+        finite = bool(np.isfinite(array).all())
+        rigid = finite and bool((np.abs(array[..., 3, :] - _LAST_ROW) <= 1e-5 + 1e-5 * _LAST_ROW).all())
+    else:
+        finite = bool(torch.isfinite(c2w).all())
+        bottom = c2w[..., 3, :].to(torch.float64)
+        expected = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=bottom.device)
+        rigid = finite and torch.allclose(bottom, expected.expand_as(bottom), atol=1e-5)
+    if not finite:
         raise ValueError(f"{name} contains NaN or inf; poses must be finite camera-to-world matrices")
-    bottom = c2w[..., 3, :].to(torch.float64)
-    expected = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=torch.float64, device=bottom.device)
-    if not torch.allclose(bottom, expected.expand_as(bottom), atol=1e-5):
+    if not rigid:
         raise ValueError(f"{name} must be a rigid 4x4 transform with last row [0, 0, 0, 1]")
     return c2w
+
+
+_LAST_ROW = np.array([0.0, 0.0, 0.0, 1.0])
 
 
 def invert_pose(c2w: torch.Tensor) -> torch.Tensor:
@@ -357,7 +368,13 @@ def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = Moti
     from .actions import check_actions
 
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
-    moves = check_actions(moves, "discrete", len(rigs), "rig")
+    return apply_checked_moves(rigs, check_actions(moves, "discrete", len(rigs), "rig"), motion)
+
+
+def apply_checked_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig) -> np.ndarray:
+    """``apply_moves`` for moves that :func:`~mirage_env.actions.check_actions` returned (int64 (N,)), on
+    (N, 6) float64 rigs; returns new rigs (an env checks its actions once, not once per use)."""
+    rigs = np.array(rigs, dtype=np.float64)
     yaw = rigs[:, 3]
     forward, right = _ground_axes(yaw)
     along = (moves == Move.FORWARD).astype(float) - (moves == Move.BACKWARD)
@@ -376,7 +393,13 @@ def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionCon
     from .actions import check_actions
 
     rigs = np.array(rigs, dtype=np.float64).reshape(-1, 6)
-    velocities = check_actions(velocities, "continuous", len(rigs), "rig")
+    return apply_checked_velocities(rigs, check_actions(velocities, "continuous", len(rigs), "rig"), motion)
+
+
+def apply_checked_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionConfig) -> np.ndarray:
+    """``apply_velocities`` for velocities that :func:`~mirage_env.actions.check_actions` returned
+    (float64 (N, 6)), on (N, 6) float64 rigs; returns new rigs."""
+    rigs = np.array(rigs, dtype=np.float64)
     yaw = rigs[:, 3]
     forward, right = _ground_axes(yaw)
     up = np.array([0.0, -1.0, 0.0])

@@ -21,6 +21,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 
 from .backends.base import Segment, SegmentRequest, WorldModel
@@ -259,12 +260,13 @@ class World:
             raise ValueError(f"poses must have shape ({batch}, T, 4, 4), got {tuple(poses.shape)}")
         if views < 1 or poses.shape[1] % views:
             raise ValueError(f"{poses.shape[1]} frames cannot be split among views={views} cameras per world")
-        if not torch.isfinite(poses).all():
+        array = poses.detach().cpu().numpy()  # host poses: numpy checks a few of them for less than torch
+        if not np.isfinite(array).all():
             raise ValueError("poses contain NaN or inf; every camera-to-world pose must be finite")
         limit = self.position_limit
-        outside = (poses[..., :3, 3].abs() >= limit).flatten(1).any(1)
+        outside = (np.abs(array[..., :3, 3]) >= limit).reshape(array.shape[0], -1).any(1)
         if outside.any():
-            raise ValueError(f"poses of world(s) {torch.nonzero(outside).flatten().tolist()} put a camera {limit:g} m or "
+            raise ValueError(f"poses of world(s) {np.flatnonzero(outside).tolist()} put a camera {limit:g} m or "
                              f"more from the first camera on some axis, outside the world's range; nothing was changed")
         return poses
 

@@ -234,3 +234,21 @@ def test_train_builds_monitored_vec_envs_for_tasks_with_and_without_success(kind
     _, _, dones, infos = venv.step(np.zeros(2, dtype=np.int64))
     assert dones.all() and all(info["episode"]["l"] == 2 for info in infos)
     assert all(("success" in info["episode"]) == (task == "pointnav") for info in infos)
+
+
+def test_infos_built_a_key_at_a_time_are_what_gymnasium_builds_an_entry_at_a_time():
+    from mirage_env.vector import _batched_infos
+
+    envs = MirageVectorEnv(3, image_size=32)
+    infos = [{"memory_entries": 5 * i, "memory_hit": 0.25 * i, "collided": i == 1, "coverage": np.int64(i)}
+             for i in range(3)]
+    expected: dict = {}
+    for i, info in enumerate(infos):
+        expected = envs._add_info(expected, info, i)
+    batched = _batched_infos(infos)
+    assert list(batched) == list(expected)
+    for key in expected:
+        assert batched[key].dtype == expected[key].dtype
+        np.testing.assert_array_equal(batched[key], expected[key])
+    assert _batched_infos([{"a": 1}, {"b": 2}, {"a": 3}]) is None  # different keys: gymnasium's loop
+    assert _batched_infos([{"a": {"nested": 1}}] * 3) is None
