@@ -206,10 +206,16 @@ class MirageParallelEnv(Persistent, ParallelEnv):
         self.agents = [a for a in self.agents if self._live[self._index[a]]]
         return result
 
-    def render(self) -> np.ndarray | None:
+    def render(self, mode: str | None = None) -> np.ndarray | None:
         """All agents' last frames side by side, (H, n_agents * W, 3) uint8 (``render_mode="rgb_array"``),
         followed by the state map when ``render_map=True``. ``render_mode="human"`` shows that image in a
-        window and returns None."""
+        window and returns None.
+
+        ``mode`` is for wrappers that pass one (RLlib's ``ParallelPettingZooEnv`` passes its own
+        ``render_mode``): None or this env's ``render_mode``, which is what decides."""
+        if mode is not None and mode != self.render_mode:
+            raise ValueError(f"render({mode!r}) asks for another mode than this env's render_mode "
+                             f"{self.render_mode!r}; make the env with render_mode={mode!r}")
         if self.render_mode is None:
             return None
         image = np.concatenate(list(self.batch.last_frames), axis=1)

@@ -2,14 +2,15 @@
 
 ``make_model(name, ...)`` builds one by name; ``build_model(config)`` rebuilds one
 from the ``config()`` it saved (used when a World is loaded). Heavy backends
-import lazily, so the procedural default never imports diffusers.
+import lazily, so the procedural default never imports diffusers. ``"remote"`` is a
+client of a model served elsewhere (``remote.py``; ``checkpoint`` names the served model).
 """
 
 from __future__ import annotations
 
 from .base import LatentSpec, Segment, SegmentRequest, WorldModel
 
-BACKENDS = ("procedural", "wan")
+BACKENDS = ("procedural", "wan", "remote")
 
 
 def size_multiple(name: str, checkpoint=None, **options) -> int:
@@ -20,6 +21,10 @@ def size_multiple(name: str, checkpoint=None, **options) -> int:
     """
     if name == "procedural":
         return int(options.get("spatial_factor", 8))
+    if name == "remote" and checkpoint is not None:
+        from .remote import RemoteWorldModel
+
+        return RemoteWorldModel(checkpoint).size_multiple
     if name == "wan" and checkpoint is not None:
         import json
 
@@ -36,7 +41,8 @@ def size_multiple(name: str, checkpoint=None, **options) -> int:
 
 
 def make_model(name: str = "procedural", image_size=64, checkpoint=None, **options) -> WorldModel:
-    """A world model by name: "procedural" (default, CPU) or "wan" (needs ``checkpoint``)."""
+    """A world model by name: "procedural" (default, CPU), "wan" (needs ``checkpoint``) or
+    "remote" (``checkpoint`` names a served model, see ``remote.py``)."""
     size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
     if name == "procedural":
         from .procedural import ProceduralWorldModel
@@ -50,6 +56,16 @@ def make_model(name: str = "procedural", image_size=64, checkpoint=None, **optio
         if checkpoint is None:
             raise ValueError("backend='wan' needs checkpoint=DIR, a local Wan2.2 directory in diffusers format")
         return WanWorldModel(checkpoint, image_size=size, **options)
+    if name == "remote":
+        from .remote import RemoteWorldModel
+
+        if checkpoint is None:
+            raise ValueError("backend='remote' needs checkpoint=NAME, the name a world model is served under "
+                             "(mirage_env.backends.model_server.serve_world_model)")
+        if options:
+            raise ValueError(f"backend='remote' takes no backend options ({sorted(options)}): the served model's "
+                             f"settings are fixed where it is served")
+        return RemoteWorldModel(checkpoint, image_size=size)
     raise ValueError(f"unknown backend {name!r}; available: {BACKENDS}")
 
 
@@ -64,6 +80,10 @@ def build_model(config: dict) -> WorldModel:
         from .wan import WanWorldModel
 
         return WanWorldModel.from_config(config)
+    if name == "remote":
+        from .remote import RemoteWorldModel
+
+        return RemoteWorldModel.from_config(config)
     raise ValueError(f"cannot rebuild a world model named {name!r}; pass model= explicitly")
 
 
