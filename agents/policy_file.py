@@ -29,13 +29,15 @@ from typing import Any
 import numpy as np
 from gymnasium import spaces
 
-__all__ = ["PolicyFileError", "save_policy", "load_policy_file", "policy_paths", "space_to_json", "space_from_json",
+__all__ = ["PolicyFileError", "save_policy", "save_network_policy", "load_policy_file", "policy_paths", "space_to_json", "space_from_json",
            "FORMAT", "VERSION"]
 
 FORMAT = "mirage-env-policy"
 VERSION = 1
 # Policy classes a file may name; nothing else is ever instantiated.
 _POLICY_CLASSES = ("MultiInputPolicy", "CnnPolicy", "MlpPolicy")
+# The network RLlib training saves (mirage_env.agents.network), loaded without Ray.
+_NETWORK_CLASS = "DictActorCritic"
 _ALGOS = ("ppo",)
 # A generous bound: the policies here are a few MB; a larger file is not ours.
 _MAX_WEIGHT_BYTES = 1 << 30
@@ -135,6 +137,22 @@ def _is_int(value) -> bool:
 
 def save_policy(model, path: str | os.PathLike, env_options: dict, policy_kwargs: dict) -> tuple[Path, Path]:
     """Write ``model.policy`` as NAME.safetensors + NAME.json (atomically, each file whole or absent)."""
+    return _save(model.policy, path, {
+        "algo": "ppo", "policy_class": "MultiInputPolicy", "policy_kwargs": policy_kwargs,
+        "observation_space": space_to_json(model.observation_space), "action_space": space_to_json(model.action_space),
+        "env": env_options})
+
+
+def save_network_policy(network, path: str | os.PathLike, env_options: dict, engine: str = "rllib") -> tuple[Path, Path]:
+    """Write a :class:`~mirage_env.agents.network.DictActorCritic` (RLlib training) in the same two files, so
+    ``mirage-env evaluate --policy NAME`` runs it without Ray."""
+    return _save(network, path, {
+        "algo": "ppo", "engine": engine, "policy_class": _NETWORK_CLASS, "policy_kwargs": network.constructor_arguments(),
+        "observation_space": space_to_json(network.observation_space),
+        "action_space": space_to_json(network.action_space), "env": env_options})
+
+
+def _save(module, path: str | os.PathLike, fields: dict) -> tuple[Path, Path]:
     from safetensors.torch import save_model
 
     weights, spec = policy_paths(path)
@@ -142,17 +160,12 @@ def save_policy(model, path: str | os.PathLike, env_options: dict, policy_kwargs
     tmp = weights.with_name(f".{weights.name}.{os.getpid()}.tmp")
     try:
         # save_model stores a tensor shared by several names (SB3's shared feature extractor) once.
-        save_model(model.policy, str(tmp))
+        save_model(module, str(tmp))
         digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
         os.replace(tmp, weights)
     finally:
         tmp.unlink(missing_ok=True)
-    document = {
-        "format": FORMAT, "version": VERSION, "algo": "ppo", "policy_class": "MultiInputPolicy",
-        "policy_kwargs": policy_kwargs, "observation_space": space_to_json(model.observation_space),
-        "action_space": space_to_json(model.action_space), "env": env_options,
-        "weights": {"file": weights.name, "sha256": digest},
-    }
+    document = {"format": FORMAT, "version": VERSION, **fields, "weights": {"file": weights.name, "sha256": digest}}
     tmp = spec.with_name(f".{spec.name}.{os.getpid()}.tmp")
     try:
         tmp.write_text(json.dumps(document, indent=2) + "\n")
@@ -160,6 +173,35 @@ def save_policy(model, path: str | os.PathLike, env_options: dict, policy_kwargs
     finally:
         tmp.unlink(missing_ok=True)
     return weights, spec
+
+
+def _network_kwargs(data: Any) -> dict:
+    """DictActorCritic's arguments, each checked (a file names sizes, never code)."""
+    from .network import NETWORK_DEFAULTS
+
+    if not isinstance(data, dict):
+        raise PolicyFileError("policy_kwargs must be an object")
+    unknown = sorted(set(data) - set(NETWORK_DEFAULTS))
+    if unknown:
+        raise PolicyFileError(f"policy_kwargs has fields {_NETWORK_CLASS} does not take: {unknown}")
+    out = {}
+    for name in ("cnn_channels", "hiddens"):
+        if name in data:
+            widths = data[name]
+            if not isinstance(widths, list) or len(widths) > 16 or not all(_is_int(w) and 0 < w <= 1 << 14 for w in widths):
+                raise PolicyFileError(f"policy_kwargs.{name} must be a short list of layer widths, got {widths!r}")
+            out[name] = [int(w) for w in widths]
+    for name in ("cnn_dim", "vector_dim"):
+        if name in data:
+            if not _is_int(data[name]) or not 0 < data[name] <= 1 << 14:
+                raise PolicyFileError(f"policy_kwargs.{name} must be a width, got {data[name]!r}")
+            out[name] = int(data[name])
+    if "clip" in data:
+        clip = data["clip"]
+        if isinstance(clip, bool) or not isinstance(clip, numbers.Real) or not 0 < clip < math.inf:
+            raise PolicyFileError(f"policy_kwargs.clip must be a positive number, got {clip!r}")
+        out["clip"] = float(clip)
+    return out
 
 
 def _policy_kwargs(data: Any) -> dict:
@@ -196,8 +238,9 @@ def _shared_aliases(policy) -> set[str]:
 def load_policy_file(path: str | os.PathLike):
     """(policy, env options) from NAME.safetensors + NAME.json; never unpickles.
 
-    The policy is an SB3 ``BasePolicy`` on the CPU in eval mode: ``policy.predict(obs,
-    deterministic=True)`` as a model's ``predict``.
+    The policy is an SB3 ``BasePolicy`` (or, for a policy RLlib trained, a
+    :class:`~mirage_env.agents.network.DictActorCritic`) on the CPU in eval mode:
+    ``policy.predict(obs, deterministic=True)`` as a model's ``predict``.
     """
     import torch
     from safetensors import SafetensorError
@@ -219,9 +262,11 @@ def load_policy_file(path: str | os.PathLike):
     if document.get("algo") not in _ALGOS:
         raise PolicyFileError(f"{spec}: algo must be one of {_ALGOS}, got {document.get('algo')!r}")
     policy_class = document.get("policy_class")
-    if policy_class not in _POLICY_CLASSES:
-        raise PolicyFileError(f"{spec}: policy_class must be one of {_POLICY_CLASSES}, got {policy_class!r}")
-    kwargs = _policy_kwargs(document.get("policy_kwargs", {}))
+    if policy_class not in (*_POLICY_CLASSES, _NETWORK_CLASS):
+        raise PolicyFileError(f"{spec}: policy_class must be one of {(*_POLICY_CLASSES, _NETWORK_CLASS)}, "
+                              f"got {policy_class!r}")
+    network = policy_class == _NETWORK_CLASS
+    kwargs = (_network_kwargs if network else _policy_kwargs)(document.get("policy_kwargs", {}))
     observation_space = space_from_json(document.get("observation_space"), "observation_space")
     action_space = space_from_json(document.get("action_space"), "action_space")
     env_options = document.get("env")
@@ -242,12 +287,17 @@ def load_policy_file(path: str | os.PathLike):
     bad = [name for name, t in tensors.items() if t.is_floating_point() and not torch.isfinite(t).all()]
     if bad:
         raise PolicyFileError(f"{weights} holds NaN or inf in {bad[:3]}")
-    cls = {"MultiInputPolicy": MultiInputActorCriticPolicy, "CnnPolicy": ActorCriticCnnPolicy,
-           "MlpPolicy": ActorCriticPolicy}[policy_class]
     try:
-        policy = cls(observation_space, action_space, lr_schedule=lambda _: 0.0, **kwargs)
+        if network:
+            from .network import DictActorCritic
+
+            policy = DictActorCritic(observation_space, action_space, **kwargs)
+        else:
+            cls = {"MultiInputPolicy": MultiInputActorCriticPolicy, "CnnPolicy": ActorCriticCnnPolicy,
+                   "MlpPolicy": ActorCriticPolicy}[policy_class]
+            policy = cls(observation_space, action_space, lr_schedule=lambda _: 0.0, **kwargs)
     except (AssertionError, ValueError, KeyError) as error:
-        raise PolicyFileError(f"{spec}: SB3 cannot build {policy_class} for these spaces: {error}") from None
+        raise PolicyFileError(f"{spec}: cannot build {policy_class} for these spaces: {error}") from None
     try:
         # Every tensor of the network must be in the file with its shape (names that share
         # storage were saved once, under one of them).

@@ -2,6 +2,8 @@
 
     mirage-env train --task pointnav --algo ppo --timesteps 50000 --num-envs 4 --out pointnav --json out.json
 
+``--engine rllib`` trains the same task with RLlib's PPO on Ray instead (``rllib_train``).
+
 Reads top to bottom: arguments -> vectorised envs -> PPO on the Dict
 observation (``MultiInputPolicy``: a CNN on ``rgb``, the vectors concatenated)
 -> learn under a progress bar -> save (``NAME.safetensors`` weights + ``NAME.json``
@@ -31,9 +33,23 @@ ALGOS = ("ppo",)
 VEC_KINDS = ("native", "auto", "dummy", "subproc")
 
 
+ENGINES = ("sb3", "rllib")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default="pointnav", help="pointnav | returnhome | explore")
     parser.add_argument("--algo", default="ppo", choices=ALGOS)
+    parser.add_argument("--engine", default="sb3", choices=ENGINES,
+                        help="sb3: Stable-Baselines3 in this process; rllib: RLlib PPO on Ray with env runners "
+                             "(pip install -e '.[ray]'; see --num-env-runners, --address)")
+    parser.add_argument("--num-env-runners", type=non_negative_int, default=2,
+                        help="rllib: Ray actors collecting samples, one CPU each (0: in this process); --num-envs "
+                             "envs each")
+    parser.add_argument("--address", default=None,
+                        help="rllib: join this Ray cluster (e.g. auto, or HEAD_IP:6379); default: start a local "
+                             "Ray for the run")
+    parser.add_argument("--ray-cpus", type=positive_int, default=None,
+                        help="rllib: CPUs of the local Ray started for the run (default: all)")
     parser.add_argument("--timesteps", type=positive_int, default=50_000)
     parser.add_argument("--num-envs", type=positive_int, default=4)
     parser.add_argument("--vec", default="native", choices=VEC_KINDS,
@@ -138,6 +154,10 @@ def _sides(image_size) -> tuple[int, int]:
 
 
 def main(args) -> dict:
+    if getattr(args, "engine", "sb3") == "rllib":
+        from .rllib_train import main as rllib_main
+
+        return rllib_main(args)
     with torch_threads(args.threads):
         return _main(args)
 

@@ -1,4 +1,4 @@
-"""The ``mirage-env`` command line: rollout | eval | bench | train | evaluate | import-branch."""
+"""The ``mirage-env`` command line: rollout | eval | bench | train | evaluate | serve | import-branch."""
 
 from __future__ import annotations
 
@@ -243,7 +243,8 @@ def _add_optional_commands(commands) -> None:
     for module_name, command, help_text in (
         ("mirage_env.baselines.memory_bench", "bench", "benchmarks: bench memory (latent vs colour memory)"),
         ("mirage_env.dataset", "dataset", "posed-video datasets from the procedural world: dataset export"),
-        ("mirage_env.agents.train", "train", "train an agent with Stable-Baselines3"),
+        ("mirage_env.agents.train", "train", "train an agent with Stable-Baselines3 (or --engine rllib)"),
+        ("mirage_env.backends.model_server", "serve", "serve a world model to backend=remote envs from a Ray actor"),
         ("mirage_env.agents.evaluate", "evaluate", "evaluate a policy over K episodes"),
     ):
         try:
