@@ -190,3 +190,24 @@ def test_the_kernels_world_to_camera_poses_are_torchs():
     c2w[:100, :3, 3] = 0.0  # zero translations: signed zeros must match too
     expected = invert_pose(torch.from_numpy(c2w)).to(torch.float32).numpy()
     np.testing.assert_array_equal(world_to_camera(c2w).view(np.int32), expected.view(np.int32))
+
+
+@pytest.mark.parametrize("scene", ["indoor", "outdoor"])
+def test_the_collision_kernel_blocks_exactly_the_moves_the_numpy_code_blocks(monkeypatch, scene):
+    from mirage_env.backends.procedural import ProceduralWorldModel
+
+    model = ProceduralWorldModel(image_size=(16, 16), scene=scene)
+    model.start(torch.eye(4, dtype=torch.float64).expand(4, 1, 4, 4), [torch.Generator().manual_seed(s) for s in range(4)])
+    rng = np.random.default_rng(2)
+    n = 4000
+    worlds = rng.integers(0, 4, n)
+    start = rng.uniform(-6, 6, (n, 3)) * [1, 0.3, 1]
+    step = rng.normal(0, 0.3, (n, 3)) * (rng.random((n, 1)) > 0.1)  # a tenth stand still
+    step[rng.random(n) < 0.2, 0] = 0.0  # moves along one axis only: a slab test's degenerate case
+    end = start + step
+    answers = {}
+    for kernels in (True, False):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        answers[kernels] = model.blocked(torch.from_numpy(worlds), start, end, 0.3).numpy()
+    np.testing.assert_array_equal(answers[True], answers[False])
+    assert 0.05 < answers[True].mean() < 0.95  # both kinds of answer are exercised

@@ -168,8 +168,6 @@ class ProceduralWorldModel:
         # its nearest face is concave along a straight path, so its least value is at an end.
         room_lo = self.room_lo.cpu().numpy()[index].astype(np.float64)
         room_hi = self.room_hi.cpu().numpy()[index].astype(np.float64)
-        inside = lambda p: np.minimum(p - room_lo, room_hi - p).min(-1)  # noqa: E731
-        blocked = inside(end) < np.minimum(inside(start), clearance)
         # Objects: footprints in x and z, where they stand in the next frame (the moving crate moves).
         on_device = torch.as_tensor(index, device=self.device)
         if self.device.type == "cpu":
@@ -178,11 +176,31 @@ class ProceduralWorldModel:
             box_lo, box_hi = (b.cpu().numpy() for b in self._object_boxes(on_device, self.time[on_device][:, None]))
         box_lo = box_lo[:, 0][..., [0, 2]].astype(np.float64)  # (N, K, 2)
         box_hi = box_hi[:, 0][..., [0, 2]].astype(np.float64)
+        if kernels_enabled("cpu"):
+            blocked = self._compiled_blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance)
+            if blocked is not None:
+                return blocked
+        inside = lambda p: np.minimum(p - room_lo, room_hi - p).min(-1)  # noqa: E731
+        blocked = inside(end) < np.minimum(inside(start), clearance)
         a, b = start[:, None, [0, 2]], end[:, None, [0, 2]]  # (N, 1, 2)
         near_start = _point_box_distance(a, box_lo, box_hi)
         along = _segment_box_distance(a, b, box_lo, box_hi)
         blocked |= (along < np.minimum(near_start, clearance)).any(-1)
         return torch.from_numpy(blocked)
+
+    @staticmethod
+    def _compiled_blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance) -> torch.Tensor | None:
+        """``blocked``'s distances by the compiled kernel, the numpy code's float64 order (None: it could not be built)."""
+        try:
+            from . import procedural_kernels as kernels
+
+            out = np.empty(start.shape[0], np.bool_)
+            kernels.blocked(room_lo, room_hi, np.ascontiguousarray(box_lo), np.ascontiguousarray(box_hi),
+                            np.ascontiguousarray(start), np.ascontiguousarray(end), float(clearance), out)
+        except Exception as error:  # numba missing or broken
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        return torch.from_numpy(out)
 
     def config(self) -> dict[str, Any]:
         return {
@@ -292,9 +310,13 @@ class ProceduralWorldModel:
         height, width, f = self.camera.height, self.camera.width, self.codec.factor
         h, w, surfaces = height // f, width // f, self._surface_count()
         index = torch.tensor(worlds, device=self.device)
-        # The views of a world are simultaneous: frame j of every view is at the same instant.
-        time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
-        compiled = self._compiled_cast(poses, index, time) if kernels_enabled(self.device) else None
+        compiled = None
+        if kernels_enabled(self.device):  # the same numbers, in numpy: a few torch ops fewer
+            time = torch.from_numpy(self.time.numpy()[worlds][:, None] + np.arange(frames) % frames_per_view)
+            compiled = self._compiled_cast(poses, index, time)
+        else:
+            # The views of a world are simultaneous: frame j of every view is at the same instant.
+            time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
         if compiled is not None:
             depth, surface, face_axis, directions, origin, latent_depth, centre_surface, fog_arg = compiled
         else:
@@ -302,7 +324,6 @@ class ProceduralWorldModel:
             patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
             latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
             centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
-        offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
         moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
 
         # Always draw, so every world consumes its generator the same way whatever it sees.
@@ -313,6 +334,7 @@ class ProceduralWorldModel:
             memory_used, moving = kept
             appearance = None  # updated in place; gathered below only if the torch shading runs
         else:
+            offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
             continuing = self.in_view[index]
             memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
             if memory is not None:
@@ -357,7 +379,10 @@ class ProceduralWorldModel:
                                                 self.committed[index])
             moving = (surface >= moving_surface) & (surface < moving_surface + FACES)
             moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
-        self.time[index] += frames_per_view
+        if kept is not None:
+            self.time.numpy()[worlds] += frames_per_view
+        else:
+            self.time[index] += frames_per_view
 
         return Segment(
             latents=latents,
@@ -567,9 +592,10 @@ class ProceduralWorldModel:
         The crate's shift stays a torch computation: torch's ``sin`` (vectorised or not by
         position in the tensor) and numpy's need not round alike.
         """
-        amplitude, speed, phase = self.motion[index].unbind(-1)
-        shift = (amplitude[:, None] * torch.sin(speed[:, None] * time.float() + phase[:, None])).numpy()
         rows = index.numpy()
+        motion = self.motion.numpy()[rows]  # amplitude, angular speed, phase
+        angle = motion[:, 1:2] * time.numpy().astype(np.float32) + motion[:, 2:3]
+        shift = motion[:, 0:1] * torch.sin(torch.from_numpy(angle)).numpy()
         lo = np.repeat(self.box_lo.numpy()[rows][:, None], time.shape[1], axis=1)
         hi = np.repeat(self.box_hi.numpy()[rows][:, None], time.shape[1], axis=1)
         lo[:, :, -1, 0] += shift

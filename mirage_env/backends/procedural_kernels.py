@@ -364,3 +364,60 @@ def bookkeeping(index, frames_per_view, surface, centre_surface, latent_depth, m
             if seen[s]:
                 for c in range(6):
                     committed[world, s, c] = appearance[world, s, c]
+
+
+@njit(cache=True, inline="always")
+def _point_box(a0, a1, lo0, lo1, hi0, hi1):
+    # ``_point_box_distance``: the norm of the per-axis excess, summed as numpy's norm sums two squares.
+    e0 = max(max(lo0 - a0, a0 - hi0), 0.0)
+    e1 = max(max(lo1 - a1, a1 - hi1), 0.0)
+    return np.sqrt(e0 * e0 + e1 * e1)
+
+
+@njit(cache=True)
+def _segment_box(a0, a1, b0, b1, lo0, lo1, hi0, hi1):
+    # ``_segment_box_distance`` for one segment and one rectangle, in its float64 order.
+    d0, d1 = b0 - a0, b1 - a1
+    enter, leave = -np.inf, np.inf
+    for axis in range(2):
+        a, d, lo, hi = (a0, d0, lo0, hi0) if axis == 0 else (a1, d1, lo1, hi1)
+        if abs(d) < 1e-12:
+            within = a >= lo and a <= hi
+            enter = max(enter, -np.inf if within else np.inf)
+            leave = min(leave, np.inf if within else -np.inf)
+        else:
+            t1, t2 = (lo - a) / d, (hi - a) / d
+            enter = max(enter, min(t1, t2))
+            leave = min(leave, max(t1, t2))
+    if max(enter, 0.0) <= min(leave, 1.0):
+        return 0.0
+    distance = min(_point_box(a0, a1, lo0, lo1, hi0, hi1), _point_box(b0, b1, lo0, lo1, hi0, hi1))
+    length2 = d0 * d0 + d1 * d1
+    divisor = length2 if length2 > 0 else 1.0
+    for corner in range(4):
+        c0 = lo0 if corner in (0, 2) else hi0
+        c1 = lo1 if corner in (0, 3) else hi1
+        t = ((c0 - a0) * d0 + (c1 - a1) * d1) / divisor
+        t = min(max(t, 0.0), 1.0)
+        n0, n1 = c0 - (a0 + t * d0), c1 - (a1 + t * d1)
+        distance = min(distance, np.sqrt(n0 * n0 + n1 * n1))
+    return distance
+
+
+@njit(cache=True)
+def blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance, out):
+    """``ProceduralWorldModel.blocked``'s distances for N cameras: room (N, 3), object footprints in x and z
+    (N, K, 2), start and end (N, 3), all float64, in the numpy code's order; True into ``out`` where blocked."""
+    for n in range(start.shape[0]):
+        inside_start, inside_end = np.inf, np.inf
+        for a in range(3):
+            inside_start = min(inside_start, min(start[n, a] - room_lo[n, a], room_hi[n, a] - start[n, a]))
+            inside_end = min(inside_end, min(end[n, a] - room_lo[n, a], room_hi[n, a] - end[n, a]))
+        hit = inside_end < min(inside_start, clearance)
+        a0, a1, b0, b1 = start[n, 0], start[n, 2], end[n, 0], end[n, 2]
+        for k in range(box_lo.shape[1]):
+            lo0, lo1, hi0, hi1 = box_lo[n, k, 0], box_lo[n, k, 1], box_hi[n, k, 0], box_hi[n, k, 1]
+            near_start = _point_box(a0, a1, lo0, lo1, hi0, hi1)
+            if _segment_box(a0, a1, b0, b1, lo0, lo1, hi0, hi1) < min(near_start, clearance):
+                hit = True
+        out[n] = hit
