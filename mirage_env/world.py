@@ -207,9 +207,12 @@ class World:
                 f"with temporal factor {self.model.latent.temporal_factor} a segment decodes to {expected} "
                 f"(1 + factor x (T - 1)), so frames could not be matched to poses"
             )
+        indices = self.model.latent.frame_indices(latent_frames)
+        # Without temporal compression every frame is a pose's frame: the same tensor, not a copy of it.
+        pose_frames = frames if indices == list(range(frames.shape[1])) else frames[:, indices]
         return WorldStep(
             frames=frames,
-            pose_frames=frames[:, self.model.latent.frame_indices(latent_frames)],
+            pose_frames=pose_frames,
             latents=segment.latents,
             depth=segment.depth,
             poses=segment.poses,
