@@ -65,8 +65,10 @@ def test_a_served_world_gives_the_local_worlds_frames_rewards_and_infos_bit_for_
     for i, (a, b) in enumerate(zip(local.trace, remote.trace)):
         for part_a, part_b in zip(a, b):
             assert_same(part_a, part_b, f"step {i}")
-    # The collision checks ran on the served model's geometry, not a depth fallback.
+    # The collision checks ran on the served model's geometry (rebuilt beside the client from its
+    # config and the client's rows), not on a depth fallback, and needed no call to the server.
     assert "blocked" in vars(remote.world.model)
+    assert served.server.stats["blocked"]["model_calls"] == 0
     assert served.server.stats["generate"]["model_calls"] == 40
 
 
@@ -147,7 +149,9 @@ def test_calls_of_different_clients_batched_together_give_each_client_its_own_wo
     transport = PairingTransport(server, clients=2)
     from mirage_env.world import World
 
-    clients = [MirageEnv(image_size=SIZE, task="explore", world=World(RemoteWorldModel(transport))) for _ in range(2)]
+    # Collisions answered by the server too (local_geometry=False), so those calls are batched as well.
+    clients = [MirageEnv(image_size=SIZE, task="explore",
+                         world=World(RemoteWorldModel(transport, local_geometry=False))) for _ in range(2)]
     twins = [MirageEnv(image_size=SIZE, task="explore") for _ in range(2)]
     actions = [1, 5, 1, 1, 6, 2, 1, 7, 1, 1]  # the same moves: both clients make the same kinds of calls in step
     frames: list[list] = [[], []]
@@ -168,6 +172,8 @@ def test_calls_of_different_clients_batched_together_give_each_client_its_own_wo
     assert server.stats["generate"] == {"model_calls": len(actions), "requests": 2 * len(actions),
                                         "worlds": 2 * len(actions)}
     assert server.stats["start"]["requests"] == 2 * server.stats["start"]["model_calls"]
+    moves = sum(a in (1, 2) for a in actions)  # translations: the steps that ask about collisions
+    assert server.stats["blocked"] == {"model_calls": moves, "requests": 2 * moves, "worlds": 2 * moves}
 
 
 class Recorder:

@@ -54,6 +54,56 @@ SERVER_NAMESPACE = "mirage_env"
 #: Optional model attributes the World and the envs read (see backends/base.py), mirrored by the client.
 OPTIONAL_ATTRIBUTES = ("suggested_voxel_size", "context_frames", "latent_frames", "frames_per_segment")
 KINDS = ("start", "generate", "blocked", "decode")
+#: Served models whose collision geometry the client rebuilds from their config and its own state rows
+#: (cheap: the procedural model's boxes, no rendering), so ``blocked`` needs no call to the server.
+LOCAL_GEOMETRY = ("procedural",)
+
+
+class _Packed:
+    """A torch tensor on the wire, as a numpy array: pickling numpy is ~25x faster than pickling
+    torch tensors (2.7 ms against 0.11 ms for one 64x64 generate call, measured), and a call is
+    pickled twice and its reply twice per step."""
+
+    __slots__ = ("array",)
+
+    def __init__(self, array):
+        self.array = array
+
+    def __getstate__(self):
+        return self.array
+
+    def __setstate__(self, array):
+        self.array = array
+
+
+def _pack(value):
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu()
+        if tensor.dtype in (torch.bfloat16, torch.float16) or tensor.is_quantized:
+            return tensor  # no numpy twin (float16 has one, but keep every dtype exact and simple)
+        return _Packed(tensor.numpy())
+    if isinstance(value, Segment):
+        return ("__segment__", {name: _pack(getattr(value, name)) for name in _SEGMENT_FIELDS})
+    if isinstance(value, dict):
+        return {k: _pack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_pack(v) for v in value]
+    return value
+
+
+def _unpack(value):
+    if isinstance(value, _Packed):
+        return torch.from_numpy(value.array)
+    if isinstance(value, tuple) and len(value) == 2 and value[0] == "__segment__":
+        return Segment(**{name: _unpack(v) for name, v in value[1].items()})
+    if isinstance(value, dict):
+        return {k: _unpack(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_unpack(v) for v in value]
+    return value
+
+
+_SEGMENT_FIELDS = ("latents", "depth", "poses", "image_depth", "keep", "frames", "info")
 
 
 @dataclass
@@ -74,6 +124,12 @@ class ModelCall:
     state: dict[str, torch.Tensor] = field(default_factory=dict)
     rng: list[torch.Tensor] = field(default_factory=list)
     inputs: dict[str, Any] = field(default_factory=dict)
+
+    def __getstate__(self):
+        return _pack(dict(vars(self)))
+
+    def __setstate__(self, state):
+        vars(self).update(_unpack(state))
 
     def group_key(self) -> tuple:
         """Calls with equal keys can run as one batched model call."""
@@ -98,6 +154,12 @@ class ModelReply:
     state: dict[str, torch.Tensor]
     rng: list[torch.Tensor]
     output: Any
+
+    def __getstate__(self):
+        return _pack(dict(vars(self)))
+
+    def __setstate__(self, state):
+        vars(self).update(_unpack(state))
 
 
 class LocalTransport:
@@ -197,6 +259,9 @@ class RemoteWorldModel:
             transport (:class:`LocalTransport`, :class:`RayTransport`).
         image_size: (height, width) the env will ask for; must be what the served model makes.
         namespace: Ray namespace of a server given by name.
+        local_geometry: answer collision queries here when the served model's geometry is a cheap
+            function of the state rows the client holds (:data:`LOCAL_GEOMETRY`: the procedural
+            model's boxes), saving a round trip per step; otherwise (or False) the server answers.
 
     The client holds the model's per-world state (``state_dict``: saved with the world)
     and sends it, with each world's generator state, in every call; the optional
@@ -206,7 +271,8 @@ class RemoteWorldModel:
 
     name = "remote"
 
-    def __init__(self, server, image_size: int | tuple[int, int] | None = None, namespace: str = SERVER_NAMESPACE):
+    def __init__(self, server, image_size: int | tuple[int, int] | None = None, namespace: str = SERVER_NAMESPACE,
+                 local_geometry: bool = True):
         self.server_name = server if isinstance(server, str) else getattr(server, "name", None)
         self.namespace = namespace
         self.transport = connect(server, namespace) if isinstance(server, str) else server
@@ -223,9 +289,14 @@ class RemoteWorldModel:
                                  f"image_size=({self.camera.height}, {self.camera.width}) or serve another model")
         for attribute, value in info["attributes"].items():
             setattr(self, attribute, value)
+        self._geometry = None
         if info["knows_geometry"]:
             # An instance attribute: the envs look for ``blocked`` with getattr (KnowsGeometry).
             self.blocked = self._blocked
+            if local_geometry and self.served.get("name") in LOCAL_GEOMETRY:
+                from . import build_model
+
+                self._geometry = build_model(self.served)
         self._template = {k: v[:0].clone() for k, v in info["empty_state"].items()}
         self._rows = {k: v.clone() for k, v in self._template.items()}
 
@@ -273,6 +344,9 @@ class RemoteWorldModel:
         rows = self._count()
         if worlds.numel() and (int(worlds.min()) < 0 or int(worlds.max()) >= rows):
             raise ValueError(f"worlds {worlds.tolist()} include one that was never started ({rows} started)")
+        if self._geometry is not None:
+            self._geometry.load_state_dict(self._rows)
+            return self._geometry.blocked(worlds, start, end, clearance)
         call = ModelCall("blocked", rows, self._rows_of(range(rows)), inputs={
             "worlds": worlds, "start": torch.as_tensor(start, dtype=torch.float64).reshape(-1, 3),
             "end": torch.as_tensor(end, dtype=torch.float64).reshape(-1, 3), "clearance": float(clearance)})
