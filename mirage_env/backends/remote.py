@@ -93,7 +93,9 @@ def _pack(value):
 
 def _unpack(value):
     if isinstance(value, _Packed):
-        return torch.from_numpy(value.array)
+        # Ray hands over arrays read-only (zero-copy from its object store); a tensor is writable.
+        array = value.array
+        return torch.from_numpy(array if array.flags.writeable else array.copy())
     if isinstance(value, tuple) and len(value) == 2 and value[0] == "__segment__":
         return Segment(**{name: _unpack(v) for name, v in value[1].items()})
     if isinstance(value, dict):
