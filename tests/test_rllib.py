@@ -137,6 +137,23 @@ def test_a_world_served_by_a_ray_actor_is_bit_identical_to_a_local_one_across_sa
         ray.kill(handle)
 
 
+def test_a_client_finds_a_restarted_server_by_name_and_its_world_goes_on_unchanged():
+    from mirage_env.backends.model_server import serve_world_model
+
+    handle = serve_world_model("rooms-restart", image_size=SIZE, num_cpus=0)
+    options = {"task": "explore", "image_size": SIZE}
+    remote, local = MirageEnv(backend="remote", checkpoint="rooms-restart", **options), MirageEnv(**options)
+    remote.reset(seed=8), local.reset(seed=8)
+    moves = [1, 5, 1, 1, 6, 1]
+    np.testing.assert_array_equal(play(remote, moves[:3]), play(local, moves[:3]))
+    ray.kill(handle)
+    handle = serve_world_model("rooms-restart", image_size=SIZE, num_cpus=0)  # nothing of the worlds was in it
+    try:
+        np.testing.assert_array_equal(play(remote, moves[3:]), play(local, moves[3:]))
+    finally:
+        ray.kill(handle)
+
+
 def test_env_runners_share_one_served_model_and_the_cli_trains_saves_and_evaluates(tmp_path):
     from mirage_env.backends.model_server import serve_world_model, server_stats
     from mirage_env.cli import main
