@@ -209,6 +209,13 @@ def latent_grid(depth, surface, width, height, factor, parallel):
     return latent_depth, centre_surface, fog_arg
 
 
+@njit(cache=True, inline="always")
+def _mod2(x):
+    # ``x % 2`` of a whole float32 (below 2**24 in size, as surface coordinates times a pattern scale are):
+    # every step is exact, so it is the remainder torch and Python give, without a call to fmod.
+    return x - np.float32(2.0) * np.floor(x * np.float32(0.5))
+
+
 @njit(cache=True)
 def _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id,
                 width, factor, image):
@@ -236,12 +243,12 @@ def _shade_view(v, world, directions, origin, depth, surface, face_axis, appeara
         kind = int(appearance[b, s, 4] * np.float32(4.0))
         su, sv = u * scale, w * scale
         if kind == 1:
-            pattern = (np.floor(su) + np.floor(sv)) % np.float32(2.0)
+            pattern = _mod2(np.floor(su) + np.floor(sv))
         elif kind == 2:
-            pattern = np.floor(su + sv) % np.float32(2.0)
+            pattern = _mod2(np.floor(su + sv))
         elif kind == 3:
             fv = sv - np.trunc(sv)
-            shifted = su + np.float32(0.5) * (np.floor(sv) % np.float32(2.0))
+            shifted = su + np.float32(0.5) * _mod2(np.floor(sv))
             fu = shifted - np.trunc(shifted)
             pattern = zero if (fv < np.float32(0.12) or fu < np.float32(0.08)) else one
         else:
