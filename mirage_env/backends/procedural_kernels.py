@@ -84,7 +84,12 @@ def _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outd
             to_lo[k, a] = box_lo[v, k, a] - origin[v, a]
             to_hi[k, a] = box_hi[v, k, a] - origin[v, a]
 
+    p_row, p_column = 0, -1  # of pixel p, kept by counters (no integer division per ray)
     for p in range(rays.shape[0]):
+        p_column += 1
+        if p_column == width:
+            p_column = 0
+            p_row += 1
         x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
         d0 = _rotate(r, x, y, z, 0)
         d1 = _rotate(r, x, y, z, 1)
@@ -107,8 +112,8 @@ def _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outd
             t = np.float32(np.inf)
             s = sky_id
         # Objects: nearest slab hit among boxes whose screen rectangle holds the pixel centre.
-        column = np.float32(p % width) + np.float32(0.5)
-        row = np.float32(p // width) + np.float32(0.5)
+        column = np.float32(p_column) + np.float32(0.5)
+        row = np.float32(p_row) + np.float32(0.5)
         best = np.float32(np.inf)
         best_k = -1
         best_axis = 0
@@ -230,7 +235,21 @@ def _shade_view(v, world, directions, origin, depth, surface, face_axis, appeara
         hor0 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 3]
         hor1 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 4]
         hor2 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 5]
+    # Pixel p = row * width + column, in row-major order; its place in the codec patches is kept by
+    # counters (an integer division per pixel by a runtime width or factor costs more than the shading).
+    i_patch, a_in, j_patch, b_in, column = 0, 0, 0, -1, -1
     for p in range(depth.shape[1]):
+        column += 1
+        b_in += 1
+        if b_in == factor:
+            b_in = 0
+            j_patch += 1
+        if column == width:
+            column, b_in, j_patch = 0, 0, 0
+            a_in += 1
+            if a_in == factor:
+                a_in = 0
+                i_patch += 1
         s = surface[v, p]
         axis = face_axis[v, p]
         d = depth[v, p]
@@ -259,7 +278,6 @@ def _shade_view(v, world, directions, origin, depth, surface, face_axis, appeara
         lit = np.float32(0.45) + np.float32(0.55) * light[axis]
         f = fog[v, p]
         haze = np.float32(0.6) * (one - f)
-        row, column = p // width, p % width
         if outdoor and s == sky_id:
             elevation = -d1 / ray_length[p]
             elevation = min(max(elevation, -one), one)
@@ -273,8 +291,7 @@ def _shade_view(v, world, directions, origin, depth, surface, face_axis, appeara
                 top = top0 if c == 0 else (top1 if c == 1 else top2)
                 hor = hor0 if c == 0 else (hor1 if c == 1 else hor2)
                 colour = hor + (top - hor) * elevation
-            image[v, c, row // factor, column // factor, (row % factor) * factor + column % factor] = \
-                min(max(colour, zero), one)
+            image[v, c, i_patch, j_patch, a_in * factor + b_in] = min(max(colour, zero), one)
 
 
 @njit(cache=True)
