@@ -211,7 +211,9 @@ def train(config, iterations: int | None = None, timesteps: int | None = None, m
             if bar is not None:
                 bar.n = min(steps, timesteps) if timesteps else len(results)
                 stats = learner_stats(result)
-                bar.set_postfix(loss=f"{stats.get('total_loss', float('nan')):.3f}", refresh=True)
+                episodes = result.get("env_runners", {})
+                bar.set_postfix(loss=f"{stats.get('total_loss', float('nan')):.3f}",
+                                ret=f"{episodes.get('episode_return_mean', float('nan')):.2f}", refresh=True)
             if iterations is not None and len(results) >= iterations:
                 break
             if timesteps is not None and steps >= timesteps:
