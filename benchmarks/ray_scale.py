@@ -6,7 +6,7 @@ Needs the ray extra (``pip install -e ".[ray]"``, its own venv). Two tables:
 
 1. **Env runners.** Aggregate env steps/s that RLlib's env runners sample (PPO's
    RLModule choosing the actions, as in training; no learning) with 1 and 2 runners,
-   one CPU each, on a local Ray of ``--cpus`` CPUs.
+   one CPU each, on a local Ray of ``--cpus`` CPUs, in alternating rounds.
 2. **The model server.** ``--clients`` client worlds (1, 4, 16), each a MirageEnv in
    its own Ray actor with ``backend="remote"``, step against ONE served procedural
    model; the server counts how many client requests each ``generate`` call
@@ -25,28 +25,43 @@ import time
 from mirage_env.benchreport import header, write_json
 
 
-def runner_throughput(runners: int, args) -> dict:
-    """Env steps/s sampled by ``runners`` env runners in parallel (after a warm-up round)."""
+def runner_throughput(counts: list[int], args) -> list[dict]:
+    """Env steps/s sampled by 1..N env runners in parallel, the counts measured in alternating rounds.
+
+    One algorithm with ``max(counts)`` runners; "n runners" samples on the first n of them.
+    Alternating the counts round by round on the same processes keeps a change in the
+    machine's load (other jobs) from favouring one count.
+    """
     from mirage_env.rllib import ppo_config
 
     config = ppo_config({"task": "pointnav", "image_size": args.image_size, "max_episode_steps": 50},
-                        num_env_runners=runners, seed=0, train_batch_size=256, minibatch_size=64)
+                        num_env_runners=max(counts), seed=0, train_batch_size=256, minibatch_size=64)
     algo = config.build_algo()
     group = algo.env_runner_group
+    ids = group.healthy_worker_ids()
 
     def sample(runner):
+        cpu = time.process_time()
         episodes = runner.sample(num_timesteps=args.steps_per_round, random_actions=False)
-        return sum(len(e) for e in episodes)
+        return sum(len(e) for e in episodes), time.process_time() - cpu
 
+    totals = {n: [0, 0.0, 0.0] for n in counts}
     try:
         group.foreach_env_runner(sample, local_env_runner=False)  # warm-up: envs built, kernels loaded
-        started, steps = time.perf_counter(), 0
         for _ in range(args.rounds):
-            steps += sum(group.foreach_env_runner(sample, local_env_runner=False))
-        seconds = time.perf_counter() - started
+            for n in counts:
+                started = time.perf_counter()
+                done = group.foreach_env_runner(sample, local_env_runner=False, remote_worker_ids=ids[:n])
+                totals[n][0] += sum(steps for steps, _ in done)
+                totals[n][1] += time.perf_counter() - started
+                totals[n][2] += sum(cpu for _, cpu in done)
     finally:
         algo.stop()
-    return {"env_runners": runners, "env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds}
+    # Steps per CPU-second of the runners: what each runner does with the CPU it gets, so it does not
+    # depend on how much of the machine other jobs take (wall steps/s does).
+    return [{"env_runners": n, "env_steps": steps, "seconds": seconds, "env_steps_per_s": steps / seconds,
+             "runner_cpu_seconds": cpu, "env_steps_per_runner_cpu_s": steps / cpu}
+            for n, (steps, seconds, cpu) in totals.items()]
 
 
 def server_batching(clients: int, args) -> dict:
@@ -119,13 +134,14 @@ def main() -> None:
     load_before = os.getloadavg()
     ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False)
     try:
-        runners = [runner_throughput(int(n), args) for n in args.runners.split(",") if n]
+        runners = runner_throughput([int(n) for n in args.runners.split(",") if n], args)
         print("RLlib env runners (PointNav, PPO RLModule acting, no learning):")
-        print("| env runners | env steps/s | vs 1 runner |")
-        print("|---|---|---|")
+        print("| env runners | env steps/s | vs 1 runner | steps per runner CPU-second |")
+        print("|---|---|---|---|")
         for row in runners:
             print(f"| {row['env_runners']} | {row['env_steps_per_s']:.0f} | "
-                  f"{row['env_steps_per_s'] / runners[0]['env_steps_per_s']:.2f}x |")
+                  f"{row['env_steps_per_s'] / runners[0]['env_steps_per_s']:.2f}x | "
+                  f"{row['env_steps_per_runner_cpu_s']:.0f} |")
         served = [server_batching(int(n), args) for n in args.clients.split(",") if n]
         print("\nOne served model, client worlds in their own actors (Explore, random actions):")
         print("| client worlds | requests per generate call | aggregate env steps/s | server busy |")
