@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 import gymnasium as gym
@@ -127,6 +128,9 @@ class MirageEnv(Persistent, gym.Env):
 
     def __init__(self, task=None, *, config: EnvConfig | None = None, world: World | None = None,
                  render_map: bool = False, **options):
+        if isinstance(task, Mapping):
+            # RLlib builds an env class as cls(env_config): a mapping is options, never a task.
+            options, task = {**task, **options}, None
         self.config = EnvConfig.from_options({"task": task, **options} if task is not None else options, base=config)
         self.render_mode = self.config.render_mode
         self.render_map = check_render_map(render_map, self.render_mode)

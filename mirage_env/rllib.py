@@ -7,8 +7,8 @@ itself with these envs, and what this module does about it:
   fails on a uint8 image inside the env runner. :class:`MirageRLModule` runs a CNN on
   ``rgb`` (uint8, scaled inside the model) beside an MLP on the vector keys
   (``mirage_env.agents.network.DictActorCritic``); no flattening connector is needed.
-- RLlib builds an env as ``cls(env_config)``; :func:`make_env` and
-  :class:`RLlibMirageEnv` take ``env_config`` (the flat options of ``gym.make``).
+- RLlib builds an env as ``cls(env_config)``; ``MirageEnv`` itself and :func:`make_env`
+  take ``env_config`` (the flat options of ``gym.make``).
 - The multi-agent env goes through RLlib's ``ParallelPettingZooEnv``
   (:func:`make_multi_agent_env`), with one shared policy or one per agent.
 - A run whose env runners collect no steps raises :class:`NoEnvStepsError`, and env
@@ -36,7 +36,7 @@ except ImportError as _error:  # pragma: no cover - the extra is missing
 from .agents.network import NETWORK_DEFAULTS, DictActorCritic
 from .env import MirageEnv
 
-__all__ = ["ENV_NAME", "MULTI_AGENT_ENV_NAME", "MirageRLModule", "RLlibMirageEnv", "NoEnvStepsError", "make_env",
+__all__ = ["ENV_NAME", "MULTI_AGENT_ENV_NAME", "MirageRLModule", "NoEnvStepsError", "make_env",
            "make_multi_agent_env", "register_envs", "ppo_config", "train", "policy_network", "env_steps",
            "learner_stats"]
 
@@ -52,14 +52,6 @@ class NoEnvStepsError(RuntimeError):
 def make_env(env_config: Mapping[str, Any] | None = None) -> MirageEnv:
     """A ``MirageEnv`` from RLlib's ``env_config``: the flat options of ``gym.make`` (``task``, ``image_size``, ...)."""
     return MirageEnv(**dict(env_config or {}))
-
-
-class RLlibMirageEnv(MirageEnv):
-    """``MirageEnv`` that takes ``env_config`` as its first argument, as RLlib builds an env class
-    (``config.environment(RLlibMirageEnv, env_config={...})``)."""
-
-    def __init__(self, env_config: Mapping[str, Any] | None = None, **options):
-        super().__init__(**{**dict(env_config or {}), **options})
 
 
 def make_multi_agent_env(env_config: Mapping[str, Any] | None = None):

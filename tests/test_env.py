@@ -41,6 +41,16 @@ def test_spaces_and_observations():
     assert observation["pose"][2] == pytest.approx(0.25)
 
 
+def test_a_mapping_in_the_task_place_is_options_as_rllib_passes_env_config():
+    from mirage_env.env import MirageEnv
+
+    env = MirageEnv({"task": "pointnav", "image_size": 32}, max_episode_steps=7)
+    assert env.config.task == "pointnav" and env.observation_space["rgb"].shape == (32, 32, 3)
+    assert env.config.agent.max_episode_steps == 7
+    with pytest.raises(ValueError, match="image_size"):
+        MirageEnv({"imagesize": 32})
+
+
 def test_checkers_pass_through_gym_make():
     env = gym.make("Mirage/Explore-v0", max_episode_steps=20)
     check_env(env.unwrapped, skip_render_check=True)

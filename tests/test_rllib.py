@@ -20,7 +20,7 @@ pytestmark = pytest.mark.ray
 
 import mirage_env  # noqa: E402,F401  (registers the ids)
 from mirage_env.env import MirageEnv  # noqa: E402
-from mirage_env.rllib import (MirageRLModule, NoEnvStepsError, RLlibMirageEnv, env_steps,  # noqa: E402
+from mirage_env.rllib import (MirageRLModule, NoEnvStepsError, env_steps,  # noqa: E402
                               learner_stats, policy_network, ppo_config, train)
 
 SIZE = 32
@@ -66,7 +66,7 @@ def test_env_classes_uint8_images_and_dict_observations_work_directly():
     """The env class itself as RLlib's env, every observation key (depth holds inf for sky), no connector."""
     env_config = {"task": "returnhome", "image_size": SIZE, "max_episode_steps": 10,
                   "observations": ["rgb", "pose", "depth", "latent"], "backend_options": {"scene": "outdoor"}}
-    config = ppo_config(env_config, num_env_runners=0, seed=0, **TINY).environment(RLlibMirageEnv,
+    config = ppo_config(env_config, num_env_runners=0, seed=0, **TINY).environment(MirageEnv,
                                                                                    env_config=env_config)
     algo, results = train(config, iterations=1)
     try:
