@@ -147,7 +147,7 @@ class World:
         extra = {"views": views} if views != 1 else {}
         segment = self.model.start(poses, generators, conditioning, worlds=worlds, **extra)
         empty = self._empty_read(poses)
-        result = self._remember(segment, worlds, empty)
+        result = self._remember(segment, worlds, empty, views)
         self._set_tail(segment, worlds)
         self.started[worlds] = True
         self.segments_generated[worlds] = 1
@@ -161,23 +161,27 @@ class World:
         poses = self._check_poses(poses, self.num_worlds, views)
         worlds = list(range(self.num_worlds))
         read = self.memory.read(self.latent_camera, poses)
+        # Moving things join the conditioning only: the write filters below judge what moved
+        # against the static memory, so a wrongly predicted object never keeps a wall out of it.
+        shown = read if self.memory.objects is None else \
+            self.memory.objects.compose(read, self.latent_camera, poses, worlds, views)
         request = SegmentRequest(
             poses=poses,
-            memory_latents=read.latents,
-            memory_mask=read.mask,
-            memory_depth=read.depth,
+            memory_latents=shown.latents,
+            memory_mask=shown.mask,
+            memory_depth=shown.depth,
             generators=self.generators,
             previous=self._tail,
             use_memory=self.use_memory,
             views=views,
         )
         segment = self.model.generate(request)
-        result = self._remember(segment, worlds, read)
+        result = self._remember(segment, worlds, read, views)
         self._set_tail(segment, worlds)
         self.segments_generated += 1
         return result
 
-    def _remember(self, segment: Segment, worlds: list[int], read: MemoryRead) -> WorldStep:
+    def _remember(self, segment: Segment, worlds: list[int], read: MemoryRead, views: int = 1) -> WorldStep:
         before = self.memory.entries_per_world()
         keep = self.filters(FilterInputs(
             depth=segment.depth,
@@ -192,6 +196,9 @@ class World:
         # filters that doubt a pixel's depth at an edge do not make a still camera forget it).
         # Without a horizon ages are never used, so the lookup is skipped.
         seen = read.points if self.memory.horizon is not None else None
+        if self.memory.objects is not None:  # what the filters rejected as moving is the object layer's
+            self.memory.objects.observe(segment.latents, segment.depth, self.latent_camera, segment.poses, ~keep,
+                                        worlds, views, predicted_depth=read.depth)
         if self.write == "unseen":
             keep &= ~read.mask
         depth = segment.image_depth if segment.image_depth is not None else segment.depth

@@ -44,6 +44,7 @@ from .horizon import WriteClock, check_horizon
 from .index import BrickIndex
 from .keys import AXIS_OFFSET, EMPTY, WORLD_BITS, unpack, world_of
 from .merge import MERGE_POLICIES
+from .objects import object_layer_options
 from .pool import EntryPool
 
 FORMAT_NAME = "mirage_env.LatentSpatialMemory"
@@ -60,6 +61,7 @@ MAX_CHUNK_SIZE = 64
 MAX_WORLDS = (1 << WORLD_BITS) - 1
 FEATURE_DTYPES = ("float16", "bfloat16", "float32", "float64")
 INITIAL_BRICKS = 64  # what a new memory allocates (LatentSpatialMemory._allocate)
+OBJECTS_PREFIX = "objects."  # the object layer's tensors, within a memory's prefix (checked by the layer)
 
 ALTERED = "the file was altered or corrupted after saving: restore it from a copy or save it again"
 
@@ -402,7 +404,7 @@ def config_from_file(config: dict, version: int = FORMAT_VERSION, check: StateCh
     """
     check = check or StateCheck("saved memory")
     required = set(MEMORY_CONFIG_FIELDS) - ({"horizon"} if version < 4 else set())
-    check.fields(config, field, required, optional={"horizon"})
+    check.fields(config, field, required, optional={"horizon", "objects"})
     f = lambda name: f"{field}.{name}"  # noqa: E731
     kwargs = {
         "channels": check.integer(config["channels"], f("channels"), 1, MAX_CHANNELS),
@@ -422,6 +424,8 @@ def config_from_file(config: dict, version: int = FORMAT_VERSION, check: StateCh
         kwargs["horizon"] = check_horizon(config.get("horizon"), name=f("horizon"))
     except ValueError as error:
         check.fail(f("horizon"), f"is invalid ({error})")
+    # A file from before the object layer has no such field: it loads with the layer off.
+    kwargs["objects"] = object_layer_options(config.get("objects", False), check, f("objects")) or False
     return kwargs
 
 
@@ -497,7 +501,8 @@ def checked_memory_tensors(tensors: dict[str, torch.Tensor], prefix: str, versio
         if n(name) not in tensors:
             check.fail(n(name), f"is missing: the saved memory lacks tensor {name!r}, so the file is incomplete or "
                                 f"not a memory")
-    unknown = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in names)
+    unknown = sorted(k for k in tensors if k.startswith(prefix) and k[len(prefix):] not in names
+                     and not k.startswith(prefix + OBJECTS_PREFIX))
     if unknown:
         check.fail(unknown[0], "is not a tensor of a saved memory")
     entries = check.tensor(tensors, n("features"), config["feature_dtype"], (None, channels)).shape[0]

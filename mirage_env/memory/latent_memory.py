@@ -19,6 +19,7 @@ from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
+    OBJECTS_PREFIX,
     StateCheck,
     checked_memory_tensors,
     config_from_file,
@@ -32,6 +33,7 @@ from .index import BrickIndex, Released
 from .keys import AXIS_BITS, EMPTY, WORLD_BITS
 from .lift import lift_latent_depth
 from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
+from .objects import ObjectLayer, object_layer_options
 from .pool import EntryPool
 from .raster import prefer_at_pixels, project_to_pixels, zbuffer
 from .shapes import MemoryRead, as_batch, check_worlds, keep_mask, written_pixels
@@ -66,6 +68,8 @@ class LatentSpatialMemory:
             the memory's resolution; 0: plain z-buffer).
         horizon: K, read only what the last K writes of a world wrote or saw (an ablation:
             short-term memory only); None (default): full memory. See :mod:`mirage_env.memory.horizon`.
+        objects: keep moving things in an object layer beside the static index (True, the
+            default; a dict of options: see :mod:`mirage_env.memory.objects`); False: no layer.
         device: where every tensor lives.
     """
 
@@ -84,6 +88,7 @@ class LatentSpatialMemory:
         surface_tolerance: float = 0.05,
         revisit_radius: float | None = None,
         horizon: int | None = None,
+        objects: bool | dict = True,
         device: str | torch.device = "cpu",
     ):
         if channels <= 0:
@@ -118,6 +123,7 @@ class LatentSpatialMemory:
             raise ValueError(f"revisit_radius must be >= 0 (0 turns the preference off), got {revisit_radius}")
         self.horizon = check_horizon(horizon)
         self.device = torch.device(device)
+        self._object_options = object_layer_options(objects)
         self._allocate(bricks=64)
 
     def _allocate(self, bricks: int, entries: int | None = None) -> None:
@@ -128,6 +134,9 @@ class LatentSpatialMemory:
             entries = bricks * self.brick_size**3 // 4
         self._pool = EntryPool(self.channels, self.feature_dtype, self.num_worlds, self.device, capacity=entries)
         self._clock = WriteClock(self.num_worlds, self.device)
+        # The world loop feeds it (World._remember) and composes its reads (World.step).
+        self.objects = None if self._object_options is None else ObjectLayer(
+            self.channels, self.num_worlds, self.voxel_size, self.feature_dtype, self.device, **self._object_options)
 
     def _return_to_pool(self, released: Released | None) -> None:
         if released is not None:
@@ -336,6 +345,8 @@ class LatentSpatialMemory:
         of_world[worlds] = True
         self._return_to_pool(self._index.release(self._index.live_slots(of_world)))
         self._clock.ticks[worlds] = 0
+        if self.objects is not None:
+            self.objects.clear(worlds)
 
     # ------------------------------------------------------------------ read
 
@@ -442,13 +453,15 @@ class LatentSpatialMemory:
     # ------------------------------------------------------------------ inspection
 
     def nbytes(self) -> int:
-        """Bytes the memory holds: its entries, bricks, tables and clocks (``stats()["bytes"]``)."""
-        return self._pool.nbytes() + self._index.nbytes() + self._clock.nbytes()
+        """Bytes the memory holds: its entries, bricks, tables, clocks and object layer (``stats()["bytes"]``)."""
+        layer = self.objects.nbytes() if self.objects is not None else 0
+        return self._pool.nbytes() + self._index.nbytes() + self._clock.nbytes() + layer
 
     def stats(self, bounds: bool = True) -> dict:
         """Entries, bytes held, voxel size, horizon and (optionally, O(entries)) the bounds of what is stored."""
         entries = int(self._pool.entries_per_world.sum())
         bytes_held = self.nbytes()
+        layer = self.objects
         if bounds and entries:
             stored = self.stored_points()
             bounds = [stored.min(0).values.tolist(), stored.max(0).values.tolist()]
@@ -461,6 +474,8 @@ class LatentSpatialMemory:
             "voxel_size": self.voxel_size,
             "horizon": self.horizon,
             "bounds": bounds,
+            "objects": layer.count() if layer is not None else None,
+            "object_entries": layer.entries() if layer is not None else None,
         }
 
     def stored_points(self) -> torch.Tensor:
@@ -508,6 +523,7 @@ class LatentSpatialMemory:
             "surface_tolerance": self.surface_tolerance,
             "revisit_radius": self.revisit_radius,
             "horizon": self.horizon,
+            "objects": self.objects.config() if self.objects is not None else False,
         }
 
     def state_tensors(self, prefix: str = "memory.", copy: bool = False) -> dict[str, torch.Tensor]:
@@ -516,7 +532,10 @@ class LatentSpatialMemory:
         ``copy=True``: tensors of their own (a snapshot); otherwise they may be views of the
         live storage that the next write changes.
         """
-        return memory_tensors(self._index, self._pool, self._clock, prefix, copy=copy)
+        tensors = memory_tensors(self._index, self._pool, self._clock, prefix, copy=copy)
+        if self.objects is not None:
+            tensors.update(self.objects.state_tensors(prefix + OBJECTS_PREFIX, copy=copy))
+        return tensors
 
     @classmethod
     def from_state(cls, config: dict, tensors: dict[str, torch.Tensor], prefix: str = "memory.",
@@ -541,6 +560,12 @@ class LatentSpatialMemory:
         capacity, _, entry_capacity = (int(v) for v in part["capacity"])
         memory._allocate(bricks=capacity, entries=entry_capacity)
         restore_memory(part, memory._index, memory._pool, memory._clock)
+        layer = memory.objects
+        saved_objects = any(name.startswith(prefix + OBJECTS_PREFIX) for name in tensors)
+        if saved_objects and layer is None:
+            check.fail(prefix + OBJECTS_PREFIX + "*", f"is saved, but {field}.objects turns the object layer off")
+        if layer is not None and saved_objects:  # a file from before the layer loads with none remembered
+            layer.load_tensors(tensors, prefix + OBJECTS_PREFIX, check)
         return memory
 
     def save(self, path: str | os.PathLike) -> None:
