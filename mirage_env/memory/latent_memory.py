@@ -68,8 +68,9 @@ class LatentSpatialMemory:
             the memory's resolution; 0: plain z-buffer).
         horizon: K, read only what the last K writes of a world wrote or saw (an ablation:
             short-term memory only); None (default): full memory. See :mod:`mirage_env.memory.horizon`.
-        objects: keep moving things in an object layer beside the static index (True, the
-            default; a dict of options: see :mod:`mirage_env.memory.objects`); False: no layer.
+        objects: keep moving things in an object layer beside the static index (True; a dict
+            of options: see :mod:`mirage_env.memory.objects`); False (default, an ablation
+            switch until it never costs the static revisit figure anything): no layer.
         device: where every tensor lives.
     """
 
@@ -88,7 +89,7 @@ class LatentSpatialMemory:
         surface_tolerance: float = 0.05,
         revisit_radius: float | None = None,
         horizon: int | None = None,
-        objects: bool | dict = True,
+        objects: bool | dict = False,
         device: str | torch.device = "cpu",
     ):
         if channels <= 0:

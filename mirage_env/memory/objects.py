@@ -11,7 +11,7 @@ keeps them so that a thing that moves stays itself when it is seen again.
   groups smaller than ``min_pixels`` are dropped (an edge pixel the filters doubted).
 - **Objects.** Each is stored as latent entries in its own frame (translation only: the
   world models' moving things slide and circle without turning), at most
-  ``max_entries``, one per voxel of the object frame, the newest observation winning.
+  ``max_entries``, one per voxel of the object frame.
 - **Tracks.** Each keeps its last ``track_length`` observed positions with their frame
   times, and a constant-velocity model fitted to them by least squares, with its
   uncertainty: the fit's residual (floored by ``measurement_noise``), the velocity's
@@ -22,12 +22,10 @@ keeps them so that a thing that moves stays itself when it is seen again.
   is nearest, if it lies within the gate (``gate`` metres plus three times the
   prediction's uncertainty) and their mean latents agree (cosine similarity at least
   ``min_similarity``); an object that is lost or uncertain is re-found farther away
-  (``reacquire_radius``) when its latents agree closely (``reacquire_similarity``). The
-  position of a re-found object is its prediction corrected by aligning its stored
-  entries to the new points (median offset to the nearest entry), which is steadier
-  than the centroid of whatever part of it is in view. An observation farther from the
-  prediction than the model allowed means the thing changed course: the track restarts
-  from that observation.
+  (``reacquire_radius``) when its latents agree closely (``reacquire_similarity``). Its
+  observed position is the centroid of the group, and its latest sighting replaces its
+  entries. An observation farther from the prediction than three times its uncertainty
+  means the thing changed course (or stopped): the track restarts from that observation.
 - **Negative evidence.** An object predicted in view of a frame, not found in it, and
   with the frame's depth behind where it should be (the place is seen empty) is *lost*:
   not shown again until re-identified.
@@ -61,7 +59,7 @@ OBJECT_DEFAULTS = {
     "max_entries": 256,
     "track_length": 8,
     "forget_after": 64,
-    "max_uncertainty": 0.3,
+    "max_uncertainty": 0.4,
     "gate": 0.5,
     "reacquire_radius": 3.0,
     "min_similarity": 0.5,
@@ -299,21 +297,22 @@ class ObjectLayer:
     def _update(self, world: int, slot: int, time: int, points: torch.Tensor, features: torch.Tensor,
                 radius: float) -> None:
         centre, _ = self.predict(torch.full((self.num_worlds, 1), time, dtype=torch.int64, device=self.device))
-        predicted = centre[world, 0, slot]
-        if bool(self.lost[world, slot]):  # found again far from any prediction: start from the centroids
-            stored = self.entry_points[world, slot, : int(self.entry_count[world, slot])].to(torch.float64)
-            predicted = points.mean(0) - stored.mean(0)
-        elif not math.isfinite(radius):
-            predicted = self._last_position(world, slot)
-        position = self._align(world, slot, predicted, points)
+        predicted = centre[world, 0, slot] if math.isfinite(radius) else self._last_position(world, slot)
+        # The centroid of what is seen, not an alignment of the stored entries to it: at latent
+        # resolution a face sliding within its own plane moves less than a pixel per frame, and
+        # nearest-neighbour alignment of a flat patch cannot see in-plane motion at all.
+        position = points.mean(0)
         innovation = float((position - predicted).norm())
-        if bool(self.lost[world, slot]) or (math.isfinite(radius) and innovation > max(3 * radius, self.gate)):
+        if bool(self.lost[world, slot]) or (math.isfinite(radius) and innovation > 3 * radius):
             # A new course (or found again after being lost): the old track says nothing about it.
             self.track_len[world, slot] = 0
         self.lost[world, slot] = False
         self._append_track(world, slot, time, position)
         if float((position - self.first_pos[world, slot]).norm()) > self.min_motion and self._steady(world, slot):
             self.moved[world, slot] = True
+        # Its latest look replaces the older ones: a centroid that shifts with the part in view
+        # would smear entries of several sightings across each other.
+        self.entry_count[world, slot] = 0
         self._merge_entries(world, slot, time, (points - position).to(torch.float32), features)
 
     def _steady(self, world: int, slot: int) -> bool:
@@ -334,17 +333,6 @@ class ObjectLayer:
     def _last_position(self, world: int, slot: int) -> torch.Tensor:
         n = int(self.track_len[world, slot])
         return self.track_pos[world, slot, n - 1].clone()
-
-    def _align(self, world: int, slot: int, predicted: torch.Tensor, points: torch.Tensor) -> torch.Tensor:
-        """The object frame's origin that puts its stored entries on ``points`` (starting from ``predicted``)."""
-        stored = self.entry_points[world, slot, : int(self.entry_count[world, slot])].to(torch.float64)
-        origin = predicted.clone()
-        if stored.numel() == 0:
-            return points.mean(0)
-        for _ in range(3):
-            nearest = torch.cdist(points, stored + origin).argmin(1)
-            origin = origin + (points - (stored[nearest] + origin)).median(0).values
-        return origin
 
     def _append_track(self, world: int, slot: int, time: int, position: torch.Tensor) -> None:
         n = int(self.track_len[world, slot])
