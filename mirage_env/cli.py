@@ -34,7 +34,8 @@ def _make_env(args, **overrides):
     # max_episode_steps None (no --max-episode-steps): the whole run is one episode. The env is
     # built directly, not by gym.make, so a given limit reaches the env itself.
     if getattr(args, "scene", None):
-        options["backend_options"] = {**options.get("backend_options", {}), "scene": args.scene}
+        scene = {"scene": "indoor", "busy": True} if args.scene == "busy" else {"scene": args.scene}
+        options["backend_options"] = {**options.get("backend_options", {}), **scene}
     return MirageEnv(**options)
 
 
@@ -130,45 +131,108 @@ def _upscale(frame: np.ndarray, scale: int) -> np.ndarray:
 
 
 def eval_consistency(args) -> dict:
-    """Closed loop out, around and back: does the world look the same on return?"""
+    """Closed loop out, around and back: does the world look the same on return?
+
+    Three runs of the same episodes: memory on (with the object layer unless
+    ``--object-memory off``), memory on without the object layer (keys ``*_no_objects``:
+    static memory alone, the figures before the layer), and memory off. On the procedural
+    world, ``psnr_dynamic_*`` scores the pixels of the returning view that show a moving
+    thing seen earlier in the episode against the same view with every moving thing in
+    the look it had when first seen (:mod:`mirage_env.object_eval`), and
+    ``object_position_error_m`` the centres of the objects the layer showed in the
+    returning view against the true ones.
+    """
     from mirage_env.agents.scripted import closed_loop_moves
-    from mirage_env.metrics import masked_psnr, psnr, ssim
 
     results = {}
     moves = closed_loop_moves(args.side_steps)
-    for memory_on in (True, False):
-        env = _make_env(args, use_memory=memory_on)
-        psnrs, ssims, static_psnrs = [], [], []
-        for episode in range(args.episodes):
-            env.reset(seed=args.seed + episode)
-            first, first_moving = env.render(), _moving_pixels(env)
-            for move in moves:
-                env.step(move)
-            returned, returned_moving = env.render(), _moving_pixels(env)
-            if not np.allclose(env.batch.rigs[0], env.batch.start_rigs[0], atol=1e-6):
-                raise RuntimeError("the closed loop did not return to the start pose (a wall blocked it); "
-                                   "use a smaller --side-steps")
-            psnrs.append(psnr(first, returned))
-            ssims.append(ssim(first, returned))
-            if first_moving is not None:
-                static_psnrs.append(masked_psnr(first, returned, ~(first_moving | returned_moving)))
-        tag = "on" if memory_on else "off"
-        results[f"psnr_memory_{tag}"] = float(np.mean(np.minimum(psnrs, PSNR_CAP)))
-        results[f"ssim_memory_{tag}"] = float(np.mean(ssims))
-        results[f"psnr_memory_{tag}_per_episode"] = [round(float(min(p, PSNR_CAP)), 2) for p in psnrs]
-        if static_psnrs:
-            results[f"psnr_static_memory_{tag}"] = float(np.mean(np.minimum(static_psnrs, PSNR_CAP)))
+    runs = [("memory_on", True, args.object_memory == "on")]
+    if args.object_memory == "on":
+        runs.append(("memory_on_no_objects", True, False))
+    runs.append(("memory_off", False, False))
+    for tag, memory_on, objects in runs:
+        results.update(_consistency_run(args, moves, tag, memory_on, objects))
     results.update({"episodes": args.episodes, "loop_steps": len(moves), "image_size": args.image_size,
-                    "env": args.env,
+                    "env": args.env, "scene": args.scene or "indoor", "object_memory": args.object_memory,
                     "note": f"PSNR capped at {PSNR_CAP:g} dB for identical frames; psnr_static_* leaves out pixels "
-                            "showing moving content in either frame (it really moved)"})
+                            "showing moving content in either frame (it really moved); psnr_dynamic_* scores the "
+                            "returning view's pixels showing a moving thing seen before against that view with "
+                            "each moving thing in its first look (procedural world only)"})
     static = (f" (static content {results['psnr_static_memory_on']:.2f} dB)" if "psnr_static_memory_on" in results else "")
+    dynamic = (f", moving things {results['psnr_dynamic_memory_on']:.2f} dB"
+               if results.get("psnr_dynamic_memory_on") is not None else "")
     print(f"revisit after a {len(moves)}-step closed loop, {args.episodes} episodes: "
-          f"memory on PSNR {results['psnr_memory_on']:.2f} dB{static} SSIM {results['ssim_memory_on']:.4f} | "
+          f"memory on PSNR {results['psnr_memory_on']:.2f} dB{static}{dynamic} SSIM {results['ssim_memory_on']:.4f} | "
           f"memory off PSNR {results['psnr_memory_off']:.2f} dB SSIM {results['ssim_memory_off']:.4f}")
+    if results.get("object_position_error_m") is not None:
+        print(f"object layer: {results['objects_shown']} objects shown on return, centre error "
+              f"{results['object_position_error_m']:.3f} m; without it: PSNR {results['psnr_memory_on_no_objects']:.2f} dB"
+              + (f", moving things {results['psnr_dynamic_memory_on_no_objects']:.2f} dB"
+                 if results.get("psnr_dynamic_memory_on_no_objects") is not None else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return results
+
+
+def _consistency_run(args, moves, tag: str, memory_on: bool, objects: bool) -> dict:
+    """One pass over the episodes; keys ``psnr_{tag}``, ``ssim_{tag}``, ``psnr_static_{tag}``, ``psnr_dynamic_{tag}``."""
+    import torch
+
+    from mirage_env.metrics import masked_psnr, psnr, ssim
+
+    env = _make_env(args, use_memory=memory_on, memory_options={"objects": objects})
+    procedural = env.world.model.config().get("name") == "procedural"
+    psnrs, ssims, static_psnrs, dynamic_psnrs, errors = [], [], [], [], []
+    for episode in range(args.episodes):
+        env.reset(seed=args.seed + episode)
+        looks = None
+        if procedural:
+            from mirage_env.object_eval import FirstLooks
+
+            looks = FirstLooks(env.world.model)
+            looks.update()
+        first, first_moving = env.render(), _moving_pixels(env)
+        for move in moves:
+            env.step(move)
+            if looks is not None:
+                looks.update()
+        returned, returned_moving = env.render(), _moving_pixels(env)
+        if not np.allclose(env.batch.rigs[0], env.batch.start_rigs[0], atol=1e-6):
+            raise RuntimeError("the closed loop did not return to the start pose (a wall blocked it); "
+                               "use a smaller --side-steps")
+        psnrs.append(psnr(first, returned))
+        ssims.append(ssim(first, returned))
+        if first_moving is not None:
+            static_psnrs.append(masked_psnr(first, returned, ~(first_moving | returned_moving)))
+        info = env.batch.last_step.segment.info
+        if looks is not None and "object_ids" in info:
+            seen = _upsampled(env, looks.seen(info["object_ids"][0, -1].cpu().numpy()))
+            if seen.any():
+                pose = torch.as_tensor(env.batch.last_step.poses[0, -1], dtype=torch.float64)
+                dynamic_psnrs.append(masked_psnr(looks.reference(pose), returned, seen))
+            from mirage_env.object_eval import shown_position_errors
+
+            errors += shown_position_errors(env.world.memory.objects, info["object_centres"])
+    capped = lambda values: float(np.mean(np.minimum(values, PSNR_CAP))) if values else None  # noqa: E731
+    result = {
+        f"psnr_{tag}": capped(psnrs),
+        f"ssim_{tag}": float(np.mean(ssims)),
+        f"psnr_{tag}_per_episode": [round(float(min(p, PSNR_CAP)), 2) for p in psnrs],
+    }
+    if static_psnrs:
+        result[f"psnr_static_{tag}"] = capped(static_psnrs)
+    if procedural:
+        result[f"psnr_dynamic_{tag}"] = capped(dynamic_psnrs)
+        result[f"dynamic_episodes_{tag}"] = len(dynamic_psnrs)
+    if tag == "memory_on" and objects:
+        result["object_position_error_m"] = float(np.mean(errors)) if errors else None
+        result["objects_shown"] = len(errors)
+    return result
+
+
+def _upsampled(env, latent_mask: np.ndarray) -> np.ndarray:
+    factor = env.world.model.latent.spatial_factor
+    return np.kron(latent_mask, np.ones((factor, factor), dtype=bool)).astype(bool)
 
 
 PSNR_CAP = 100.0
@@ -189,7 +253,8 @@ def _add_env_arguments(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--env", default="Mirage/Explore-v0", help="registered env id")
     parser.add_argument("--seed", type=non_negative_int, default=0)
-    parser.add_argument("--scene", default=None, choices=["indoor", "outdoor"], help="procedural scene kind")
+    parser.add_argument("--scene", default=None, choices=["indoor", "outdoor", "busy"],
+                        help="procedural scene kind (busy: indoor with four moving crates)")
     # Every EnvConfig option with a command-line spelling; no episode limit unless asked.
     add_env_arguments(parser, defaults={"max_episode_steps": None})
 
@@ -225,6 +290,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--episodes", type=positive_int, default=5)
     c.add_argument("--side-steps", type=positive_int, default=4)
     c.add_argument("--json", type=output_file, default=None)
+    c.add_argument("--object-memory", default="on", choices=["on", "off"],
+                   help="memory on with the object layer for moving things (off: static memory only)")
     c.set_defaults(func=eval_consistency)
 
     p = commands.add_parser("import-branch", help="import a memory branch trained in DiffSynth naming (the published one)")

@@ -40,6 +40,7 @@ from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 from .base import LatentSpec, Segment, SegmentRequest
 from .codec import PatchDCTCodec
+from .movers import MOVERS, PARAMETERS, draw_movers, mover_boxes
 
 SCENES = ("indoor", "outdoor")
 NUM_OBJECTS = 8  # boxes per scene besides the room / ground; the last one moves
@@ -56,6 +57,8 @@ class ProceduralWorldModel:
         spatial_factor: codec patch side (8 like Wan2.1's VAE).
         dct_keep: DCT coefficients kept per patch side; channels = 3 * dct_keep**2.
         scene: "indoor" (a room with pillars and crates) or "outdoor" (buildings under a sky).
+        busy: indoors, three more crates move (sliding, circling, stop-and-go; see
+            :mod:`.movers`) besides the sliding one.
         device: where rendering runs.
     """
 
@@ -70,10 +73,14 @@ class ProceduralWorldModel:
         spatial_factor: int = 8,
         dct_keep: int = 4,
         scene: str = "indoor",
+        busy: bool = False,
         device: str | torch.device = "cpu",
     ):
         if scene not in SCENES:
             raise ValueError(f"scene must be one of {SCENES}, got {scene!r}")
+        if busy and scene != "indoor":
+            raise ValueError(f"busy=True adds moving crates to the indoor scene; scene={scene!r} has none")
+        self.busy = bool(busy)
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.codec = PatchDCTCodec(spatial_factor, dct_keep, device=device)
         self.latent = LatentSpec(channels=self.codec.channels, spatial_factor=spatial_factor, temporal_factor=1)
@@ -97,6 +104,7 @@ class ProceduralWorldModel:
         self.box_lo = torch.zeros(0, NUM_OBJECTS, 3, device=self.device)
         self.box_hi = torch.zeros(0, NUM_OBJECTS, 3, device=self.device)
         self.motion = torch.zeros(0, 3, device=self.device)  # amplitude, angular speed, phase of the moving crate
+        self.movers = torch.zeros(0, MOVERS, PARAMETERS, dtype=torch.float64, device=self.device)  # busy scene only
         self.time = torch.zeros(0, dtype=torch.int64, device=self.device)
         # The generator's current look of every surface, the look memory recorded for it
         # (committed when the surface was last generated, since the World writes every
@@ -210,6 +218,7 @@ class ProceduralWorldModel:
             "spatial_factor": self.codec.factor,
             "dct_keep": self.codec.keep,
             "scene": self.scene,
+            **({"busy": True} if self.busy else {}),
         }
 
     @classmethod
@@ -219,12 +228,15 @@ class ProceduralWorldModel:
         return cls(**(options | overrides))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        return {name: getattr(self, name) for name in self._STATE}
+        return {name: getattr(self, name) for name in self._state_names()}
 
     _STATE = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view")
 
+    def _state_names(self) -> tuple[str, ...]:
+        return self._STATE + (("movers",) if self.busy else ())
+
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for name in self._STATE:
+        for name in self._state_names():
             if name not in state:
                 raise ValueError(f"procedural world state lacks {name!r}; the saved world is incomplete")
             setattr(self, name, state[name].to(self.device).clone())
@@ -251,6 +263,7 @@ class ProceduralWorldModel:
         self.motion, self.time = pad(self.motion), pad(self.time)
         self.appearance, self.in_view = pad(self.appearance), pad(self.in_view)
         self.committed = pad(self.committed)
+        self.movers = pad(self.movers)
 
     def _draw_scene(self, world: int, generator: torch.Generator) -> None:
         """A new layout for ``world``; the camera starts at the origin, 1.5 m above the floor."""
@@ -293,6 +306,8 @@ class ProceduralWorldModel:
         self.box_lo[world] = torch.stack(boxes_lo).to(dtype)
         self.box_hi[world] = torch.stack(boxes_hi).to(dtype)
         self.motion[world] = motion.to(dtype)
+        if self.busy:  # drawn last, so the rest of the scene is the default one's
+            self.movers[world] = draw_movers(lambda: r(1).item(), float(hi[0]), float(hi[2]))
         self.time[world] = 0
         self.in_view[world] = False  # nothing carries over into a new world
         # Nor the looks a previous world at this index recorded: a surface memory shows at a
@@ -384,6 +399,19 @@ class ProceduralWorldModel:
         else:
             self.time[index] += frames_per_view
 
+        # Ground truth for evaluation only (nothing in memory reads it): which moving box each
+        # latent pixel's centre shows (its index in moving_boxes(), -1: none) and where each is.
+        movers = torch.tensor(self.moving_boxes(), device=self.device)
+        if self.busy:  # the bookkeeping above knows the one sliding crate; the busy scene has more
+            box_of = torch.div(surface - FACES, FACES, rounding_mode="floor")
+            moving = (surface >= FACES) & torch.isin(box_of, movers)
+            moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
+        centre_box = torch.div(centre_surface - FACES, FACES, rounding_mode="floor")
+        object_ids = torch.full_like(centre_box, -1)
+        for k, box in enumerate(movers.tolist()):
+            object_ids[(centre_surface >= FACES) & (centre_box == box)] = k
+        box_lo, box_hi = self._object_boxes(index, time)
+        object_centres = 0.5 * (box_lo + box_hi)[:, :, movers]
         return Segment(
             latents=latents,
             depth=latent_depth,
@@ -394,6 +422,8 @@ class ProceduralWorldModel:
                 "moving": moving,
                 "sky": torch.isinf(latent_depth),
                 "memory_used": memory_used,
+                "object_ids": object_ids,
+                "object_centres": object_centres,
             },
         )
 
@@ -600,6 +630,10 @@ class ProceduralWorldModel:
         hi = np.repeat(self.box_hi.numpy()[rows][:, None], time.shape[1], axis=1)
         lo[:, :, -1, 0] += shift
         hi[:, :, -1, 0] += shift
+        if self.busy:  # the crates before the sliding one move too
+            mover_lo, mover_hi = mover_boxes(self.movers[index], time, self.room_hi[index][:, 1])
+            lo[:, :, -1 - MOVERS:-1] = mover_lo.numpy().astype(lo.dtype)
+            hi[:, :, -1 - MOVERS:-1] = mover_hi.numpy().astype(hi.dtype)
         return lo, hi
 
     def _object_boxes(self, index, time):
@@ -609,7 +643,15 @@ class ProceduralWorldModel:
         shift = amplitude[:, None] * torch.sin(speed[:, None] * time.float() + phase[:, None])  # (B, T)
         lo[:, :, -1, 0] += shift
         hi[:, :, -1, 0] += shift
+        if self.busy:  # the crates before the sliding one move too
+            mover_lo, mover_hi = mover_boxes(self.movers[index], time, self.room_hi[index][:, 1])
+            lo[:, :, -1 - MOVERS:-1] = mover_lo.to(lo.dtype)
+            hi[:, :, -1 - MOVERS:-1] = mover_hi.to(hi.dtype)
         return lo, hi
+
+    def moving_boxes(self) -> list[int]:
+        """Indices of the boxes that move, the ids of ground-truth ``object_ids`` (for evaluation)."""
+        return [NUM_OBJECTS - 1] + (list(range(NUM_OBJECTS - 1 - MOVERS, NUM_OBJECTS - 1)) if self.busy else [])
 
     def _shade(self, directions, origin, depth, surface, face_axis, appearance):
         """Colour (B, T, P, 3): per-surface colour and pattern, Lambert shading and distance fog."""

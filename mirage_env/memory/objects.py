@@ -34,7 +34,8 @@ keeps them so that a thing that moves stays itself when it is seen again.
   fixed-size per world, so memory stays bounded however long the episode.
 - **Reading.** :meth:`ObjectLayer.compose` projects every shown object (seen to move
   more than ``min_motion`` metres, tracked, not lost, prediction radius at most
-  ``max_uncertainty``) at its predicted position for
+  ``max_uncertainty``, and not in the last observed frame, whose tail the generator
+  continues anyway) at its predicted position for
   each target frame's time and z-buffers it with the static read: the nearer wins. What
   is too uncertain is not shown, so the generator makes it up rather than being shown
   something wrong.
@@ -72,7 +73,8 @@ OBJECT_DEFAULTS = {
 }
 
 # The tensors a saved layer holds, with their dtypes (shapes follow from the configuration).
-STATE_FIELDS = ("alive", "lost", "moved", "first_pos", "ident", "next_id", "clock", "last_seen", "track_time", "track_pos", "track_len",
+STATE_FIELDS = ("alive", "lost", "moved", "first_pos", "ident", "next_id", "clock", "last_seen", "last_in_view",
+                "track_time", "track_pos", "track_len",
                 "entry_points", "entry_features", "entry_time", "entry_count")
 
 
@@ -111,6 +113,7 @@ class ObjectLayer:
         self.next_id = torch.zeros(w, dtype=torch.int64, device=d)
         self.clock = torch.zeros(w, dtype=torch.int64, device=d)
         self.last_seen = torch.zeros(w, s, dtype=torch.int64, device=d)
+        self.last_in_view = torch.zeros(w, s, dtype=torch.int64, device=d)
         self.track_time = torch.zeros(w, s, length, dtype=torch.int64, device=d)
         self.track_pos = torch.zeros(w, s, length, 3, dtype=torch.float64, device=d)
         self.track_len = torch.zeros(w, s, dtype=torch.int64, device=d)
@@ -344,6 +347,7 @@ class ObjectLayer:
         self.track_pos[world, slot, n] = position.to(torch.float64)
         self.track_len[world, slot] = n + 1
         self.last_seen[world, slot] = time
+        self.last_in_view[world, slot] = time
 
     def _merge_entries(self, world: int, slot: int, time: int, local: torch.Tensor, features: torch.Tensor) -> None:
         """Add a sighting's entries in the object frame: newest per voxel, the newest ``max_entries`` overall."""
@@ -383,6 +387,10 @@ class ObjectLayer:
             behind = observed > z * (1 + self.link_tolerance) + float(radius[world, 0, s])
             if float(behind.float().mean()) > 0.5:
                 self.lost[world, s] = True
+            elif float(((observed - z).abs() <= self.link_tolerance * z).float().mean()) > 0.5:
+                # Something stands where it should (the filters kept it, so it was not a group):
+                # the frame shows it, and the generator's context carries it on.
+                self.last_in_view[world, s] = time
 
     # ------------------------------------------------------------------ reading
 
@@ -414,6 +422,10 @@ class ObjectLayer:
         # Only what was seen to move: a group that never moved is static content the filters
         # doubted (an edge, an oblique view), which static memory and the generator handle.
         shown = (self.alive & ~self.lost & self.moved)[index][:, None] & (radius <= self.max_uncertainty)  # (B, T, S)
+        # What the last observed frame showed reaches the generator as context (the previous
+        # segment's tail), at its true place; older latents pasted over it only blur it. The
+        # layer speaks for things out of view since: the ones that come back.
+        shown &= (self.last_in_view < (self.clock[:, None] - 1))[index][:, None]
         slots = self.max_objects
         won = torch.zeros(batch, frames, slots, dtype=torch.int64, device=self.device)
         valid = torch.arange(self.max_entries, device=self.device) < self.entry_count[index][..., None]  # (B, S, E)
@@ -494,6 +506,7 @@ class ObjectLayer:
             "alive": (torch.bool, (w, s)), "lost": (torch.bool, (w, s)), "moved": (torch.bool, (w, s)),
             "first_pos": (torch.float64, (w, s, 3)), "ident": (torch.int64, (w, s)),
             "next_id": (torch.int64, (w,)), "clock": (torch.int64, (w,)), "last_seen": (torch.int64, (w, s)),
+            "last_in_view": (torch.int64, (w, s)),
             "track_time": (torch.int64, (w, s, length)), "track_pos": (torch.float64, (w, s, length, 3)),
             "track_len": (torch.int64, (w, s)), "entry_points": (torch.float32, (w, s, e, 3)),
             "entry_features": (self.feature_dtype, (w, s, e, self.channels)),
@@ -514,7 +527,8 @@ class ObjectLayer:
             check.fail(prefix + "lost", "marks an empty slot lost")
         if bool((alive & (part["track_len"] < 1)).any()) or bool((alive & (part["entry_count"] < 1)).any()):
             check.fail(prefix + "track_len", "or entry_count is 0 for a live object (every object was seen once)")
-        if bool((part["last_seen"] > clock[:, None]).any()) or bool((part["track_time"] > clock[:, None, None]).any()):
+        late = (part["last_seen"] > part["last_in_view"]) | (part["last_in_view"] > clock[:, None])
+        if bool(late.any()) or bool((part["track_time"] > clock[:, None, None]).any()):
             check.fail(prefix + "last_seen", "or track_time holds a frame after its world's clock")
         ident = part["ident"]
         if bool(((ident < 0) & alive).any()) or bool(((ident >= part["next_id"][:, None]) & alive).any()):

@@ -1,0 +1,67 @@
+"""Ground truth for judging the object layer in the procedural world (evaluation only).
+
+"A moving thing stays itself" is measured against what the world would show if every
+moving thing kept the look it had when first seen in the episode: the returning view is
+rendered again by the procedural model at the same pose and time, with the moving
+boxes' surfaces given that first look (through the same codec, so both sides carry the
+same compression). Nothing here is read by memory: the layer sees only what the filters
+reject; this module reads the model's ground truth (``Segment.info["object_ids"]``,
+``["object_centres"]``) to score it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .backends.procedural import FACES, ProceduralWorldModel
+
+
+class FirstLooks:
+    """The look (appearance rows of its six faces) each moving box had the first time it was in view."""
+
+    def __init__(self, model: ProceduralWorldModel):
+        self.model = model
+        self.looks: dict[int, torch.Tensor] = {}
+
+    def update(self, world: int = 0) -> None:
+        """Record the boxes the model's last segment showed (call after every reset and step)."""
+        for k, box in enumerate(self.model.moving_boxes()):
+            if k in self.looks:
+                continue
+            faces = slice(FACES + box * FACES, FACES + (box + 1) * FACES)
+            if bool(self.model.in_view[world, faces].any()):
+                self.looks[k] = self.model.appearance[world, faces].clone()
+
+    def reference(self, pose: torch.Tensor, world: int = 0) -> np.ndarray:
+        """(H, W, 3) uint8: the model's last frame time seen from ``pose`` (4, 4), moving boxes in their first looks."""
+        model = self.model
+        appearance = model.appearance[world].clone()
+        for k, look in self.looks.items():
+            box = model.moving_boxes()[k]
+            appearance[FACES + box * FACES: FACES + (box + 1) * FACES] = look
+        index = torch.tensor([world], device=model.device)
+        time = model.time[index][:, None] - 1  # the frame the last segment ended on
+        depth, surface, face_axis, directions, origin = model._cast(
+            pose.to(model.device, torch.float32)[None, None], index, time)
+        images = model._shade(directions, origin, depth, surface, face_axis, appearance[None])
+        height, width = model.camera.height, model.camera.width
+        images = images.reshape(1, 1, height, width, 3).permute(0, 1, 4, 2, 3)
+        return model.codec.decode_uint8(model.codec.encode(images))[0, 0].cpu().numpy()
+
+    def seen(self, object_ids: np.ndarray) -> np.ndarray:
+        """(h, w) bool: latent pixels showing a moving box seen before (one with a first look)."""
+        known = np.array(sorted(self.looks), dtype=np.int64)
+        return np.isin(object_ids, known) if known.size else np.zeros(object_ids.shape, dtype=bool)
+
+
+def shown_position_errors(layer, object_centres: torch.Tensor, frame: int = -1, row: int = 0) -> list[float]:
+    """Metres between each object the layer showed in ``frame`` of its last read and the nearest true centre."""
+    if layer is None or layer.last_shown is None:
+        return []
+    shown = layer.last_shown["pixels"][row, frame] > 0
+    predicted = layer.last_shown["centre"][row, frame][shown].to(torch.float64)
+    truth = object_centres[row, frame].to(torch.float64)
+    if predicted.numel() == 0 or truth.numel() == 0:
+        return []
+    return torch.cdist(predicted, truth).min(1).values.tolist()
