@@ -23,7 +23,7 @@ def test_each_mover_has_its_own_kind_of_motion():
     slide, circle, stop_and_go = step[:, 0], step[:, 1], step[:, 2]
     # Sliding: constant speed, except at the two ends where it turns back.
     assert int((slide - parameters[0, 2]).abs().gt(1e-9).sum()) <= 8
-    direction = torch.sign(centres[1:, 0, 1] - centres[:-1, 0, 1])
+    direction = torch.sign(centres[1:, 0, 0] - centres[:-1, 0, 0])
     assert (direction > 0).any() and (direction < 0).any()
     # Circling: constant speed along an arc, a turning velocity.
     assert float((circle - circle.mean()).abs().max()) < 1e-3

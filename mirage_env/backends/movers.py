@@ -5,8 +5,8 @@ adds three crates with motions a memory of moving things must tell apart: one sl
 at constant speed and turns back at the ends of its track (constant velocity, then a
 change of course), one circles (a velocity that keeps turning), one goes, stops, goes
 back and stops again. Each is a small box standing on the floor, placed by the world's
-generator around the start but never within :data:`KEEP_CLEAR` metres of it, so a camera
-walking a small loop there is not blocked.
+generator in front of the start but never within :data:`KEEP_CLEAR` metres of it, so a
+camera walking a small loop there is not blocked.
 
 Motions are pure functions of the frame time, so a world saved and resumed moves the same.
 """
@@ -27,9 +27,11 @@ PARAMETERS = 6  # base x, base z, speed (m/frame), extent (m), phase (frames), a
 def draw_movers(random, half_x: float, half_z: float) -> torch.Tensor:
     """(MOVERS, PARAMETERS) float64 parameters of the busy scene's movers in a room of half extents
     ``half_x``, ``half_z`` (at least 3 m), from ``random()`` draws in [0, 1) (the world's generator)."""
-    slide = [-0.65 * half_x, 0.0, 0.06 + 0.04 * random(), 1.5, 40 * random(), 1.0]  # along z, left of the start
-    circle = [0.75 * half_x, 0.0, 0.04 + 0.03 * random(), 0.5, 100 * random(), 0.0]  # right of the start
-    stop_and_go = [0.0, -0.65 * half_z, 0.08 + 0.04 * random(), 1.2, 40 * random(), 0.0]  # behind the start, along x
+    # All in front of the start (the camera's first view, +z, 90 degrees wide), where a camera
+    # that walks a loop and comes back looks again.
+    slide = [0.0, 0.85 * half_z, 0.06 + 0.04 * random(), 1.2, 40 * random(), 0.0]  # across, far
+    circle = [-0.3 * half_x, 0.65 * half_z, 0.03 + 0.02 * random(), 0.4, 100 * random(), 0.0]  # front left
+    stop_and_go = [1.3, 2.0, 0.08 + 0.04 * random(), 1.2, 40 * random(), 1.0]  # front right, to and fro in depth
     return torch.tensor([slide, circle, stop_and_go], dtype=torch.float64)
 
 
@@ -66,7 +68,9 @@ def mover_centres(parameters: torch.Tensor, time: torch.Tensor) -> torch.Tensor:
     centres[..., 0, 1] += torch.where(along_z, slide, torch.zeros_like(slide))
     centres[..., 1, 0] += extent[..., 1] * torch.cos(angle)
     centres[..., 1, 1] += extent[..., 1] * torch.sin(angle)
-    centres[..., 2, 0] += stop_and_go
+    along_z = axis[..., 2] > 0.5
+    centres[..., 2, 0] += torch.where(along_z, torch.zeros_like(stop_and_go), stop_and_go)
+    centres[..., 2, 1] += torch.where(along_z, stop_and_go, torch.zeros_like(stop_and_go))
     return centres
 
 
