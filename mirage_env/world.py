@@ -197,8 +197,9 @@ class World:
         # Without a horizon ages are never used, so the lookup is skipped.
         seen = read.points if self.memory.horizon is not None else None
         if self.memory.objects is not None:  # what the filters rejected as moving is the object layer's
-            self.memory.objects.observe(segment.latents, segment.depth, self.latent_camera, segment.poses, ~keep,
-                                        worlds, views, predicted_depth=read.depth)
+            claimed = self.memory.objects.observe(segment.latents, segment.depth, self.latent_camera, segment.poses,
+                                                  ~keep, worlds, views, predicted_depth=read.depth)
+            keep &= ~claimed.to(keep.device)  # a tracked moving thing leaves no copy in static memory
         if self.write == "unseen":
             keep &= ~read.mask
         depth = segment.image_depth if segment.image_depth is not None else segment.depth

@@ -187,8 +187,11 @@ class ObjectLayer:
                 ones are the background a moved thing uncovered, or an edge the filter doubted.
 
         Returns:
-            The number of groups seen (matched or new). Every world in ``worlds`` advances
-            its clock by T / views frames, and forgets what it has not seen for too long.
+            (B, T, h, w) bool, the pixels the layer claims as moving things it tracks (pixels
+            at a moving object's predicted place whose depth agrees): whatever the filters said,
+            they are the object's, and static memory should not keep them. Every world in
+            ``worlds`` advances its clock by T / views frames, and forgets what it has not seen
+            for too long.
         """
         batch, frames, channels, h, w = latents.shape
         if channels != self.channels:
@@ -199,7 +202,10 @@ class ObjectLayer:
         if predicted_depth is not None:
             predicted_depth = predicted_depth.to(self.device, torch.float32)
             candidates &= depth < predicted_depth * (1 - self.link_tolerance)  # inf (no prediction) passes
-        seen = 0
+        # A tracked thing is found where it is predicted even where the filters let it pass (it
+        # stood on its own earlier sample in static memory, or on a place memory never saw).
+        claimed = self._claimed(depth, camera, poses.to(self.device, torch.float64), worlds, per_view)
+        candidates |= claimed
         if bool(candidates.any()):
             c2w = poses.to(self.device, torch.float64)
             labels = _components(candidates.reshape(-1, h, w), depth.reshape(-1, h, w), self.link_tolerance)
@@ -212,8 +218,8 @@ class ObjectLayer:
                     time = int(self.clock[world]) + step
                     for view in range(views):
                         j = view * per_view + step
-                        seen += self._observe_frame(world, time, labels[row, j], points[row, j], features[row, j],
-                                                    depth[row, j], camera, c2w[row, j])
+                        self._observe_frame(world, time, labels[row, j], points[row, j], features[row, j],
+                                            depth[row, j], camera, c2w[row, j])
         else:
             for row, world in enumerate(worlds):
                 for step in range(per_view):
@@ -225,7 +231,34 @@ class ObjectLayer:
         self.clock[index] += per_view
         stale = (self.clock[:, None] - self.last_seen) > self.forget_after
         self.alive &= ~stale
-        return seen
+        return claimed
+
+    def _claimed(self, depth: torch.Tensor, camera: Camera, c2w: torch.Tensor, worlds: list[int],
+                 per_view: int) -> torch.Tensor:
+        """(B, T, h, w) bool: pixels whose depth agrees with a moving object projected at its predicted place."""
+        batch, frames, h, w = depth.shape
+        claimed = torch.zeros(batch * frames * h * w, dtype=torch.bool, device=self.device)
+        index = torch.as_tensor(worlds, dtype=torch.int64, device=self.device)
+        times = torch.zeros(self.num_worlds, frames, dtype=torch.int64, device=self.device)
+        times[index] = self.clock[index][:, None] + torch.arange(frames, device=self.device) % per_view
+        centre, radius = self.predict(times)
+        centre, radius = centre[index], radius[index]
+        eligible = (self.alive & ~self.lost & self.moved)[index][:, None] & (radius <= self.max_uncertainty)
+        if not bool(eligible.any()):
+            return claimed.reshape(batch, frames, h, w)
+        row, frame, slot = torch.nonzero(eligible, as_tuple=True)
+        count = self.entry_count[index][row, slot]
+        pair, e = torch.nonzero(torch.arange(self.max_entries, device=self.device)[None] < count[:, None],
+                                as_tuple=True)
+        points = (self.entry_points[index][row[pair], slot[pair], e].to(torch.float64)
+                  + centre[row[pair], frame[pair], slot[pair]]).to(torch.float32)
+        w2c = invert_pose(c2w).to(torch.float32).reshape(batch * frames, 4, 4)
+        keep, pixel, z, _, _ = project_to_pixels(points, row[pair] * frames + frame[pair], w2c, camera, math.inf)
+        source = pair[keep]
+        slack = radius[row[source], frame[source], slot[source]].to(torch.float32)
+        agree = (depth.reshape(-1)[pixel] - z).abs() <= self.link_tolerance * z + slack
+        claimed[pixel[agree]] = True
+        return claimed.reshape(batch, frames, h, w)
 
     def _observe_frame(self, world: int, time: int, labels, points, features, depth, camera, c2w) -> int:
         present = labels[labels >= 0]
