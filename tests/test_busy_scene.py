@@ -91,3 +91,33 @@ def test_eval_consistency_reports_dynamic_and_object_figures(tmp_path):
     figures = json.loads(out.read_text())
     assert "psnr_memory_on_no_objects" not in figures and "object_position_error_m" not in figures
     assert np.isfinite(figures["psnr_memory_on"])
+
+
+def test_a_busy_world_with_the_object_layer_is_bit_exact_between_kernels_and_torch(monkeypatch):
+    import mirage_env.compiled as compiled
+    from mirage_env.agents.evaluate import torch_threads
+    from mirage_env.env import MirageEnv
+
+    def run(kernels: bool):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        env = MirageEnv(image_size=64, max_episode_steps=None, backend_options={"busy": True},
+                        memory_options={"objects": True})
+        env.reset(seed=4)
+        rng = np.random.default_rng(0)
+        frames, infos = [], []
+        for _ in range(40):
+            observation, *_ = env.step(int(rng.integers(0, 9)))
+            info = env.batch.last_step.segment.info
+            frames.append(observation["rgb"].copy())
+            infos.append((info["moving"].clone(), info["object_ids"].clone(), info["object_centres"].clone()))
+        return frames, infos, env.world.memory.objects.state_tensors("", copy=True)
+
+    with torch_threads(1):
+        fast, oracle = run(True), run(False)
+    for a, b in zip(fast[0], oracle[0]):
+        np.testing.assert_array_equal(a, b)
+    for a, b in zip(fast[1], oracle[1]):
+        for x, y in zip(a, b):
+            assert torch.equal(x, y)
+    for name, tensor in fast[2].items():
+        assert torch.equal(tensor, oracle[2][name]), name
