@@ -29,9 +29,11 @@ The package, one idea per module (arrows point down the list, never up):
 
 - :mod:`.latent_memory`: :class:`LatentSpatialMemory`, the facade (write, read, clear,
   stats, save/load).
-- :mod:`.shapes`: batches of poses, the worlds a batch addresses, :class:`MemoryRead`.
 - :mod:`.fileformat`: the safetensors file format, its validation and
   :class:`MemoryFileError`.
+- :mod:`.objects`: the object layer beside the static index (opt-in): moving things in
+  their own frame with a pose track, composed into the generator's read by the World.
+- :mod:`.shapes`: batches of poses, the worlds a batch addresses, :class:`MemoryRead`.
 - :mod:`.horizon`: per-world write clocks, observation and expiry (short-term memory).
 - :mod:`.merge`: which sample a voxel keeps.
 - :mod:`.index`: bricks (keys, slots, voxels -> entries), allocation and eviction.

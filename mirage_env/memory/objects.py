@@ -5,10 +5,13 @@ disagrees with what memory predicted, or with a neighbouring frame). Those rejec
 latent pixels are not noise to throw away: they are the moving things, and this layer
 keeps them so that a thing that moves stays itself when it is seen again.
 
-- **Grouping.** A segment's rejected pixels (finite depth) are split per frame into
-  objects: 4-neighbours on the latent grid whose depths agree within
-  ``link_tolerance`` (relative) are one object (connected in 3D at latent resolution);
-  groups smaller than ``min_pixels`` are dropped (an edge pixel the filters doubted).
+- **Grouping.** A segment's rejected pixels (finite depth; where static memory predicted
+  a depth, only those nearer than it: something now stands in front of what was
+  remembered), and the pixels where a tracked moving object is predicted and the depth
+  agrees (a crate standing on its own earlier sample passes the filters; these are kept
+  out of static memory), are split per frame into objects: 4-neighbours on the latent
+  grid whose depths agree within ``link_tolerance`` (relative) are one object (connected
+  in 3D at latent resolution); groups smaller than ``min_pixels`` are dropped.
 - **Objects.** Each is stored as latent entries in its own frame (translation only: the
   world models' moving things slide and circle without turning), at most
   ``max_entries``, one per voxel of the object frame.
@@ -32,13 +35,14 @@ keeps them so that a thing that moves stays itself when it is seen again.
 - **Forgetting.** An object not seen for ``forget_after`` frames is dropped; a world
   holds at most ``max_objects`` (a new one replaces the longest unseen). Storage is
   fixed-size per world, so memory stays bounded however long the episode.
-- **Reading.** :meth:`ObjectLayer.compose` projects every shown object (seen to move
-  more than ``min_motion`` metres, tracked, not lost, prediction radius at most
-  ``max_uncertainty``, and not in the last observed frame, whose tail the generator
-  continues anyway) at its predicted position for
-  each target frame's time and z-buffers it with the static read: the nearer wins. What
-  is too uncertain is not shown, so the generator makes it up rather than being shown
-  something wrong.
+- **Reading.** :meth:`ObjectLayer.compose` projects every shown object at its predicted
+  position for each target frame's time and z-buffers it with the static read: the
+  nearer wins. Shown: objects seen to move (more than ``min_motion`` metres from where
+  first seen, with a velocity beyond twice its standard error over 3+ sightings: static
+  pixels the filters doubted jitter but do not move), not lost, predicted within
+  ``max_uncertainty`` (1-sigma radius), and out of the last observed frame (what it
+  showed, the generator continues from its context). What is too uncertain is not
+  shown, so the generator makes it up rather than being shown something wrong.
 
 Time is counted in frames per world: :meth:`observe` advances a world's clock by the
 frames of one view of the segment (views of a world are simultaneous), so the frames a
@@ -260,11 +264,11 @@ class ObjectLayer:
         claimed[pixel[agree]] = True
         return claimed.reshape(batch, frames, h, w)
 
-    def _observe_frame(self, world: int, time: int, labels, points, features, depth, camera, c2w) -> int:
+    def _observe_frame(self, world: int, time: int, labels, points, features, depth, camera, c2w) -> None:
         present = labels[labels >= 0]
         if present.numel() == 0:
             self._mark_missing(world, time, set(), depth, camera, c2w)
-            return 0
+            return
         groups, sizes = torch.unique(present, return_counts=True)
         groups = groups[sizes >= self.min_pixels]
         detections = []
@@ -273,7 +277,6 @@ class ObjectLayer:
             detections.append((points[where], features[where].to(torch.float32)))
         matched = self._associate(world, time, detections)
         self._mark_missing(world, time, matched, depth, camera, c2w)
-        return len(detections)
 
     def _associate(self, world: int, time: int, detections) -> set[int]:
         """Give each detection an object (greedy, best first); returns the slots found in this frame."""
