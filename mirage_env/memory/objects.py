@@ -25,7 +25,8 @@ keeps them so that a thing that moves stays itself when it is seen again.
   is nearest, if it lies within the gate (``gate`` metres plus three times the
   prediction's uncertainty) and their mean latents agree (cosine similarity at least
   ``min_similarity``); an object that is lost or uncertain is re-found farther away
-  (``reacquire_radius``) when its latents agree closely (``reacquire_similarity``). Its
+  (``reacquire_radius``) when its latents agree closely (``reacquire_similarity``), and
+  its track restarts there (it is shown again only once a new track shows motion). Its
   observed position is the centroid of the group, and its latest sighting replaces its
   entries. An observation farther from the prediction than three times its uncertainty
   means the thing changed course (or stopped): the track restarts from that observation.
@@ -288,23 +289,31 @@ class ObjectLayer:
             mean = features.mean(0)
             similarity = torch.nn.functional.cosine_similarity(descriptor, mean[None], dim=-1)
             distance = (centre - points.mean(0)[None]).norm(dim=-1)
-            # A track seen once has no velocity: gate it around where it was seen, wider as time passes.
+            # A track seen once has no velocity: gate it around where it was seen, wider as time
+            # passes (up to reacquire_radius). A placed track: around its prediction.
             tracked = torch.isfinite(radius)
+            placed = tracked & (radius <= self.max_uncertainty)
             since = (time - self.last_seen[world]).clamp_min(0).to(torch.float64)
-            reach = torch.where(tracked, self.gate + 3 * radius, self.gate * (1 + since))
-            near = self.alive[world] & ~self.lost[world] & (distance <= reach) & (similarity >= self.min_similarity)
-            far = self.alive[world] & (distance <= self.reacquire_radius) & (similarity >= self.reacquire_similarity)
+            reach = torch.where(placed, self.gate + 3 * radius,
+                                (self.gate * (1 + since)).clamp(max=self.reacquire_radius))
+            near = self.alive[world] & ~self.lost[world] & (placed | ~tracked) & (distance <= reach) & \
+                (similarity >= self.min_similarity)
+            # What prediction can no longer place (lost, or too uncertain) is looked for by its look
+            # alone, and its track restarts where it is found.
+            unplaced = self.lost[world] | (tracked & ~placed)
+            far = self.alive[world] & unplaced & (distance <= self.reacquire_radius) & \
+                (similarity >= self.reacquire_similarity)
             for s in torch.nonzero(near | far).flatten().tolist():
                 cost = float(distance[s]) / max(self.gate, 1e-6) + (1.0 - float(similarity[s]))
-                pairs.append((cost, d, s))
+                pairs.append((cost, d, s, bool(far[s])))
         pairs.sort()
         used_detections, found = set(), set()
-        for _, d, s in pairs:
+        for _, d, s, refound in pairs:
             if d in used_detections or s in found:
                 continue
             used_detections.add(d)
             found.add(s)
-            self._update(world, s, time, *detections[d], float(radius[s]))
+            self._update(world, s, time, *detections[d], float(radius[s]), refound)
         for d, detection in enumerate(detections):
             if d not in used_detections:
                 found.add(self._create(world, time, *detection))
@@ -334,7 +343,7 @@ class ObjectLayer:
         return slot
 
     def _update(self, world: int, slot: int, time: int, points: torch.Tensor, features: torch.Tensor,
-                radius: float) -> None:
+                radius: float, refound: bool = False) -> None:
         centre, _ = self.predict(torch.full((self.num_worlds, 1), time, dtype=torch.int64, device=self.device))
         predicted = centre[world, 0, slot] if math.isfinite(radius) else self._last_position(world, slot)
         # The centroid of what is seen, not an alignment of the stored entries to it: at latent
@@ -342,7 +351,7 @@ class ObjectLayer:
         # nearest-neighbour alignment of a flat patch cannot see in-plane motion at all.
         position = points.mean(0)
         innovation = float((position - predicted).norm())
-        if bool(self.lost[world, slot]) or (math.isfinite(radius) and innovation > 3 * radius):
+        if refound or bool(self.lost[world, slot]) or (math.isfinite(radius) and innovation > 3 * radius):
             # A new course (or found again after being lost): the old track says nothing about it.
             self.track_len[world, slot] = 0
         self.lost[world, slot] = False
