@@ -121,3 +121,18 @@ def test_a_busy_world_with_the_object_layer_is_bit_exact_between_kernels_and_tor
             assert torch.equal(x, y)
     for name, tensor in fast[2].items():
         assert torch.equal(tensor, oracle[2][name]), name
+
+
+def test_batched_busy_worlds_with_the_object_layer_equal_single_envs_through_an_autoreset():
+    from test_vector import step_side_by_side
+
+    from mirage_env.agents.evaluate import torch_threads
+    from mirage_env.env import MirageEnv
+    from mirage_env.vector import MirageVectorEnv
+
+    settings = {"max_episode_steps": 8, "backend_options": {"busy": True}, "memory_options": {"objects": True},
+                "observations": ("rgb", "pose", "depth", "latent")}
+    with torch_threads(1):
+        venv = MirageVectorEnv(3, **settings)
+        envs = [MirageEnv(**settings) for _ in range(3)]
+        assert step_side_by_side(venv, envs, [4, 9, 17], 20) >= 3
