@@ -164,9 +164,14 @@ def eval_consistency(args) -> dict:
     print(f"revisit after a {len(moves)}-step closed loop, {args.episodes} episodes: "
           f"memory on PSNR {results['psnr_memory_on']:.2f} dB{static}{dynamic} SSIM {results['ssim_memory_on']:.4f} | "
           f"memory off PSNR {results['psnr_memory_off']:.2f} dB SSIM {results['ssim_memory_off']:.4f}")
-    if results.get("object_position_error_m") is not None:
-        print(f"object layer: {results['objects_shown']} objects shown on return, centre error "
-              f"{results['object_position_error_m']:.3f} m; without it: PSNR {results['psnr_memory_on_no_objects']:.2f} dB"
+    if "psnr_memory_on_no_objects" in results:
+        error = results.get("object_position_error_m")
+        shown = results.get("objects_shown")
+        print(f"object layer: {shown} objects shown on return"
+              + (f", centre error {error:.3f} m" if error is not None else "")
+              + f"; without it: PSNR {results['psnr_memory_on_no_objects']:.2f} dB"
+              + (f" (static content {results['psnr_static_memory_on_no_objects']:.2f} dB)"
+                 if "psnr_static_memory_on_no_objects" in results else "")
               + (f", moving things {results['psnr_dynamic_memory_on_no_objects']:.2f} dB"
                  if results.get("psnr_dynamic_memory_on_no_objects") is not None else ""))
     if args.json:
