@@ -29,3 +29,16 @@ def test_consistency_eval_writes_json(tmp_path):
     results = json.loads(out.read_text())
     assert {"psnr_memory_on", "psnr_memory_off", "ssim_memory_on", "ssim_memory_off"} <= set(results)
     assert results["psnr_memory_on"] > results["psnr_memory_off"]
+
+
+def test_consistency_eval_skips_rooms_whose_walls_block_the_loop_and_names_them(tmp_path):
+    out = tmp_path / "consistency.json"
+    assert main(["eval", "consistency", "--episodes", "2", "--json", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["blocked_seeds"] == [0]  # the default loop hits a wall in room 0
+    assert len(results["psnr_memory_on_per_episode"]) == 2
+
+
+def test_consistency_eval_says_what_to_change_when_walls_block_every_loop(capsys):
+    assert main(["eval", "consistency", "--episodes", "1", "--side-steps", "40", "--image-size", "32"]) == 2
+    assert "use a smaller --side-steps" in capsys.readouterr().err
