@@ -171,6 +171,32 @@ def evaluate(env, policy, episodes: int, seed: int = 0, video_episodes: int = 0,
     return summary | {"frames": frames}
 
 
+def report_training(args, settings: dict, policy, results: dict, line: str) -> dict:
+    """The end of every training run: evaluate ``policy`` (and a random one with
+    ``--compare-random``) on ``--eval-episodes``, print one line, write ``--json``.
+
+    Args:
+        results: what the engine measured (steps, seconds, model path...); evaluation adds to it.
+        line: the run's summary so far ("trained N steps in S s -> PATH").
+    """
+    env = make_env(**settings)
+    trained = evaluate(env, policy, args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
+    results = {**results, "success_trained": trained["success"], "spl_trained": trained["spl"],
+               "eval_episodes": args.eval_episodes}
+    line += f"; over {args.eval_episodes} episodes: success {trained['success']:.1%}, SPL {trained['spl']:.3f}"
+    if args.compare_random:
+        from .scripted import RandomPolicy
+
+        baseline = evaluate(env, RandomPolicy(), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
+        results.update({"success_random": baseline["success"], "spl_random": baseline["spl"]})
+        line += f" | random: success {baseline['success']:.1%}, SPL {baseline['spl']:.3f}"
+    print(line)
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return results
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", default=None, help="pointnav (default) | returnhome | explore")
     parser.add_argument("--policy", default="waypoint",

@@ -17,13 +17,11 @@ and ``--cnn-dim`` size the network (``mirage_env.agents.network``).
 
 from __future__ import annotations
 
-import json
 import time
-from pathlib import Path
 
 from mirage_env.config import options_from_args
 
-from .evaluate import ModelPolicy, env_config, evaluate, make_env, parse_task_options, torch_threads
+from .evaluate import ModelPolicy, env_config, parse_task_options, report_training, torch_threads
 from .policy_file import save_network_policy
 
 
@@ -68,24 +66,10 @@ def _train_and_evaluate(args, settings, ppo_config, train, env_steps, learner_st
 
     weights, spec = save_network_policy(network, args.out, settings)
     out = spec.with_suffix("")
-    env = make_env(**settings)
-    trained = evaluate(env, ModelPolicy(network), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
     results = {**settings, "algo": args.algo, "engine": "rllib", "timesteps": steps, "num_env_runners": runners,
                "num_envs_per_env_runner": args.num_envs, "iterations": len(history), "train_seconds": train_seconds,
                "env_steps_per_s": steps / train_seconds if train_seconds > 0 else None, "model": str(out),
-               "final_total_loss": learner_stats(history[-1]).get("total_loss"),
-               "success_trained": trained["success"], "spl_trained": trained["spl"],
-               "eval_episodes": args.eval_episodes}
-    line = (f"trained {steps} steps ({len(history)} RLlib iterations, {runners} env runners) in {train_seconds:.0f} s "
-            f"-> {out}; over {args.eval_episodes} episodes: success {trained['success']:.1%}, SPL {trained['spl']:.3f}")
-    if args.compare_random:
-        from mirage_env.agents.scripted import RandomPolicy
-
-        baseline = evaluate(env, RandomPolicy(), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
-        results.update({"success_random": baseline["success"], "spl_random": baseline["spl"]})
-        line += f" | random: success {baseline['success']:.1%}, SPL {baseline['spl']:.3f}"
-    print(line)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+               "final_total_loss": learner_stats(history[-1]).get("total_loss")}
+    return report_training(args, settings, ModelPolicy(network), results,
+                           f"trained {steps} steps ({len(history)} RLlib iterations, {runners} env runners) "
+                           f"in {train_seconds:.0f} s -> {out}")

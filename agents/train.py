@@ -14,9 +14,7 @@ reads them) -> evaluate over held-out seeds.
 from __future__ import annotations
 
 import argparse
-import json
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -25,8 +23,8 @@ from mirage_env.cli_types import (non_negative_float, non_negative_int, output_f
                                   positive_int)
 from mirage_env.config import add_env_arguments, options_from_args
 
-from .evaluate import (AGENT_ENV_DEFAULTS, ModelPolicy, env_config, evaluate, make_env, make_vector_env,
-                       parse_task_options, torch_threads)
+from .evaluate import (AGENT_ENV_DEFAULTS, ModelPolicy, env_config, make_env, make_vector_env,
+                       parse_task_options, report_training, torch_threads)
 from .policy_file import save_policy
 
 ALGOS = ("ppo",)
@@ -188,22 +186,7 @@ def _main(args) -> dict:
     weights, spec = save_policy(model, args.out, settings, policy_kwargs)
     out = spec.with_suffix("")
 
-    env = make_env(**settings)
-    trained = evaluate(env, ModelPolicy(model), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
     results = {**settings, "algo": args.algo, "timesteps": int(model.num_timesteps), "num_envs": args.num_envs,
-               "train_seconds": train_seconds, "model": str(out),
-               "success_trained": trained["success"], "spl_trained": trained["spl"],
-               "eval_episodes": args.eval_episodes}
-    line = (f"trained {model.num_timesteps} steps in {train_seconds:.0f} s -> {out}; over {args.eval_episodes} episodes: "
-            f"success {trained['success']:.1%}, SPL {trained['spl']:.3f}")
-    if args.compare_random:
-        from mirage_env.agents.scripted import RandomPolicy
-
-        baseline = evaluate(env, RandomPolicy(), args.eval_episodes, seed=args.eval_seed, progress=not args.quiet)
-        results.update({"success_random": baseline["success"], "spl_random": baseline["spl"]})
-        line += f" | random: success {baseline['success']:.1%}, SPL {baseline['spl']:.3f}"
-    print(line)
-    if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(results, indent=2))
-    return results
+               "train_seconds": train_seconds, "model": str(out)}
+    return report_training(args, settings, ModelPolicy(model), results,
+                           f"trained {model.num_timesteps} steps in {train_seconds:.0f} s -> {out}")
