@@ -45,6 +45,18 @@ def _sphere_visible(m, x, y, z, frustum):
 
 
 @njit(cache=True, inline="always")
+def _cell_visible(m, key, cells_per_key, offset, brick_edge, half_cell, frustum):
+    """Whether the bounding sphere of a chunk (``cells_per_key`` = chunk size) or brick (1) is in the frustum.
+
+    The key's axes are decoded in integers and converted once, as the torch cull does.
+    """
+    x = np.float32(((key >> (2 * _AXIS_BITS)) & _AXIS_MASK) * cells_per_key - offset)
+    y = np.float32(((key >> _AXIS_BITS) & _AXIS_MASK) * cells_per_key - offset)
+    z = np.float32((key & _AXIS_MASK) * cells_per_key - offset)
+    return _sphere_visible(m, x * brick_edge + half_cell, y * brick_edge + half_cell, z * brick_edge + half_cell, frustum)
+
+
+@njit(cache=True, inline="always")
 def _fma32(a, b, c):
     return np.float32(np.float64(a) * np.float64(b) + np.float64(c))
 
@@ -79,22 +91,13 @@ def _read_view(v, b, w2c, camera_origin, chunk_keys, chunk_batch, members, brick
         if chunk_batch[c] != b:
             continue
         key = chunk_keys[c]
-        fx0 = np.float32((((key >> (2 * _AXIS_BITS)) & _AXIS_MASK) * chunk_size - offset))
-        fx1 = np.float32((((key >> _AXIS_BITS) & _AXIS_MASK) * chunk_size - offset))
-        fx2 = np.float32(((key & _AXIS_MASK) * chunk_size - offset))
-        if not _sphere_visible(m, fx0 * brick_edge + half_chunk, fx1 * brick_edge + half_chunk,
-                               fx2 * brick_edge + half_chunk, chunk_frustum):
+        if not _cell_visible(m, key, chunk_size, offset, brick_edge, half_chunk, chunk_frustum):
             continue
         for member in range(members.shape[1]):
             slot = members[c, member]
             if slot < 0:
                 continue
-            bkey = brick_keys[slot]
-            b0 = np.float32(((bkey >> (2 * _AXIS_BITS)) & _AXIS_MASK) - offset)
-            b1 = np.float32(((bkey >> _AXIS_BITS) & _AXIS_MASK) - offset)
-            b2 = np.float32((bkey & _AXIS_MASK) - offset)
-            if not _sphere_visible(m, b0 * brick_edge + half_brick, b1 * brick_edge + half_brick,
-                                   b2 * brick_edge + half_brick, brick_frustum):
+            if not _cell_visible(m, brick_keys[slot], 1, offset, brick_edge, half_brick, brick_frustum):
                 continue
             for voxel in range(entry_of.shape[1]):
                 e = entry_of[slot, voxel]
