@@ -4,7 +4,9 @@ The brick index (:mod:`.index`, with :mod:`.chunks`) says where entries are, the
 pool (:mod:`.pool`) holds them, the write clocks (:mod:`.horizon`) age them; :mod:`.lift`,
 :mod:`.merge`, :mod:`.raster` and :mod:`.fileformat` are the steps of a write, a read and
 a save. This module holds the order of those steps and the checks at the edge.
-It stays one file because it is one class whose methods are the memory's public surface.
+It is long because it stays one file: one class whose methods are the memory's public
+surface, with the compiled-kernel and torch paths of a read and a write side by side
+(the torch path is the kernels' test oracle, so the two are read together).
 """
 
 from __future__ import annotations
