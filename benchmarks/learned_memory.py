@@ -154,9 +154,9 @@ def train(args, data: Path, out: Path, progress: bool) -> dict:
     # Samples are cut on the CPU: the memory replay is thousands of tiny operations.
     preparer = load_model(out, memory=False)
     samples = prepare_clip_samples(preparer, clips, voxel_size=preparer.suggested_voxel_size, progress=progress)
-    del preparer
     timings["prepare_s"] = time.perf_counter() - t0
-    model = load_model(out, memory=False, device=args.device)
+    model = preparer if args.device == "cpu" else load_model(out, memory=False, device=args.device)
+    del preparer
 
     losses = {}
     options = dict(batch_size=args.batch, lora_rank=args.lora_rank, seed=args.seed, progress=progress,
