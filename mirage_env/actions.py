@@ -67,19 +67,19 @@ def _expected(action_type: str) -> str:
 
 
 def _check_moves(array: np.ndarray, n: int, who) -> np.ndarray:
-    space = f"outside the action space Discrete({len(Move)}): {_moves_text()}"
+    space = lambda: f"outside the action space Discrete({len(Move)}): {_moves_text()}"  # noqa: E731 (errors only)
     if array.shape != (n,):
         raise ValueError(f"actions must have shape ({n},), one Discrete({len(Move)}) move per agent, got shape {array.shape}")
     if array.dtype.kind == "f":
         bad = ~np.isfinite(array) | (array != np.round(array))
         if bad.any():
-            raise ValueError(f"{who(bad)} got action(s) {array[bad].tolist()}, {space} (moves are whole numbers)")
+            raise ValueError(f"{who(bad)} got action(s) {array[bad].tolist()}, {space()} (moves are whole numbers)")
         array = array.astype(np.int64)
     elif array.dtype.kind not in "iu":
-        raise ValueError(f"got action(s) {array.tolist()!r} (dtype {array.dtype}), {space} (moves are integers)")
+        raise ValueError(f"got action(s) {array.tolist()!r} (dtype {array.dtype}), {space()} (moves are integers)")
     bad = (array < 0) | (array >= len(Move))
     if bad.any():
-        raise ValueError(f"{who(bad)} got action(s) {array[bad].tolist()}, {space}")
+        raise ValueError(f"{who(bad)} got action(s) {array[bad].tolist()}, {space()}")
     return array.astype(np.int64)
 
 

@@ -346,10 +346,11 @@ def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
     cy, sy = np.cos(rigs[:, 3]), np.sin(rigs[:, 3])
     cp, sp = np.cos(rigs[:, 4]), np.sin(rigs[:, 4])
     cr, sr = np.cos(rigs[:, 5]), np.sin(rigs[:, 5])
-    zero, one = np.zeros_like(cy), np.ones_like(cy)
-    r_yaw = np.stack([cy, zero, sy, zero, one, zero, -sy, zero, cy], -1).reshape(-1, 3, 3)
-    r_pitch = np.stack([one, zero, zero, zero, cp, -sp, zero, sp, cp], -1).reshape(-1, 3, 3)
-    r_roll = np.stack([cr, -sr, zero, sr, cr, zero, zero, zero, one], -1).reshape(-1, 3, 3)
+    # Filled in place rather than stacked from 27 arrays: this runs every step for a handful of rigs.
+    r_yaw, r_pitch, r_roll = np.zeros((3, rigs.shape[0], 3, 3))
+    r_yaw[:, 0, 0], r_yaw[:, 0, 2], r_yaw[:, 1, 1], r_yaw[:, 2, 0], r_yaw[:, 2, 2] = cy, sy, 1.0, -sy, cy
+    r_pitch[:, 0, 0], r_pitch[:, 1, 1], r_pitch[:, 1, 2], r_pitch[:, 2, 1], r_pitch[:, 2, 2] = 1.0, cp, -sp, sp, cp
+    r_roll[:, 0, 0], r_roll[:, 0, 1], r_roll[:, 1, 0], r_roll[:, 1, 1], r_roll[:, 2, 2] = cr, -sr, sr, cr, 1.0
     poses = np.zeros((rigs.shape[0], 4, 4))
     poses[:, :3, :3] = r_yaw @ r_pitch @ r_roll
     poses[:, :3, 3] = rigs[:, :3]
@@ -359,8 +360,19 @@ def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
 
 def _ground_axes(yaw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(N, 3) forward and right unit vectors on the ground plane for headings ``yaw``."""
-    zero = np.zeros_like(yaw)
-    return np.stack([np.sin(yaw), zero, np.cos(yaw)], -1), np.stack([np.cos(yaw), zero, -np.sin(yaw)], -1)
+    sin, cos = np.sin(yaw), np.cos(yaw)
+    forward, right = np.zeros((2, yaw.shape[0], 3))
+    forward[:, 0], forward[:, 2], right[:, 0], right[:, 2] = sin, cos, cos, -sin
+    return forward, right
+
+
+# Each move's sign along (forward, right, turn right, look up): one lookup per step instead of
+# eight comparisons (the same +-1.0 / 0.0 values they gave).
+_MOVE_SIGNS = np.zeros((len(Move), 4))
+for _move, _axis, _sign in ((Move.FORWARD, 0, 1.0), (Move.BACKWARD, 0, -1.0), (Move.STRAFE_RIGHT, 1, 1.0),
+                            (Move.STRAFE_LEFT, 1, -1.0), (Move.TURN_RIGHT, 2, 1.0), (Move.TURN_LEFT, 2, -1.0),
+                            (Move.LOOK_UP, 3, 1.0), (Move.LOOK_DOWN, 3, -1.0)):
+    _MOVE_SIGNS[_move, _axis] = _sign
 
 
 def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
@@ -377,12 +389,11 @@ def apply_checked_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfi
     rigs = np.array(rigs, dtype=np.float64)
     yaw = rigs[:, 3]
     forward, right = _ground_axes(yaw)
-    along = (moves == Move.FORWARD).astype(float) - (moves == Move.BACKWARD)
-    across = (moves == Move.STRAFE_RIGHT).astype(float) - (moves == Move.STRAFE_LEFT)
-    rigs[:, :3] += motion.step_metres * (along[:, None] * forward + across[:, None] * right)
-    turn = (moves == Move.TURN_RIGHT).astype(float) - (moves == Move.TURN_LEFT)
-    look = (moves == Move.LOOK_UP).astype(float) - (moves == Move.LOOK_DOWN)
-    rigs[:, 3] = np.arctan2(np.sin(yaw + math.radians(motion.turn_degrees) * turn), np.cos(yaw + math.radians(motion.turn_degrees) * turn))
+    signs = _MOVE_SIGNS[moves]
+    along, across, turn, look = signs[:, 0:1], signs[:, 1:2], signs[:, 2], signs[:, 3]
+    rigs[:, :3] += motion.step_metres * (along * forward + across * right)
+    new_yaw = yaw + math.radians(motion.turn_degrees) * turn
+    rigs[:, 3] = np.arctan2(np.sin(new_yaw), np.cos(new_yaw))
     limit = math.radians(motion.max_pitch_degrees)
     rigs[:, 4] = np.clip(rigs[:, 4] + math.radians(motion.look_degrees) * look, -limit, limit)
     return rigs
