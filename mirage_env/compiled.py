@@ -30,19 +30,27 @@ __all__ = ["KERNELS_ENV", "kernels_enabled", "disable_kernels"]
 KERNELS_ENV = "MIRAGE_ENV_KERNELS"
 
 _broken: str | None = None  # why the kernels were given up, once
+_numba_checked = False  # numba imported once already
 
 
 def kernels_enabled(device: torch.device | str) -> bool:
-    """True when the compiled kernels should run for tensors on ``device``."""
-    if torch.device(device).type != "cpu" or _broken is not None:
+    """True when the compiled kernels should run for tensors on ``device``.
+
+    Called several times a step, so it does little: the variable is read every call (tests and
+    benchmarks switch paths by setting it in-process), numba's import is checked once.
+    """
+    global _numba_checked
+    if _broken is not None or os.environ.get(KERNELS_ENV, "1") == "0":
         return False
-    if os.environ.get(KERNELS_ENV, "1") == "0":
+    if (device if isinstance(device, torch.device) else torch.device(device)).type != "cpu":
         return False
-    try:
-        import numba  # noqa: F401
-    except ImportError as error:
-        disable_kernels(f"numba is not installed ({error}); `pip install numba` for the fast CPU path")
-        return False
+    if not _numba_checked:
+        try:
+            import numba  # noqa: F401
+        except ImportError as error:
+            disable_kernels(f"numba is not installed ({error}); `pip install numba` for the fast CPU path")
+            return False
+        _numba_checked = True
     return True
 
 

@@ -177,10 +177,10 @@ class ProceduralWorldModel:
         room_lo = self.room_lo.cpu().numpy()[index].astype(np.float64)
         room_hi = self.room_hi.cpu().numpy()[index].astype(np.float64)
         # Objects: footprints in x and z, where they stand in the next frame (the moving crate moves).
-        on_device = torch.as_tensor(index, device=self.device)
         if self.device.type == "cpu":
-            box_lo, box_hi = self._object_boxes_on_host(on_device, self.time[on_device][:, None])
+            box_lo, box_hi = self._object_boxes_on_host(index, self._host()["time"][index][:, None])
         else:
+            on_device = torch.as_tensor(index, device=self.device)
             box_lo, box_hi = (b.cpu().numpy() for b in self._object_boxes(on_device, self.time[on_device][:, None]))
         box_lo = box_lo[:, 0][..., [0, 2]].astype(np.float64)  # (N, K, 2)
         box_hi = box_hi[:, 0][..., [0, 2]].astype(np.float64)
@@ -321,91 +321,71 @@ class ProceduralWorldModel:
         batch, frames = poses.shape[:2]
         if views < 1 or frames % views:
             raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
-        frames_per_view = frames // views
+        # Always draw, so every world consumes its generator the same way whatever it sees (and whichever
+        # path runs: the compiled one hands these to the torch path if it cannot run).
+        fresh = torch.stack([torch.rand(self._surface_count(), 6, generator=g) for g in generators]).to(self.device)
+        if kernels_enabled(self.device) and self._compiled_inputs_fit(memory):
+            segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
+            if segment is not None:
+                return segment
+        return self._generate_torch(poses, fresh, worlds, memory, frames // views)
+
+    def _generate_torch(self, poses: torch.Tensor, fresh, worlds: list[int], memory, frames_per_view: int) -> Segment:
+        """The reference implementation (any device; the oracle of the compiled path)."""
+        batch, frames = poses.shape[:2]
         height, width, f = self.camera.height, self.camera.width, self.codec.factor
         h, w, surfaces = height // f, width // f, self._surface_count()
         index = torch.tensor(worlds, device=self.device)
-        compiled = None
-        if kernels_enabled(self.device):  # the same numbers, in numpy: a few torch ops fewer
-            time = torch.from_numpy(self.time.numpy()[worlds][:, None] + np.arange(frames) % frames_per_view)
-            compiled = self._compiled_cast(poses, index, time)
-        else:
-            # The views of a world are simultaneous: frame j of every view is at the same instant.
-            time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
-        if compiled is not None:
-            depth, surface, face_axis, directions, origin, latent_depth, centre_surface, fog_arg = compiled
-        else:
-            depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
-            patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
-            latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
-            centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
-        moving_surface = FACES + (NUM_OBJECTS - 1) * FACES
+        # The views of a world are simultaneous: frame j of every view is at the same instant.
+        time = self.time[index][:, None] + torch.arange(frames, device=self.device) % frames_per_view  # (B, T)
+        depth, surface, face_axis, directions, origin = self._cast(poses.to(self.device, torch.float32), index, time)
+        patches = depth.reshape(batch, frames, h, f, w, f).transpose(3, 4).reshape(batch, frames, h, w, f * f)
+        latent_depth = patches.sort(dim=-1).values[..., (f * f) // 2]  # median: stays inf when mostly sky
+        centre_surface = surface.reshape(batch, frames, h, f, w, f)[:, :, :, f // 2, :, f // 2]
 
-        # Always draw, so every world consumes its generator the same way whatever it sees.
-        fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
-        kept = self._compiled_bookkeeping(index, frames_per_view, surface, centre_surface, latent_depth, memory,
-                                          fresh) if compiled is not None else None
-        if kept is not None:
-            memory_used, moving = kept
-            appearance = None  # updated in place; gathered below only if the torch shading runs
-        else:
-            offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
-            continuing = self.in_view[index]
-            memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
-            if memory is not None:
-                memory_latents, memory_mask, memory_depth = memory
-                # Memory that contradicts the geometry in view (a crate that has since moved, a
-                # sample from an oblique view of another part of the surface) is not shown: an
-                # ideal model resolves such conflicts in favour of what is there now.
-                agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
-                memory_used = memory_mask.to(self.device) & agrees
-            # Surfaces memory shows somewhere in view keep the look memory recorded for them.
-            shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-            shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
-            recalled = shown.reshape(batch, surfaces) & ~continuing
-            appearance = torch.where(continuing[..., None], self.appearance[index],
-                                     torch.where(recalled[..., None], self.committed[index], fresh))
-            self.appearance[index] = appearance
+        offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
+        continuing = self.in_view[index]
+        memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
+        if memory is not None:
+            memory_latents, memory_mask, memory_depth = memory
+            # Memory that contradicts the geometry in view (a crate that has since moved, a
+            # sample from an oblique view of another part of the surface) is not shown: an
+            # ideal model resolves such conflicts in favour of what is there now.
+            agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
+            memory_used = memory_mask.to(self.device) & agrees
+        # Surfaces memory shows somewhere in view keep the look memory recorded for them.
+        shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
+        recalled = shown.reshape(batch, surfaces) & ~continuing
+        appearance = torch.where(continuing[..., None], self.appearance[index],
+                                 torch.where(recalled[..., None], self.committed[index], fresh))
+        self.appearance[index] = appearance
 
-        patches = None
-        if compiled is not None:
-            patches = self._compiled_shade(directions, origin, depth, surface, face_axis, index, fog_arg)
-        if patches is not None:
-            latents = self.codec.encode_patches(patches).reshape(batch, frames, -1, h, w)
-        else:
-            appearance = self.appearance[index] if appearance is None else appearance
-            images = self._shade(directions, origin, depth, surface, face_axis, appearance)
-            images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
-            latents = self.codec.encode(images)  # (B, T, C, h, w)
+        images = self._shade(directions, origin, depth, surface, face_axis, appearance)
+        images = images.reshape(batch, frames, height, width, 3).permute(0, 1, 4, 2, 3)
+        latents = self.codec.encode(images)  # (B, T, C, h, w)
         if memory is not None:
             latents = torch.where(memory_used[:, :, None], memory[0].to(self.device), latents)
 
         surface = surface.reshape(batch, frames, height, width)
-        if kept is None:
-            in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-            # Every view's last frame is context for the next segment, not only the last view's.
-            last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
-            in_view[(last_of_each_view + offsets).reshape(-1)] = True
-            self.in_view[index] = in_view.reshape(batch, surfaces)
-            # What this segment shows goes to memory (the World writes every segment) with its current look.
-            seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-            seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
-            self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance,
-                                                self.committed[index])
-            moving = (surface >= moving_surface) & (surface < moving_surface + FACES)
-            moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
-        if kept is not None:
-            self.time.numpy()[worlds] += frames_per_view
-        else:
-            self.time[index] += frames_per_view
+        in_view = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        # Every view's last frame is context for the next segment, not only the last view's.
+        last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
+        in_view[(last_of_each_view + offsets).reshape(-1)] = True
+        self.in_view[index] = in_view.reshape(batch, surfaces)
+        # What this segment shows goes to memory (the World writes every segment) with its current look.
+        seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
+        self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance,
+                                            self.committed[index])
+        self.time[index] += frames_per_view
 
         # Ground truth for evaluation only (nothing in memory reads it): which moving box each
         # latent pixel's centre shows (its index in moving_boxes(), -1: none) and where each is.
         movers = torch.tensor(self.moving_boxes(), device=self.device)
-        if self.busy:  # the bookkeeping above knows the one sliding crate; the busy scene has more
-            box_of = torch.div(surface - FACES, FACES, rounding_mode="floor")
-            moving = (surface >= FACES) & torch.isin(box_of, movers)
-            moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
+        box_of = torch.div(surface - FACES, FACES, rounding_mode="floor")
+        moving = (surface >= FACES) & torch.isin(box_of, movers)
+        moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
         centre_box = torch.div(centre_surface - FACES, FACES, rounding_mode="floor")
         object_ids = torch.full_like(centre_box, -1)
         for k, box in enumerate(movers.tolist()):
@@ -430,87 +410,117 @@ class ProceduralWorldModel:
     def _surface_count(self) -> int:
         return FACES + NUM_OBJECTS * FACES + 1  # room faces, object faces, sky
 
-    def _compiled_cast(self, poses, index, time):
-        """``_cast`` and the latent-grid reductions by the compiled kernels (None: they failed to build).
+    # ------------------------------------------------------------------ compiled path (CPU)
 
-        Returns depth, surface, face axis (B, T, P), directions (B, T, P, 3), origin (B, T, 1, 3),
-        latent depth and centre surface (B, T, h, w), and the fog's exp argument (B, T, P).
-        """
+    def _compiled_inputs_fit(self, memory) -> bool:
+        """Whether the request's memory has the dtypes the kernels take (other dtypes promote in torch's maths)."""
+        return memory is None or (memory[0].dtype == torch.float32 and memory[1].dtype == torch.bool
+                                  and memory[2].dtype == torch.float32)
+
+    def _host(self) -> dict[str, np.ndarray]:
+        """numpy views of the per-world state and the constant tables the kernels read, rebuilt when a state
+        tensor is replaced (``_grow``, ``load_state_dict``); in-place updates show through the views."""
+        tensors = tuple(getattr(self, name) for name in self._HOST)
+        cached = getattr(self, "_host_cache", None)
+        if cached is None or any(a is not b for a, b in zip(cached[0], tensors)):
+            views = {name: tensor.numpy() for name, tensor in zip(self._HOST, tensors)}
+            views["rays"], views["ray_length"] = self._rays.numpy(), self._ray_length.numpy()
+            # Per surface: whether it belongs to a moving box, and that box's index in moving_boxes() (-1: none).
+            surfaces = np.arange(self._surface_count())
+            box_of = (surfaces - FACES) // FACES
+            movers = self.moving_boxes()
+            views["object_of"] = np.array([movers.index(box) if s >= FACES and box in movers else -1
+                                           for s, box in zip(surfaces, box_of)], dtype=np.int64)
+            views["moving_of"] = views["object_of"] >= 0
+            views["movers"] = np.array(movers, dtype=np.int64)
+            self._host_cache = cached = (tensors, views)
+        return cached[1]
+
+    _HOST = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view")
+
+    def _generate_compiled(self, poses, fresh, worlds, memory, frames_per_view) -> Segment | None:
+        """``_generate_torch`` as three compiled kernels with torch's exp and the codec's two products between
+        them: the same bits (tests/test_compiled.py). None when the first kernel cannot run (nothing changed)."""
         try:
+            from . import codec_kernels
             from . import procedural_kernels as kernels
         except Exception as error:  # numba missing or broken: the torch path, with a warning
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
         batch, frames = poses.shape[:2]
-        views, pixels = batch * frames, self._rays.shape[0]
-        poses32 = poses.to(torch.float32).numpy().reshape(views, 4, 4)
-        rotation = np.ascontiguousarray(poses32[:, :3, :3])
-        origin = np.ascontiguousarray(poses32[:, :3, 3])
-        of_view = index.numpy().repeat(frames)
-        box_lo, box_hi = self._object_boxes_on_host(index, time)
-        parallel = torch.get_num_threads() > 1
-        rays = self._rays.numpy()
-        camera, f = self.camera, self.codec.factor
-        try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
-            depth, surface, face_axis, directions = kernels.cast(
-                rays, rotation, origin, self.room_lo.numpy()[of_view], self.room_hi.numpy()[of_view],
-                box_lo.reshape(views, -1, 3), box_hi.reshape(views, -1, 3), self.scene == "outdoor",
-                self._surface_count() - 1, camera, parallel)
-            latent_depth, centre_surface, fog_arg = kernels.latent_grid(depth, surface, camera.width, camera.height,
-                                                                        f, parallel)
-        except Exception as error:
-            disable_kernels(f"{type(error).__name__}: {error}")
-            return None
+        camera, codec, f = self.camera, self.codec, self.codec.factor
         h, w = camera.height // f, camera.width // f
-        grid = lambda a, *shape: torch.from_numpy(a).reshape(batch, frames, *shape)  # noqa: E731
-        return (grid(depth, pixels), grid(surface, pixels), grid(face_axis, pixels), grid(directions, pixels, 3),
-                grid(origin, 1, 3), grid(latent_depth, h, w), grid(centre_surface, h, w), grid(fog_arg, pixels))
-
-    def _compiled_bookkeeping(self, index, frames_per_view, surface, centre_surface, latent_depth, memory, fresh):
-        """The per-surface bookkeeping by the compiled kernel: memory_used and moving (B, T, h, w), the model's
-        appearance, committed and in_view updated in place (None: the kernel could not be built; nothing changed)."""
-        from . import procedural_kernels as kernels
-        batch, frames, h, w = latent_depth.shape
-        memory_used = np.empty((batch, frames, h, w), np.bool_)
-        moving = np.empty((batch, frames, h, w), np.bool_)
+        host = self._host()
+        world = np.asarray(worlds, dtype=np.int64)
+        time = host["time"][world][:, None] + np.arange(frames) % frames_per_view
+        box_lo, box_hi = self._object_boxes_on_host(world, time)
+        pose_array = np.ascontiguousarray(poses.numpy())
         if memory is None:
-            mask, memory_depth = memory_used, latent_depth.numpy()  # not read: use_memory is False
+            mask, memory_depth = np.zeros((batch, frames, h, w), np.bool_), np.zeros((batch, frames, h, w), np.float32)
         else:
-            mask = memory[1].to(self.device, torch.bool).contiguous().numpy()
-            memory_depth = memory[2].to(self.device, torch.float32).contiguous().numpy()
-        try:
-            kernels.bookkeeping(
-                index.numpy(), frames_per_view, surface.numpy(), centre_surface.numpy(), latent_depth.numpy(), mask,
-                memory_depth, memory is not None, np.float32(self.memory_depth_tolerance), fresh.numpy(),
-                self.appearance.numpy(), self.committed.numpy(), self.in_view.numpy(),
-                FACES + (NUM_OBJECTS - 1) * FACES, self.codec.factor, self.camera.width, memory_used, moving)
+            mask, memory_depth = memory[1].contiguous().numpy(), memory[2].contiguous().numpy()
+        parallel = torch.get_num_threads() > 1
+        outdoor, sky_id = self.scene == "outdoor", self._surface_count() - 1
+        try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
+            depth, surface, face_axis, fog_arg, latent_depth, centre, memory_used, moving, sky, object_ids = kernels.cast(
+                host["rays"], pose_array, world, host["room_lo"], host["room_hi"], box_lo, box_hi, outdoor, sky_id,
+                camera, f, frames_per_view, mask, memory_depth, memory is not None,
+                np.float32(self.memory_depth_tolerance), fresh.numpy(), host["appearance"], host["committed"],
+                host["in_view"], host["moving_of"], host["object_of"], parallel)
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        return torch.from_numpy(memory_used), torch.from_numpy(moving)
+        host["time"][world] += frames_per_view
+        memory_used = torch.from_numpy(memory_used)
+        # exp is torch's: numba's expf differs from torch's vectorised one in the last bit for ~1% of inputs.
+        fog = torch.exp(torch.from_numpy(fog_arg))
+        latents = torch.empty(batch, frames, codec.channels, h, w)
+        try:
+            # torch's allocator, not numpy's, for what the codec's products read: a BLAS may round
+            # differently with differently aligned memory.
+            patches = torch.empty(batch * frames, 3, h, w, f * f)
+            kernels.shade(host["rays"], pose_array, world, depth, surface, face_axis, fog.numpy(), host["appearance"],
+                          host["ray_length"], outdoor, sky_id, camera.width, f, parallel, patches.numpy())
+            decode_in = torch.empty(batch * frames, 3, h, w, codec.keep * codec.keep)
+            codec_kernels.latents_from_coefficients(
+                (patches @ codec.basis).numpy(), memory_used.numpy(),
+                memory[0].contiguous().numpy() if memory is not None else latents.numpy(), memory is not None,
+                latents.numpy(), decode_in.numpy(), parallel)
+            images = codec_kernels.frames_from_patches((decode_in @ codec.basis.T).numpy(), f, parallel)
+            images = torch.from_numpy(images).reshape(batch, frames, camera.height, camera.width, 3)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            latents, images = self._shade_on_torch(poses, world, depth, surface, face_axis, memory, memory_used)
+        movers = host["movers"]
+        return Segment(
+            latents=latents,
+            depth=torch.from_numpy(latent_depth),
+            poses=poses,
+            image_depth=torch.from_numpy(depth).reshape(batch, frames, camera.height, camera.width),
+            frames=images,
+            info={
+                "moving": torch.from_numpy(moving),
+                "sky": torch.from_numpy(sky),
+                "memory_used": memory_used,
+                "object_ids": torch.from_numpy(object_ids),
+                "object_centres": torch.from_numpy(0.5 * (box_lo + box_hi)[:, :, movers]),
+            },
+        )
 
-    def _compiled_shade(self, directions, origin, depth, surface, face_axis, index, fog_arg):
-        """``_shade`` by the compiled kernel; the fog's exp stays torch's, whose rounding the kernel cannot match."""
-        from . import procedural_kernels as kernels
-        batch, frames, pixels = depth.shape
-        views = batch * frames
-        fog = torch.exp(fog_arg).numpy().reshape(views, pixels)
-        world = index.numpy().repeat(frames)
-        f = self.codec.factor
-        # torch's allocator, not numpy's: the codec's matrix product reads this buffer, and a BLAS may
-        # round differently with differently aligned memory.
-        patches = torch.empty(views, 3, self.camera.height // f, self.camera.width // f, f * f)
-        try:
-            kernels.shade(
-                world, directions.numpy().reshape(views, pixels, 3), origin.numpy().reshape(views, 3),
-                depth.numpy().reshape(views, pixels), surface.numpy().reshape(views, pixels),
-                face_axis.numpy().reshape(views, pixels), self.appearance.numpy(), fog,
-                self._ray_length.numpy(), self.scene == "outdoor", self._surface_count() - 1,
-                self.camera.width, self.camera.height, f, torch.get_num_threads() > 1, patches.numpy())
-        except Exception as error:
-            disable_kernels(f"{type(error).__name__}: {error}")
-            return None
-        return patches
+    def _shade_on_torch(self, poses, world, depth, surface, face_axis, memory, memory_used):
+        """Latents and frames from the compiled cast by the torch shading and codec (a shading or codec kernel
+        failed after the cast kernel had updated the model's state)."""
+        batch, frames = poses.shape[:2]
+        poses32 = poses.to(torch.float32)
+        directions = _rotate(poses32[..., :3, :3][:, :, None], self._rays)
+        as_tensor = lambda a: torch.from_numpy(a).to(torch.int64)  # noqa: E731
+        images = self._shade(directions, poses32[..., :3, 3][:, :, None], torch.from_numpy(depth), as_tensor(surface),
+                             as_tensor(face_axis), self.appearance[torch.from_numpy(world)])
+        images = images.reshape(batch, frames, self.camera.height, self.camera.width, 3).permute(0, 1, 4, 2, 3)
+        latents = self.codec.encode(images)
+        if memory is not None:
+            latents = torch.where(memory_used[:, :, None], memory[0], latents)
+        return latents, self.codec.decode_uint8(latents)
 
     def _cast(self, poses, index, time):
         """Ray-cast (B, T) cameras: z-depth, surface id and face axis per ray (B, T, P), ray directions, origins.
@@ -616,22 +626,23 @@ class ProceduralWorldModel:
         shape = (batch, frames, pixels)
         return object_depth.reshape(shape), which.reshape(shape), object_axis.reshape(shape)
 
-    def _object_boxes_on_host(self, index, time) -> tuple[np.ndarray, np.ndarray]:
-        """``_object_boxes`` as numpy arrays (CPU): the same numbers, a few torch ops fewer.
+    def _object_boxes_on_host(self, index: np.ndarray, time: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """``_object_boxes`` on numpy index (B,) and time (B, T) arrays (CPU): the same numbers, fewer torch ops.
 
         The crate's shift stays a torch computation: torch's ``sin`` (vectorised or not by
         position in the tensor) and numpy's need not round alike.
         """
-        rows = index.numpy()
-        motion = self.motion.numpy()[rows]  # amplitude, angular speed, phase
-        angle = motion[:, 1:2] * time.numpy().astype(np.float32) + motion[:, 2:3]
+        host = self._host()
+        motion = host["motion"][index]  # amplitude, angular speed, phase
+        angle = motion[:, 1:2] * time.astype(np.float32) + motion[:, 2:3]
         shift = motion[:, 0:1] * torch.sin(torch.from_numpy(angle)).numpy()
-        lo = np.repeat(self.box_lo.numpy()[rows][:, None], time.shape[1], axis=1)
-        hi = np.repeat(self.box_hi.numpy()[rows][:, None], time.shape[1], axis=1)
+        lo = np.repeat(host["box_lo"][index][:, None], time.shape[1], axis=1)
+        hi = np.repeat(host["box_hi"][index][:, None], time.shape[1], axis=1)
         lo[:, :, -1, 0] += shift
         hi[:, :, -1, 0] += shift
         if self.busy:  # the crates before the sliding one move too
-            mover_lo, mover_hi = mover_boxes(self.movers[index], time, self.room_hi[index][:, 1])
+            rows = torch.from_numpy(index)
+            mover_lo, mover_hi = mover_boxes(self.movers[rows], torch.from_numpy(time), self.room_hi[rows][:, 1])
             lo[:, :, -1 - MOVERS:-1] = mover_lo.numpy().astype(lo.dtype)
             hi[:, :, -1 - MOVERS:-1] = mover_hi.numpy().astype(hi.dtype)
         return lo, hi

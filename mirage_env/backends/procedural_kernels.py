@@ -11,6 +11,10 @@ and torch's vectorised one differ in the last bit for ~1% of inputs; the caller
 computes the fog factor with torch from ``fog_arg``).
 
 Arrays: V views (world-frames), P = H * W rays, K boxes, S surfaces.
+
+Why it is long: a segment is three kernels (``front``: cast, latent grid and bookkeeping; ``shade``;
+the codec's in :mod:`.codec_kernels`) plus the collision check, and each must mirror its torch code
+line by line; splitting them across files would separate the helpers they share.
 """
 
 from __future__ import annotations
@@ -35,17 +39,22 @@ def _rotate(r, x, y, z, i):
 
 
 @njit(cache=True)
-def _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-               width, height, directions, depth, surface, face_axis):
-    r = rotation[v]
-    o0, o1, o2 = origin[v, 0], origin[v, 1], origin[v, 2]
-    boxes = box_lo.shape[1]
-    # Screen rectangle of every box (the torch path's cull, repeated so the same pairs are tested).
-    u_lo = np.empty(boxes, np.float32)
-    u_hi = np.empty(boxes, np.float32)
-    v_lo = np.empty(boxes, np.float32)
-    v_hi = np.empty(boxes, np.float32)
-    for k in range(boxes):
+def _rotation(poses, b, t):
+    # ``poses.to(torch.float32)``'s rounding of the camera's rotation (float64 -> float32, to nearest).
+    r = np.empty((3, 3), np.float32)
+    for i in range(3):
+        for j in range(3):
+            r[i, j] = np.float32(poses[b, t, i, j])
+    return r
+
+
+@njit(cache=True)
+def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width, height, span, to_lo, to_hi):
+    """Per box k, the first and last column (``span[k, 0:2]``) and row (``span[k, 2:4]``) whose pixel centre lies
+    in its screen rectangle (the torch path's cull: it decides which ray-box pairs are tested), and the box's
+    planes relative to the camera (``to_lo``, ``to_hi``)."""
+    half = np.float32(0.5)
+    for k in range(box_lo.shape[2]):
         all_front = True
         any_front = False
         umin = np.float32(np.inf)
@@ -53,9 +62,9 @@ def _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outd
         vmin = np.float32(np.inf)
         vmax = np.float32(-np.inf)
         for c in range(8):
-            cx0 = (box_hi[v, k, 0] if (c >> 2) & 1 else box_lo[v, k, 0]) - o0
-            cx1 = (box_hi[v, k, 1] if (c >> 1) & 1 else box_lo[v, k, 1]) - o1
-            cx2 = (box_hi[v, k, 2] if c & 1 else box_lo[v, k, 2]) - o2
+            cx0 = (box_hi[b, t, k, 0] if (c >> 2) & 1 else box_lo[b, t, k, 0]) - o0
+            cx1 = (box_hi[b, t, k, 1] if (c >> 1) & 1 else box_lo[b, t, k, 1]) - o1
+            cx2 = (box_hi[b, t, k, 2] if c & 1 else box_lo[b, t, k, 2]) - o2
             # The transposed rotation: column i of R^T is row i of R.
             l0 = r[0, 0] * cx0 + r[1, 0] * cx1 + r[2, 0] * cx2
             l1 = r[0, 1] * cx0 + r[1, 1] * cx1 + r[2, 1] * cx2
@@ -72,146 +81,259 @@ def _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outd
             vmin = min(vmin, vv)
             vmax = max(vmax, vv)
         if not all_front and any_front:  # straddles the camera plane: every ray
-            u_lo[k], u_hi[k], v_lo[k], v_hi[k] = -np.inf, np.inf, -np.inf, np.inf
+            u_lo, u_hi, v_lo, v_hi = -np.inf, np.inf, -np.inf, np.inf
         elif not any_front:  # wholly behind: none
-            u_lo[k], u_hi[k], v_lo[k], v_hi[k] = np.inf, -np.inf, np.inf, -np.inf
+            u_lo, u_hi, v_lo, v_hi = np.inf, -np.inf, np.inf, -np.inf
         else:
-            u_lo[k], u_hi[k], v_lo[k], v_hi[k] = umin - _ONE, umax + _ONE, vmin - _ONE, vmax + _ONE
+            u_lo, u_hi, v_lo, v_hi = umin - _ONE, umax + _ONE, vmin - _ONE, vmax + _ONE
+        # Pixel centres increase along a row or column, so those inside a rectangle are one run.
+        span[k, 0], span[k, 1], span[k, 2], span[k, 3] = width, -1, height, -1
+        for c in range(width):
+            centre = np.float32(c) + half
+            if centre >= u_lo and centre <= u_hi:
+                span[k, 0] = min(span[k, 0], c)
+                span[k, 1] = c
+        for c in range(height):
+            centre = np.float32(c) + half
+            if centre >= v_lo and centre <= v_hi:
+                span[k, 2] = min(span[k, 2], c)
+                span[k, 3] = c
+        for a in range(3):
+            to_lo[k, a] = box_lo[b, t, k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
+            to_hi[k, a] = box_hi[b, t, k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
+
+
+@njit(cache=True)
+def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
+               width, height, depth, surface, face_axis, fog_arg):
+    """One view: a row at a time, the room's exit face for every ray of the row, then each box whose screen
+    rectangle spans the row against the rays inside it, then the nearer of the two. Boxes are visited in
+    ascending order with a strict ``<``, so among boxes at the same depth the lowest index wins, as torch.min."""
+    r = _rotation(poses, b, t)
+    o0, o1, o2 = np.float32(poses[b, t, 0, 3]), np.float32(poses[b, t, 1, 3]), np.float32(poses[b, t, 2, 3])
+    boxes = box_lo.shape[2]
+    span = np.empty((boxes, 4), np.int64)
     to_lo = np.empty((boxes, 3), np.float32)
     to_hi = np.empty((boxes, 3), np.float32)
-    for k in range(boxes):
-        for a in range(3):
-            to_lo[k, a] = box_lo[v, k, a] - origin[v, a]
-            to_hi[k, a] = box_hi[v, k, a] - origin[v, a]
-
-    p_row, p_column = 0, -1  # of pixel p, kept by counters (no integer division per ray)
-    for p in range(rays.shape[0]):
-        p_column += 1
-        if p_column == width:
-            p_column = 0
-            p_row += 1
-        x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
-        d0 = _rotate(r, x, y, z, 0)
-        d1 = _rotate(r, x, y, z, 1)
-        d2 = _rotate(r, x, y, z, 2)
-        directions[v, p, 0], directions[v, p, 1], directions[v, p, 2] = d0, d1, d2
-        i0 = _ONE / (_TINY if abs(d0) < _TINY else d0)
-        i1 = _ONE / (_TINY if abs(d1) < _TINY else d1)
-        i2 = _ONE / (_TINY if abs(d2) < _TINY else d2)
-        # The room, from inside: the exit face.
-        e0 = ((room_hi[v, 0] if d0 > 0 else room_lo[v, 0]) - o0) * i0
-        e1 = ((room_hi[v, 1] if d1 > 0 else room_lo[v, 1]) - o1) * i1
-        e2 = ((room_hi[v, 2] if d2 > 0 else room_lo[v, 2]) - o2) * i2
-        yz = min(e1, e2)
-        axis = 0 if e0 <= yz else (1 if e1 <= e2 else 2)
-        t = min(e0, yz)
-        step = d0 if axis == 0 else (d1 if axis == 1 else d2)
-        positive = step > 0
-        s = axis * 2 + (1 if positive else 0)
-        if outdoor and not (axis == 1 and positive):
-            t = np.float32(np.inf)
-            s = sky_id
-        # Objects: nearest slab hit among boxes whose screen rectangle holds the pixel centre.
-        column = np.float32(p_column) + np.float32(0.5)
-        row = np.float32(p_row) + np.float32(0.5)
-        best = np.float32(np.inf)
-        best_k = -1
-        best_axis = 0
+    _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width, height, span, to_lo, to_hi)
+    wb = world[b]
+    lo0, lo1, lo2 = room_lo[wb, 0], room_lo[wb, 1], room_lo[wb, 2]
+    hi0, hi1, hi2 = room_hi[wb, 0], room_hi[wb, 1], room_hi[wb, 2]
+    inverse = np.empty((3, width), np.float32)
+    step = np.empty((3, width), np.float32)
+    best = np.empty(width, np.float32)
+    best_k = np.empty(width, np.int64)
+    best_axis = np.empty(width, np.int64)
+    for row in range(height):
+        first = row * width
+        for c in range(width):
+            p = first + c
+            x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
+            d0 = _rotate(r, x, y, z, 0)
+            d1 = _rotate(r, x, y, z, 1)
+            d2 = _rotate(r, x, y, z, 2)
+            step[0, c], step[1, c], step[2, c] = d0, d1, d2
+            i0 = _ONE / (_TINY if abs(d0) < _TINY else d0)
+            i1 = _ONE / (_TINY if abs(d1) < _TINY else d1)
+            i2 = _ONE / (_TINY if abs(d2) < _TINY else d2)
+            inverse[0, c], inverse[1, c], inverse[2, c] = i0, i1, i2
+            # The room, from inside: the exit face.
+            e0 = ((hi0 if d0 > 0 else lo0) - o0) * i0
+            e1 = ((hi1 if d1 > 0 else lo1) - o1) * i1
+            e2 = ((hi2 if d2 > 0 else lo2) - o2) * i2
+            yz = min(e1, e2)
+            axis = 0 if e0 <= yz else (1 if e1 <= e2 else 2)
+            hit = min(e0, yz)
+            along = d0 if axis == 0 else (d1 if axis == 1 else d2)
+            positive = along > 0
+            s = axis * 2 + (1 if positive else 0)
+            if outdoor and not (axis == 1 and positive):
+                hit = np.float32(np.inf)
+                s = sky_id
+            depth[b, t, p] = hit
+            surface[b, t, p] = s
+            face_axis[b, t, p] = axis
+            best[c] = np.float32(np.inf)
+            best_k[c] = -1
         for k in range(boxes):
-            if not (column >= u_lo[k] and column <= u_hi[k] and row >= v_lo[k] and row <= v_hi[k]):
+            if row < span[k, 2] or row > span[k, 3]:
                 continue
-            a0, b0 = to_lo[k, 0] * i0, to_hi[k, 0] * i0
-            a1, b1 = to_lo[k, 1] * i1, to_hi[k, 1] * i1
-            a2, b2 = to_lo[k, 2] * i2, to_hi[k, 2] * i2
-            n0, n1, n2 = min(a0, b0), min(a1, b1), min(a2, b2)
-            t_near = max(max(n0, n1), n2)
-            t_far = min(min(max(a0, b0), max(a1, b1)), max(a2, b2))
-            if t_near <= t_far and t_near > _HIT_MIN and t_near < best:
-                best = t_near
-                best_k = k
-                best_axis = 0 if n0 >= max(n1, n2) else (1 if n1 >= n2 else 2)
-        if best_k >= 0 and best < t:
-            step = d0 if best_axis == 0 else (d1 if best_axis == 1 else d2)
-            t = best
-            s = _FACES + best_k * _FACES + best_axis * 2 + (1 if step < 0 else 0)
-            axis = best_axis
-        depth[v, p] = t
-        surface[v, p] = s
-        face_axis[v, p] = axis
+            a_lo0, a_lo1, a_lo2 = to_lo[k, 0], to_lo[k, 1], to_lo[k, 2]
+            a_hi0, a_hi1, a_hi2 = to_hi[k, 0], to_hi[k, 1], to_hi[k, 2]
+            for c in range(span[k, 0], span[k, 1] + 1):
+                i0, i1, i2 = inverse[0, c], inverse[1, c], inverse[2, c]
+                a0, b0 = a_lo0 * i0, a_hi0 * i0
+                a1, b1 = a_lo1 * i1, a_hi1 * i1
+                a2, b2 = a_lo2 * i2, a_hi2 * i2
+                n0, n1, n2 = min(a0, b0), min(a1, b1), min(a2, b2)
+                t_near = max(max(n0, n1), n2)
+                t_far = min(min(max(a0, b0), max(a1, b1)), max(a2, b2))
+                if t_near <= t_far and t_near > _HIT_MIN and t_near < best[c]:
+                    best[c] = t_near
+                    best_k[c] = k
+                    best_axis[c] = 0 if n0 >= max(n1, n2) else (1 if n1 >= n2 else 2)
+        for c in range(width):
+            p = first + c
+            hit = depth[b, t, p]
+            if best_k[c] >= 0 and best[c] < hit:
+                axis = best_axis[c]
+                hit = best[c]
+                depth[b, t, p] = hit
+                surface[b, t, p] = _FACES + best_k[c] * _FACES + axis * 2 + (1 if step[axis, c] < 0 else 0)
+                face_axis[b, t, p] = axis
+            fog_arg[b, t, p] = -(hit if np.isfinite(hit) else np.float32(0.0)) / np.float32(25.0)
 
 
 @njit(cache=True)
-def _cast_serial(rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                 width, height, directions, depth, surface, face_axis):
-    for v in range(rotation.shape[0]):
-        _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                   width, height, directions, depth, surface, face_axis)
-
-
-@njit(cache=True, parallel=True)
-def _cast_parallel(rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                   width, height, directions, depth, surface, face_axis):
-    for v in prange(rotation.shape[0]):
-        _cast_view(v, rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                   width, height, directions, depth, surface, face_axis)
-
-
-def cast(rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, camera, parallel):
-    """Depth (V, P) float32, surface and face axis (V, P) int64, directions (V, P, 3) float32.
-
-    ``room_lo``/``room_hi`` are per view (V, 3); boxes (V, K, 3) where each view sees them.
-    """
-    views, pixels = rotation.shape[0], rays.shape[0]
-    directions = np.empty((views, pixels, 3), np.float32)
-    depth = np.empty((views, pixels), np.float32)
-    surface = np.empty((views, pixels), np.int64)
-    face_axis = np.empty((views, pixels), np.int64)
-    kernel = _cast_parallel if parallel and views > 1 else _cast_serial
-    kernel(rays, rotation, origin, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, _F(camera.fx), _F(camera.fy),
-           _F(camera.cx), _F(camera.cy), camera.width, camera.height, directions, depth, surface, face_axis)
-    return depth, surface, face_axis, directions
-
-
-@njit(cache=True)
-def _latent_view(v, depth, surface, width, factor, latent_depth, centre_surface, fog_arg):
-    h, w = latent_depth.shape[1], latent_depth.shape[2]
+def _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface):
+    h, w = latent_depth.shape[2], latent_depth.shape[3]
     patch = np.empty(factor * factor, np.float32)
     for i in range(h):
         for j in range(w):
             n = 0
             for a in range(factor):
-                for b in range(factor):
-                    patch[n] = depth[v, (i * factor + a) * width + j * factor + b]
+                first = (i * factor + a) * width + j * factor
+                for c in range(factor):
+                    patch[n] = depth[b, t, first + c]
                     n += 1
-            latent_depth[v, i, j] = kth_smallest(patch, (factor * factor) // 2)
-            centre_surface[v, i, j] = surface[v, (i * factor + factor // 2) * width + j * factor + factor // 2]
-    for p in range(depth.shape[1]):
-        d = depth[v, p]
-        fog_arg[v, p] = -(d if np.isfinite(d) else np.float32(0.0)) / np.float32(25.0)
-
-
-@njit(cache=True, parallel=True)
-def _latent_parallel(depth, surface, width, factor, latent_depth, centre_surface, fog_arg):
-    for v in prange(depth.shape[0]):
-        _latent_view(v, depth, surface, width, factor, latent_depth, centre_surface, fog_arg)
+            latent_depth[b, t, i, j] = kth_smallest(patch, (factor * factor) // 2)
+            centre_surface[b, t, i, j] = surface[b, t, (i * factor + factor // 2) * width + j * factor + factor // 2]
 
 
 @njit(cache=True)
-def _latent_serial(depth, surface, width, factor, latent_depth, centre_surface, fog_arg):
-    for v in range(depth.shape[0]):
-        _latent_view(v, depth, surface, width, factor, latent_depth, centre_surface, fog_arg)
+def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                 use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor, width,
+                 memory_used, moving, sky, object_ids):
+    """The per-surface bookkeeping of ``ProceduralWorldModel._generate`` for batch item ``b``, in place (see
+    ``front``)."""
+    frames, h, w = latent_depth.shape[1], latent_depth.shape[2], latent_depth.shape[3]
+    surfaces = fresh.shape[1]
+    shown = np.zeros(surfaces, np.bool_)
+    seen = np.zeros(surfaces, np.bool_)
+    last = np.zeros(surfaces, np.bool_)
+    wb = world[b]
+    for t in range(frames):
+        for i in range(h):
+            for j in range(w):
+                d = latent_depth[b, t, i, j]
+                used = False
+                if use_memory and memory_mask[b, t, i, j]:
+                    used = abs(memory_depth[b, t, i, j] - d) <= tolerance * d
+                memory_used[b, t, i, j] = used
+                centre = centre_surface[b, t, i, j]
+                if used:
+                    shown[centre] = True
+                sky[b, t, i, j] = np.isinf(d)
+                object_ids[b, t, i, j] = object_of[centre]
+    # Surfaces still in view keep their look; surfaces memory shows keep the look it recorded.
+    for s in range(surfaces):
+        if in_view[wb, s]:
+            continue
+        for c in range(6):
+            appearance[wb, s, c] = committed[wb, s, c] if shown[s] else fresh[b, s, c]
+    for t in range(frames):
+        is_last = (t % frames_per_view) == frames_per_view - 1
+        for p in range(surface.shape[2]):
+            s = surface[b, t, p]
+            seen[s] = True
+            if is_last:
+                last[s] = True
+        for i in range(h):
+            for j in range(w):
+                hit = False
+                for a in range(factor):
+                    first = (i * factor + a) * width + j * factor
+                    for c in range(factor):
+                        hit |= moving_of[surface[b, t, first + c]]
+                moving[b, t, i, j] = hit
+    for s in range(surfaces):
+        in_view[wb, s] = last[s]
+        if seen[s]:
+            for c in range(6):
+                committed[wb, s, c] = appearance[wb, s, c]
 
 
-def latent_grid(depth, surface, width, height, factor, parallel):
-    """Median depth per latent pixel (V, h, w), the surface at each patch's centre pixel (V, h, w), and
-    ``-finite_depth / 25`` (V, P), the argument of the fog's exp."""
-    views = depth.shape[0]
-    latent_depth = np.empty((views, height // factor, width // factor), np.float32)
-    centre_surface = np.empty((views, height // factor, width // factor), np.int64)
-    fog_arg = np.empty_like(depth)
-    kernel = _latent_parallel if parallel and views > 1 else _latent_serial
-    kernel(depth, surface, width, factor, latent_depth, centre_surface, fog_arg)
-    return latent_depth, centre_surface, fog_arg
+@njit(cache=True)
+def _front_serial(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy, width, height,
+                  factor, frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh, appearance,
+                  committed, in_view, moving_of, object_of, depth, surface, face_axis, fog_arg, latent_depth,
+                  centre_surface, memory_used, moving, sky, object_ids):
+    batch, frames = poses.shape[0], poses.shape[1]
+    for b in range(batch):
+        for t in range(frames):
+            _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
+                       width, height, depth, surface, face_axis, fog_arg)
+            _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
+        _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                     use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
+                     width, memory_used, moving, sky, object_ids)
+
+
+@njit(cache=True, parallel=True)
+def _front_parallel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy, width,
+                    height, factor, frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh,
+                    appearance, committed, in_view, moving_of, object_of, depth, surface, face_axis, fog_arg,
+                    latent_depth, centre_surface, memory_used, moving, sky, object_ids):
+    batch, frames = poses.shape[0], poses.shape[1]
+    for v in prange(batch * frames):
+        b = v // frames
+        t = v - b * frames
+        _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
+                   width, height, depth, surface, face_axis, fog_arg)
+        _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
+    for b in prange(batch):  # distinct worlds: no two items touch the same rows of the model's state
+        _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                     use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
+                     width, memory_used, moving, sky, object_ids)
+
+
+def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, camera, factor, frames_per_view,
+          memory_mask, memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, moving_of,
+          object_of, parallel):
+    """Everything of ``ProceduralWorldModel._generate`` before the fog's exp, in one call: the ray cast, the
+    latent grid and the per-surface bookkeeping (which updates ``appearance``, ``committed`` and ``in_view``).
+
+    Args:
+        rays: (P, 3) float32 camera-frame ray directions (z = 1).
+        poses: (B, T, 4, 4) float64 camera-to-world poses.
+        world: (B,) int64 world of each batch item (distinct).
+        room_lo, room_hi: (W, 3) float32 per world; box_lo, box_hi: (B, T, K, 3) float32 where each view sees them.
+        memory_mask, memory_depth: (B, T, h, w) bool / float32 projected memory (read only when ``use_memory``).
+        tolerance: float32 relative depth within which memory agrees with the geometry.
+        fresh: (B, S, 6) float32 looks drawn for this segment; appearance, committed (W, S, 6) float32 and
+            in_view (W, S) bool: the model's per-world state.
+        moving_of: (S,) bool, surfaces of moving boxes; object_of: (S,) int64, a surface's index among the
+            moving boxes (-1: none).
+
+    Returns:
+        depth (B, T, P) float32; surface and face axis (B, T, P) int8; the fog's exp argument
+        ``-finite_depth / 25`` (B, T, P) float32; latent depth (median per patch, B, T, h, w) float32; the
+        surface at each patch's centre pixel (B, T, h, w) int8; memory_used, moving (any pixel of the patch
+        on a moving box) and sky (B, T, h, w) bool; object ids (B, T, h, w) int64 (of the centre pixel).
+    """
+    batch, frames = poses.shape[:2]
+    pixels = rays.shape[0]
+    h, w = camera.height // factor, camera.width // factor
+    depth = np.empty((batch, frames, pixels), np.float32)
+    surface = np.empty((batch, frames, pixels), np.int8)
+    face_axis = np.empty((batch, frames, pixels), np.int8)
+    fog_arg = np.empty((batch, frames, pixels), np.float32)
+    latent_depth = np.empty((batch, frames, h, w), np.float32)
+    centre_surface = np.empty((batch, frames, h, w), np.int8)
+    memory_used = np.empty((batch, frames, h, w), np.bool_)
+    moving = np.empty((batch, frames, h, w), np.bool_)
+    sky = np.empty((batch, frames, h, w), np.bool_)
+    object_ids = np.empty((batch, frames, h, w), np.int64)
+    kernel = _front_parallel if parallel and batch * frames > 1 else _front_serial
+    kernel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, _F(camera.fx), _F(camera.fy),
+           _F(camera.cx), _F(camera.cy), camera.width, camera.height, factor, frames_per_view, memory_mask,
+           memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, depth,
+           surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids)
+    return depth, surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids
+
+
+# The name the torch path's fallback test patches: the first kernel a segment calls.
+cast = front
 
 
 @njit(cache=True, inline="always")
@@ -222,172 +344,122 @@ def _mod2(x):
 
 
 @njit(cache=True)
-def _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id,
-                width, factor, image):
-    o0, o1, o2 = origin[v, 0], origin[v, 1], origin[v, 2]
-    b = world[v]
+def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
+                sky_id, width, factor, image):
+    b = v // frames
+    t = v - b * frames
+    wb = world[b]
     zero, one = np.float32(0.0), np.float32(1.0)
-    light = (np.float32(0.45), np.float32(0.75), np.float32(0.5))
-    if outdoor:
-        top0 = (np.float32(0.15) + np.float32(0.5) * appearance[b, sky_id, 0]) * np.float32(0.5)
-        top1 = (np.float32(0.15) + np.float32(0.5) * appearance[b, sky_id, 1]) * np.float32(0.7)
-        top2 = (np.float32(0.15) + np.float32(0.5) * appearance[b, sky_id, 2]) * np.float32(1.0)
-        hor0 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 3]
-        hor1 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 4]
-        hor2 = np.float32(0.6) + np.float32(0.4) * appearance[b, sky_id, 5]
-    # Pixel p = row * width + column, in row-major order; its place in the codec patches is kept by
-    # counters (an integer division per pixel by a runtime width or factor costs more than the shading).
-    i_patch, a_in, j_patch, b_in, column = 0, 0, 0, -1, -1
-    for p in range(depth.shape[1]):
-        column += 1
-        b_in += 1
-        if b_in == factor:
-            b_in = 0
-            j_patch += 1
-        if column == width:
-            column, b_in, j_patch = 0, 0, 0
-            a_in += 1
-            if a_in == factor:
-                a_in = 0
-                i_patch += 1
-        s = surface[v, p]
-        axis = face_axis[v, p]
-        d = depth[v, p]
-        t = d if np.isfinite(d) else zero
-        d0, d1, d2 = directions[v, p, 0], directions[v, p, 1], directions[v, p, 2]
-        q0, q1, q2 = o0 + d0 * t, o1 + d1 * t, o2 + d2 * t
-        u = q2 if axis == 0 else q0
-        w = q2 if axis == 1 else q1
-        scale = one + np.float32(3.0) * appearance[b, s, 3]
-        kind = int(appearance[b, s, 4] * np.float32(4.0))
-        su, sv = u * scale, w * scale
-        if kind == 1:
-            pattern = _mod2(np.floor(su) + np.floor(sv))
-        elif kind == 2:
-            pattern = _mod2(np.floor(su + sv))
-        elif kind == 3:
-            fv = sv - np.trunc(sv)
-            shifted = su + np.float32(0.5) * _mod2(np.floor(sv))
-            fu = shifted - np.trunc(shifted)
-            pattern = zero if (fv < np.float32(0.12) or fu < np.float32(0.08)) else one
-        else:
-            pattern = one
-        pattern = np.float32(pattern)
-        accent = np.float32(0.55) + np.float32(0.35) * appearance[b, s, 5]
-        mix = accent + (one - accent) * pattern
-        lit = np.float32(0.45) + np.float32(0.55) * light[axis]
-        f = fog[v, p]
-        haze = np.float32(0.6) * (one - f)
-        if outdoor and s == sky_id:
-            elevation = -d1 / ray_length[p]
-            elevation = min(max(elevation, -one), one)
-            elevation = min(max(elevation, zero), one)
+    # Per surface, what does not depend on the pixel: base colour times the pattern's mix for pattern 0 and
+    # 1 (the only values a pattern takes), pattern scale and kind; per face axis the light.
+    surfaces = appearance.shape[1]
+    mixed = np.empty((surfaces, 2, 3), np.float32)
+    scale = np.empty(surfaces, np.float32)
+    kind = np.empty(surfaces, np.int64)
+    for s in range(surfaces):
+        accent = np.float32(0.55) + np.float32(0.35) * appearance[wb, s, 5]
+        mix0 = accent + (one - accent) * zero
+        mix1 = accent + (one - accent) * one
         for c in range(3):
-            base = np.float32(0.2) + np.float32(0.75) * appearance[b, s, c]
-            colour = base * mix
-            colour = colour * lit
-            colour = colour * f + haze
-            if outdoor and s == sky_id:
-                top = top0 if c == 0 else (top1 if c == 1 else top2)
-                hor = hor0 if c == 0 else (hor1 if c == 1 else hor2)
-                colour = hor + (top - hor) * elevation
-            image[v, c, i_patch, j_patch, a_in * factor + b_in] = min(max(colour, zero), one)
+            base = np.float32(0.2) + np.float32(0.75) * appearance[wb, s, c]
+            mixed[s, 0, c] = base * mix0
+            mixed[s, 1, c] = base * mix1
+        scale[s] = one + np.float32(3.0) * appearance[wb, s, 3]
+        kind[s] = int(appearance[wb, s, 4] * np.float32(4.0))
+    lit = np.empty(3, np.float32)
+    lit[0] = np.float32(0.45) + np.float32(0.55) * np.float32(0.45)
+    lit[1] = np.float32(0.45) + np.float32(0.55) * np.float32(0.75)
+    lit[2] = np.float32(0.45) + np.float32(0.55) * np.float32(0.5)
+    sky_colour = np.empty((2, 3), np.float32)  # top, horizon
+    if outdoor:
+        for c in range(3):
+            tint = np.float32(0.5) if c == 0 else (np.float32(0.7) if c == 1 else np.float32(1.0))
+            sky_colour[0, c] = (np.float32(0.15) + np.float32(0.5) * appearance[wb, sky_id, c]) * tint
+            sky_colour[1, c] = np.float32(0.6) + np.float32(0.4) * appearance[wb, sky_id, 3 + c]
+    r = _rotation(poses, b, t)
+    o0, o1, o2 = np.float32(poses[b, t, 0, 3]), np.float32(poses[b, t, 1, 3]), np.float32(poses[b, t, 2, 3])
+    h, w = image.shape[2], image.shape[3]
+    for i in range(h):
+        for a in range(factor):
+            row = i * factor + a
+            for j in range(w):
+                for bb in range(factor):
+                    p = row * width + j * factor + bb
+                    s = surface[b, t, p]
+                    axis = face_axis[b, t, p]
+                    pattern = 1
+                    if kind[s] != 0:
+                        d = depth[b, t, p]
+                        q = d if np.isfinite(d) else zero
+                        x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
+                        # The hit point's two world coordinates across the face (the cast's directions again).
+                        if axis == 0:
+                            u = o2 + _rotate(r, x, y, z, 2) * q
+                            vv = o1 + _rotate(r, x, y, z, 1) * q
+                        elif axis == 1:
+                            u = o0 + _rotate(r, x, y, z, 0) * q
+                            vv = o2 + _rotate(r, x, y, z, 2) * q
+                        else:
+                            u = o0 + _rotate(r, x, y, z, 0) * q
+                            vv = o1 + _rotate(r, x, y, z, 1) * q
+                        su, sv = u * scale[s], vv * scale[s]
+                        if kind[s] == 1:
+                            pattern = 1 if _mod2(np.floor(su) + np.floor(sv)) != zero else 0
+                        elif kind[s] == 2:
+                            pattern = 1 if _mod2(np.floor(su + sv)) != zero else 0
+                        elif kind[s] == 3:
+                            fv = sv - np.trunc(sv)
+                            shifted = su + np.float32(0.5) * _mod2(np.floor(sv))
+                            fu = shifted - np.trunc(shifted)
+                            pattern = 0 if (fv < np.float32(0.12) or fu < np.float32(0.08)) else 1
+                    f = fog[b, t, p]
+                    haze = np.float32(0.6) * (one - f)
+                    light = lit[axis]
+                    sky_pixel = outdoor and s == sky_id
+                    if sky_pixel:
+                        elevation = -_rotate(r, rays[p, 0], rays[p, 1], rays[p, 2], 1) / ray_length[p]
+                        elevation = min(max(elevation, -one), one)
+                        elevation = min(max(elevation, zero), one)
+                    for c in range(3):
+                        if sky_pixel:
+                            top, horizon = sky_colour[0, c], sky_colour[1, c]
+                            colour = horizon + (top - horizon) * elevation
+                        else:
+                            colour = mixed[s, pattern, c] * light
+                            colour = colour * f + haze
+                        image[v, c, i, j, a * factor + bb] = min(max(colour, zero), one)
 
 
 @njit(cache=True)
-def _shade_serial(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id,
+def _shade_serial(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id,
                   width, factor, image):
-    for v in range(depth.shape[0]):
-        _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
+    for v in range(image.shape[0]):
+        _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
                     sky_id, width, factor, image)
 
 
 @njit(cache=True, parallel=True)
-def _shade_parallel(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
+def _shade_parallel(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
                     sky_id, width, factor, image):
-    for v in prange(depth.shape[0]):
-        _shade_view(v, world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor,
+    for v in prange(image.shape[0]):
+        _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
                     sky_id, width, factor, image)
 
 
-def shade(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id, width,
-          height, factor, parallel, image):
-    """Images as codec patches into ``image`` (V, 3, H/f, W/f, f*f) float32, in [0, 1] (what
-    ``PatchDCTCodec.encode_patches`` takes, so the codec copies no pixels); ``world`` (V,) is each
-    view's row of ``appearance`` (W, S, 6)."""
-    views = depth.shape[0]
-    kernel = _shade_parallel if parallel and views > 1 else _shade_serial
-    kernel(world, directions, origin, depth, surface, face_axis, appearance, fog, ray_length, outdoor, sky_id, width,
+def shade(rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id, width, factor,
+          parallel, image):
+    """``_shade``: images as codec patches into ``image`` (V, 3, H/f, W/f, f*f) float32 in [0, 1] (what
+    ``PatchDCTCodec.encode_patches`` takes, so the codec copies no pixels).
+
+    ``depth``, ``surface``, ``face_axis`` and ``fog`` (the fog's factor) are (B, T, P) as ``front`` gives them
+    (V = B * T); ``world`` (B,) is each batch item's row of ``appearance`` (W, S, 6). Ray directions are
+    recomputed from ``rays`` and ``poses`` in the cast's order (the same bits), cheaper than storing them.
+    """
+    frames = poses.shape[1]
+    kernel = _shade_parallel if parallel and image.shape[0] > 1 else _shade_serial
+    kernel(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id, width,
            factor, image)
     return image
-
-
-@njit(cache=True)
-def bookkeeping(index, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                use_memory, tolerance, fresh, appearance, committed, in_view, moving_first, factor, width,
-                memory_used, moving):
-    """The per-surface bookkeeping of ``ProceduralWorldModel._generate`` around the shading, in place.
-
-    Args:
-        index: (B,) world of each batch item (distinct).
-        surface: (B, T, P) int64 surface of every ray; centre_surface, latent_depth (B, T, h, w).
-        memory_mask, memory_depth: (B, T, h, w) the projected memory (read only when ``use_memory``).
-        tolerance: float32 relative depth within which memory agrees with the geometry.
-        fresh: (B, S, 6) float32 looks drawn for this segment.
-        appearance, committed: (W, S, 6) float32; in_view (W, S) bool: the model's per-world state.
-        moving_first: first surface of the moving crate (it has 6).
-
-    Fills ``memory_used`` (B, T, h, w) (memory agrees with the geometry there) and ``moving``
-    (B, T, h, w) (a latent pixel shows the moving crate anywhere in its patch); updates
-    ``appearance``, ``committed`` and ``in_view`` of the worlds in ``index`` as the torch path does.
-    """
-    batch, frames, h, w = latent_depth.shape
-    surfaces = fresh.shape[1]
-    shown = np.zeros(surfaces, np.bool_)
-    seen = np.zeros(surfaces, np.bool_)
-    last = np.zeros(surfaces, np.bool_)
-    for b in range(batch):
-        world = index[b]
-        shown[:] = False
-        for t in range(frames):
-            for i in range(h):
-                for j in range(w):
-                    used = False
-                    if use_memory and memory_mask[b, t, i, j]:
-                        d = latent_depth[b, t, i, j]
-                        used = abs(memory_depth[b, t, i, j] - d) <= tolerance * d
-                    memory_used[b, t, i, j] = used
-                    if used:
-                        shown[centre_surface[b, t, i, j]] = True
-        # Surfaces still in view keep their look; surfaces memory shows keep the look it recorded.
-        for s in range(surfaces):
-            if in_view[world, s]:
-                continue
-            for c in range(6):
-                appearance[world, s, c] = committed[world, s, c] if shown[s] else fresh[b, s, c]
-        seen[:] = False
-        last[:] = False
-        for t in range(frames):
-            is_last = (t % frames_per_view) == frames_per_view - 1
-            for p in range(surface.shape[2]):
-                s = surface[b, t, p]
-                seen[s] = True
-                if is_last:
-                    last[s] = True
-            for i in range(h):
-                for j in range(w):
-                    hit = False
-                    for a in range(factor):
-                        for c in range(factor):
-                            s = surface[b, t, (i * factor + a) * width + j * factor + c]
-                            if s >= moving_first and s < moving_first + 6:
-                                hit = True
-                    moving[b, t, i, j] = hit
-        for s in range(surfaces):
-            in_view[world, s] = last[s]
-            if seen[s]:
-                for c in range(6):
-                    committed[world, s, c] = appearance[world, s, c]
 
 
 @njit(cache=True, inline="always")
