@@ -14,7 +14,8 @@ and with per-ray loops and early exits that a traced tensor graph cannot express
 The torch code stays the reference: it runs on other devices (``cuda``), it is the
 oracle the kernels are tested against, and it runs whenever numba is missing or a
 kernel fails to compile (with one warning, never an error). ``MIRAGE_ENV_KERNELS=0``
-forces the torch path.
+forces the torch path. It also runs while the kernels are being compiled in the background
+(:mod:`mirage_env.kernel_warmup`), so a machine's first steps never wait for numba.
 """
 
 from __future__ import annotations
@@ -24,9 +25,13 @@ import warnings
 
 import torch
 
+from . import kernel_warmup
+
 __all__ = ["KERNELS_ENV", "kernels_enabled", "disable_kernels"]
 
-#: Environment variable: "0" turns the compiled kernels off (the torch path runs everywhere).
+#: Environment variable: "0" turns the compiled kernels off (the torch path runs everywhere); "1" turns
+#: them on at once (a kernel compiles at its first call, a stall on a machine's first run: for benchmarks
+#: and tests that compare the paths); unset, they are warmed up in the background (kernel_warmup).
 KERNELS_ENV = "MIRAGE_ENV_KERNELS"
 
 _broken: str | None = None  # why the kernels were given up, once
@@ -40,7 +45,8 @@ def kernels_enabled(device: torch.device | str) -> bool:
     benchmarks switch paths by setting it in-process), numba's import is checked once.
     """
     global _numba_checked
-    if _broken is not None or os.environ.get(KERNELS_ENV, "1") == "0":
+    setting = os.environ.get(KERNELS_ENV)
+    if _broken is not None or setting == "0":
         return False
     if (device if isinstance(device, torch.device) else torch.device(device)).type != "cpu":
         return False
@@ -51,7 +57,10 @@ def kernels_enabled(device: torch.device | str) -> bool:
             disable_kernels(f"numba is not installed ({error}); `pip install numba` for the fast CPU path")
             return False
         _numba_checked = True
-    return True
+    if setting == "1" or kernel_warmup.ready() or kernel_warmup.warming_here():
+        return True  # "1" asked for the kernels now: they compile at their first call, as numba does
+    kernel_warmup.start()  # the torch path (the same bits) until the kernels are compiled in the background
+    return False
 
 
 def disable_kernels(reason: str) -> None:
