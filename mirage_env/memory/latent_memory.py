@@ -32,17 +32,18 @@ from .fileformat import (
 )
 from .horizon import WriteClock, check_horizon
 from .index import BrickIndex, Released
-from .keys import AXIS_BITS, EMPTY, WORLD_BITS
-from .lift import lift_latent_depth
+from .keys import WORLD_BITS
+from .lift import DOMINANT_SURFACE_TOLERANCE, depth_grid, lift_latent_depth
 from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
 from .objects import ObjectLayer, object_layer_options
 from .pool import EntryPool
 from .raster import prefer_at_pixels, project_to_pixels, zbuffer
 from .shapes import MemoryRead, as_batch, check_worlds, keep_mask, written_pixels
 
-
 # Integer dtypes of each element size: the kernels copy features as bits, whatever their float dtype.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+_NAN_DEPTH = "depth contains NaN; mark missing depth as +inf (it is then not written)"
 
 # Fewer bricks than this cannot hold what one segment of a small frame writes, so a bound
 # below it would be overshot on every write (bricks a write uses are never evicted by it).
@@ -137,6 +138,13 @@ class LatentSpatialMemory:
             entries = bricks * self.brick_size**3 // 4
         self._pool = EntryPool(self.channels, self.feature_dtype, self.num_worlds, self.device, capacity=entries)
         self._clock = WriteClock(self.num_worlds, self.device)
+        # For the compiled kernels: numpy views of storage (see _numpy), read scratch and constants.
+        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        self._every_world = np.arange(self.num_worlds, dtype=np.int64)
+        self._read_scratch = self._read_camera = self._read_constants = None
+        self._write_camera = (None, None)  # (camera given, depth size, camera at depth size, factor, intrinsics)
+        self._keep_all = np.zeros(0, np.bool_)  # the kernels' "no keep mask"
+        self._none_lifted = np.zeros((0, 3), np.float64)  # the write kernel's "unproject along centre rays"
         # The world loop feeds it (World._remember) and composes its reads (World.step).
         self.objects = None if self._object_options is None else ObjectLayer(
             self.channels, self.num_worlds, self.voxel_size, self.feature_dtype, self.device, **self._object_options)
@@ -157,7 +165,6 @@ class LatentSpatialMemory:
 
     # ------------------------------------------------------------------ write
 
-    @torch.no_grad()
     def write(
         self,
         latents: torch.Tensor,
@@ -205,19 +212,24 @@ class LatentSpatialMemory:
         latents = latents.reshape(batch, frames, *latents.shape[-3:])
         if latents.shape[2] != self.channels:
             raise ValueError(f"latents have {latents.shape[2]} channels, this memory stores {self.channels}")
-        h, w = latents.shape[-2:]
-        depth = torch.as_tensor(depth, device=self.device).reshape(batch, frames, *depth.shape[-2:]).to(torch.float32)
+        depth = torch.as_tensor(depth, device=self.device)
+        # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
+        if self.horizon is None and seen is None and kernels_enabled(self.device):
+            written = self._compiled_write(latents, depth, camera, poses, keep, worlds)
+            if written is not None:
+                return written
+        with torch.no_grad():
+            return self._torch_write(latents, depth, camera, poses, lead, keep, worlds, seen)
+
+    def _torch_write(self, latents, depth, camera, poses, lead, keep, worlds, seen) -> int:
+        """The write in torch ops (any device, any options; the oracle of :mod:`.write_kernels`)."""
+        batch, frames, _, h, w = latents.shape
+        depth = depth.reshape(batch, frames, *depth.shape[-2:]).to(torch.float32)
         if torch.isnan(depth).any():
-            raise ValueError("depth contains NaN; mark missing depth as +inf (it is then not written)")
+            raise ValueError(_NAN_DEPTH)
         c2w = poses.to(self.device, torch.float64)
         depth, all_points, camera = lift_latent_depth(depth, camera, c2w, (h, w))
         world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
-        # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
-        if self.horizon is None and seen is None and kernels_enabled(self.device):
-            written = self._compiled_write(latents, depth, all_points, camera, c2w, keep, world_index)
-            if written is not None:
-                return written
-
         valid = written_pixels(depth, keep, self.device, f"the latent grid {(batch, frames, h, w)}")
         if seen is not None:
             seen = torch.as_tensor(seen, device=self.device)
@@ -270,70 +282,103 @@ class LatentSpatialMemory:
         self._index.release_if_empty(emptied)
         return int(winners.numel())
 
-    def _compiled_write(self, latents, depth, all_points, camera, c2w, keep, world_index) -> int | None:
-        """The write after the lift by :mod:`.write_kernels` (None: the kernels could not be built, and the
-        torch path runs); the same memory, bit for bit, as the torch path."""
+    def _compiled_write(self, latents, depth, camera, poses, keep, worlds) -> int | None:
+        """The write by :mod:`.write_kernels` (and :mod:`.lift_kernels` for image-resolution depth): the same
+        memory, bit for bit, as the torch path (None: the kernels could not be built, and the torch path runs)."""
         try:
-            from . import write_kernels
+            from . import lift_kernels, write_kernels
         except Exception as error:  # numba missing or broken
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        batch, frames, h, w = depth.shape
-        pixels = depth.numel()
-        keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}")
-        keep = np.ones(pixels, np.bool_) if keep is None else keep.reshape(-1).numpy()
-        observed = depth.reshape(-1).contiguous().numpy()
-        worlds = world_index.numpy()
-        index = self._index
+        batch, frames, _, h, w = latents.shape
+        views = batch * frames
+        depth = depth.reshape(views, *depth.shape[-2:])
+        if depth.dtype != torch.float32 or depth.requires_grad:
+            depth = depth.detach().to(torch.float32)
+        latents = latents.detach()
+        given = np.ascontiguousarray(depth.numpy())
+        if camera is not self._write_camera[0] or given.shape[-2:] != self._write_camera[1]:
+            lifted_camera, factor = depth_grid(given.shape[-2:], camera, (h, w))
+            intrinsics = np.array([lifted_camera.fx, lifted_camera.fy, lifted_camera.cx, lifted_camera.cy], np.float32)
+            self._write_camera = (camera, given.shape[-2:], lifted_camera, factor, intrinsics)
+        _, _, lifted_camera, factor, intrinsics = self._write_camera
+        if worlds is None and batch == self.num_worlds:
+            world_index = self._every_world
+        else:
+            world_index = check_worlds(worlds, batch, self.num_worlds, self.device).numpy()
+        pixels = views * h * w
+        if keep is None:
+            keep = self._keep_all
+        else:
+            keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}").reshape(-1).numpy()
+        if poses.dtype != torch.float64 or poses.requires_grad:
+            poses = poses.detach().to(torch.float64)
+        c2w = np.ascontiguousarray(poses.numpy().reshape(views, 4, 4))
+        pool, index, array = self._pool, self._index, self._numpy
+        bits = _BITS[pool.features.element_size()]
+        features = latents.reshape(views, self.channels, h * w).to(pool.features.dtype).contiguous().view(bits).numpy()
         pixel, keys, local, slot = (np.empty(pixels, np.int64) for _ in range(4))
+        points, origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
+        policy, closest = write_kernels.POLICY[self.merge], np.float32(1 + self.closest_tolerance)
+        ticks = array("ticks", self._clock.ticks)
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
-            if all_points is None:  # depth at latent resolution: each pixel along its centre ray
-                points = np.empty((pixels, 3), np.float32)
-                write_kernels.unproject(
-                    observed.reshape(batch * frames, h, w), c2w.reshape(-1, 4, 4).to(torch.float32).contiguous().numpy(),
-                    np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float32), points)
+            if factor == 1:
+                latent_depth, lifted = given, self._none_lifted
             else:
-                points = all_points.reshape(-1, 3).to(torch.float32).contiguous().numpy()
-            count, status = write_kernels.address(
-                points, observed, keep, frames * h * w, worlds, np.float32(self.voxel_size), self.brick_size,
-                index.table.keys.numpy(), index.table.values.numpy(), index.table.mask, pixel, keys, local, slot)
-        except Exception as error:
+                if np.isnan(given).any():  # before the lift, as the torch path checks
+                    raise ValueError(_NAN_DEPTH)
+                lifted, latent_depth = lift_kernels.lift_dominant_surface(
+                    given, c2w, lifted_camera, factor, DOMINANT_SURFACE_TOLERANCE, torch.get_num_threads() > 1)
+                lifted = lifted.reshape(-1, 3)
+            status, count, written, taken, fresh = write_kernels.write(
+                given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
+                np.float32(self.voxel_size), self.brick_size, array("table.keys", index.table.keys),
+                array("table.values", index.table.values), index.table.mask, ticks, index.step + 1,
+                array("entry_of", index.entry_of), array("brick.last_write", index.last_write), policy, closest,
+                array("free", pool.free), pool.in_use, pool.capacity, array("entries_per_world", pool.entries_per_world),
+                features, array("features", pool.features, bits), array("points", pool.points),
+                array("depth", pool.observed_depth), array("origins", pool.origins),
+                array("last_write", pool.last_write), pixel, keys, local, slot, points, origins)
+        except ValueError:
+            raise
+        except Exception as error:  # it failed to compile, before changing anything
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
+        if status == write_kernels.HAS_NAN:
+            raise ValueError(_NAN_DEPTH)
         # From here the write happens (as the torch path, a point out of range fails after the clocks moved).
         index.step += 1
-        self._clock.ticks.numpy()[worlds] += 1  # once per world, however often the batch names it
-        if count == 0:
-            return 0
         if status == write_kernels.OUT_OF_RANGE:
             raise index.out_of_range()
-        pixel, local, slot = pixel[:count], local[:count], slot[:count]
-        if status == write_kernels.MISSING:  # new bricks (and eviction to make room): the torch allocation
-            slots, released = index.slots_for(torch.from_numpy(keys[:count]))
-            self._return_to_pool(released)
-            slot = slots.numpy()
-        pool = self._pool
-        features = latents.reshape(batch * frames, self.channels, h * w).to(self.device, pool.features.dtype).contiguous()
-        origins = c2w[..., :3, 3].to(torch.float32).reshape(-1, 3).contiguous().numpy()
-        policy, factor = write_kernels.POLICY[self.merge], np.float32(1 + self.closest_tolerance)
-        bits = _BITS[pool.features.element_size()]
-        while True:
-            try:
-                written, taken, fresh = write_kernels.merge_and_store(
-                    pixel, slot, local, observed, frames * h * w, frames, h * w, worlds, self._clock.ticks.numpy(),
-                    index.entry_of.numpy(), index.last_write.numpy(), index.step, policy, factor, pool.free.numpy(),
-                    pool.in_use, pool.capacity, pool.entries_per_world.numpy(), features.view(bits).numpy(), points,
-                    origins, pool.features.view(bits).numpy(), pool.points.numpy(), pool.observed_depth.numpy(),
-                    pool.origins.numpy(), pool.last_write.numpy())
-            except Exception as error:  # it failed to compile, before changing anything: undo the clocks
-                index.step -= 1
-                self._clock.ticks.numpy()[worlds] -= 1
-                disable_kernels(f"{type(error).__name__}: {error}")
-                return None  # (bricks allocated above are the ones the torch path's write allocates)
-            if written >= 0:
-                break
-            pool.reserve(fresh)  # grown exactly as EntryPool.take would; nothing was changed yet
-        pool.free = pool.free[taken:]
+        if status != write_kernels.FOUND:
+            pixel, local, slot = pixel[:count], local[:count], slot[:count]
+            if status == write_kernels.MISSING:  # new bricks (and eviction to make room): the torch allocation
+                slots, released = index.slots_for(torch.from_numpy(keys[:count]))
+                self._return_to_pool(released)
+                slot = slots.numpy()
+            observed = latent_depth.reshape(-1)
+            while True:
+                if status == write_kernels.SHORT:
+                    pool.reserve(fresh)  # grown exactly as EntryPool.take would; nothing was changed yet
+                try:
+                    written, taken, fresh = write_kernels.merge_and_store(
+                        pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, ticks,
+                        array("entry_of", index.entry_of), array("brick.last_write", index.last_write), index.step,
+                        policy, closest, array("free", pool.free), pool.in_use, pool.capacity,
+                        array("entries_per_world", pool.entries_per_world), features, points, origins,
+                        array("features", pool.features, bits), array("points", pool.points),
+                        array("depth", pool.observed_depth), array("origins", pool.origins),
+                        array("last_write", pool.last_write))
+                except Exception as error:  # it failed to compile, before changing anything: undo the clocks
+                    index.step -= 1
+                    ticks[np.unique(world_index)] -= 1
+                    disable_kernels(f"{type(error).__name__}: {error}")
+                    return None  # (bricks allocated above are the ones the torch path's write allocates)
+                if written >= 0:
+                    break
+                status = write_kernels.SHORT
+        if taken:
+            pool.free = pool.free[taken:]
         pool.in_use += fresh
         return int(written)
 
@@ -353,7 +398,6 @@ class LatentSpatialMemory:
 
     # ------------------------------------------------------------------ read
 
-    @torch.no_grad()
     def read(self, camera: Camera, poses: torch.Tensor, worlds=None) -> MemoryRead:
         """Project the memory onto target cameras at latent resolution.
 
@@ -369,27 +413,31 @@ class LatentSpatialMemory:
         """
         poses, lead = as_batch(poses)
         batch, frames = poses.shape[:2]
-        world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
         h, w = camera.height, camera.width
-        views = batch * frames
-        pixels = views * h * w
-        compiled = self._compiled_read(camera, poses, world_index, frames) if kernels_enabled(self.device) else None
-        if compiled is not None:
-            latents, mask, depth, points = compiled
-            return MemoryRead(latents=latents.reshape(*lead, self.channels, h, w), mask=mask.reshape(*lead, h, w),
-                              depth=depth.reshape(*lead, h, w), points=points.reshape(*lead, h, w, 3))
-        out_latents = torch.zeros(pixels, self.channels, dtype=torch.float32, device=self.device)
-        out_depth = torch.full((pixels,), math.inf, dtype=torch.float32, device=self.device)
-        out_mask = torch.zeros(pixels, dtype=torch.bool, device=self.device)
-        out_points = torch.full((pixels, 3), math.nan, dtype=torch.float32, device=self.device)
-        w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
-        self._torch_read(camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points)
-        return MemoryRead(
-            latents=out_latents.reshape(*lead, h, w, self.channels).movedim(-1, -3).contiguous(),
-            mask=out_mask.reshape(*lead, h, w),
-            depth=out_depth.reshape(*lead, h, w),
-            points=out_points.reshape(*lead, h, w, 3),
-        )
+        if kernels_enabled(self.device):
+            compiled = self._compiled_read(camera, poses, worlds, batch, frames)
+            if compiled is not None:
+                latents, mask, depth, points = compiled
+                return MemoryRead(latents=torch.from_numpy(latents.reshape(*lead, self.channels, h, w)),
+                                  mask=torch.from_numpy(mask.reshape(*lead, h, w)),
+                                  depth=torch.from_numpy(depth.reshape(*lead, h, w)),
+                                  points=torch.from_numpy(points.reshape(*lead, h, w, 3)))
+        with torch.no_grad():
+            world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
+            views = batch * frames
+            pixels = views * h * w
+            out_latents = torch.zeros(pixels, self.channels, dtype=torch.float32, device=self.device)
+            out_depth = torch.full((pixels,), math.inf, dtype=torch.float32, device=self.device)
+            out_mask = torch.zeros(pixels, dtype=torch.bool, device=self.device)
+            out_points = torch.full((pixels, 3), math.nan, dtype=torch.float32, device=self.device)
+            w2c = invert_pose(poses.to(self.device, torch.float64)).to(torch.float32).reshape(views, 4, 4)
+            self._torch_read(camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points)
+            return MemoryRead(
+                latents=out_latents.reshape(*lead, h, w, self.channels).movedim(-1, -3).contiguous(),
+                mask=out_mask.reshape(*lead, h, w),
+                depth=out_depth.reshape(*lead, h, w),
+                points=out_points.reshape(*lead, h, w, 3),
+            )
 
     def _torch_read(self, camera, poses, w2c, world_index, frames, out_latents, out_depth, out_mask, out_points):
         """The read in torch ops (any device; the oracle of :mod:`.raster_kernels`), into the ``out_*`` tensors."""
@@ -418,9 +466,10 @@ class LatentSpatialMemory:
                 out_points[hit] = self._pool.points[winners]
                 out_mask[hit] = True
 
-    def _compiled_read(self, camera, poses, world_index, frames):
-        """The read by :mod:`.raster_kernels`: latents (V, C, h, w), mask, depth (V, h, w) and points (V, h, w, 3)
-        (None: the kernel could not be built, or the features' dtype is not one it widens, and the torch path runs)."""
+    def _compiled_read(self, camera, poses, worlds, batch, frames):
+        """The read by :mod:`.raster_kernels`: latents (V, C, h*w), mask, depth (V*h*w,) and points (V*h*w, 3)
+        as numpy arrays (None: the kernel could not be built, or the features' dtype is not one it widens, and
+        the torch path runs)."""
         try:
             from . import raster_kernels
         except Exception as error:  # numba missing or broken
@@ -430,28 +479,44 @@ class LatentSpatialMemory:
         kind = raster_kernels.WIDEN.get(features.element_size(), {}).get(str(features.dtype).removeprefix("torch."))
         if kind is None:
             return None
-        index, chunks = self._index, self._index.chunks
-        batch_of_world = np.full(self.num_worlds, -1, np.int64)
-        batch_of_world[world_index.numpy()] = np.arange(world_index.numel())
-        chunk_keys = chunks.keys[: chunks.in_use].numpy()
-        chunk_batch = np.where(chunk_keys != EMPTY, batch_of_world[np.maximum(chunk_keys >> (3 * AXIS_BITS), 0)], -1)
-        c2w = poses.detach().cpu().numpy().astype(np.float64, copy=False).reshape(-1, 4, 4)
-        camera_origin = np.ascontiguousarray(c2w[:, :3, 3], np.float32)
-        views, pixels = c2w.shape[0], camera.height * camera.width
+        if worlds is None and batch == self.num_worlds:
+            batch_of_world = self._every_world  # batch item k reads world k
+        else:
+            world_index = check_worlds(worlds, batch, self.num_worlds, self.device).numpy()
+            batch_of_world = np.full(self.num_worlds, -1, np.int64)
+            batch_of_world[world_index] = np.arange(world_index.shape[0])
+        if poses.dtype != torch.float64 or poses.requires_grad:
+            poses = poses.detach().to(torch.float64)
+        c2w = np.ascontiguousarray(poses.numpy().reshape(-1, 4, 4))
+        index, chunks, array = self._index, self._index.chunks, self._numpy
+        if self._read_scratch is None:
+            self._read_scratch = raster_kernels.ReadScratch()
+        if camera is not self._read_camera and camera != self._read_camera:
+            brick_edge = self.brick_size * self.voxel_size
+            self._read_constants = raster_kernels.read_constants(camera, self.chunk_size, brick_edge, self.max_read_depth)
+            self._read_camera = camera
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
-            winner, depth, points = raster_kernels.read(
-                frames, raster_kernels.world_to_camera(c2w), camera_origin, chunk_keys, chunk_batch,
-                chunks.members.numpy(), index.keys.numpy(), index.entry_of.numpy(), self._pool.points.numpy(),
-                self._pool.origins.numpy(), camera, self.chunk_size, self.brick_size * self.voxel_size,
-                self.max_read_depth, self.revisit_radius, self.surface_tolerance, torch.get_num_threads() > 1)
-            latents = np.zeros((views, self.channels, pixels), np.float32)
-            raster_kernels.features_at(winner, features.view(_BITS[features.element_size()]).numpy(), kind,
-                                       latents.view(np.uint32))
+            return raster_kernels.read(
+                frames, c2w, batch_of_world, array("chunk_keys", chunks.keys), array("members", chunks.members),
+                array("brick_keys", index.keys), array("entry_of", index.entry_of), array("points", self._pool.points),
+                array("origins", self._pool.origins), array("features", features, _BITS[features.element_size()]),
+                kind, camera, self._read_constants, self.chunk_size, self.brick_size * self.voxel_size,
+                self.max_read_depth, self.revisit_radius, self.surface_tolerance, self._read_scratch,
+                torch.get_num_threads() > 1)
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        return (torch.from_numpy(latents), torch.from_numpy(winner >= 0), torch.from_numpy(depth),
-                torch.from_numpy(points))
+
+    def _numpy(self, name: str, tensor: torch.Tensor, bits: torch.dtype | None = None) -> np.ndarray:
+        """A numpy view of storage ``tensor`` (as integers ``bits`` if given) for the kernels, made once per tensor.
+
+        Storage grows, is rebuilt and is loaded by replacing tensors, never by resizing them in
+        place, so a view is renewed exactly when ``name`` is held by another tensor object.
+        """
+        cached = self._views.get(name)
+        if cached is None or cached[0] is not tensor:
+            cached = self._views[name] = (tensor, (tensor if bits is None else tensor.view(bits)).numpy())
+        return cached[1]
 
     # ------------------------------------------------------------------ inspection
 

@@ -15,6 +15,9 @@ import torch
 from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 
+# Relative depth band around a patch's median taken as its dominant surface (:func:`lift_dominant_surface`).
+DOMINANT_SURFACE_TOLERANCE = 0.05
+
 
 def pool_depth(depth: torch.Tensor, factor: int) -> torch.Tensor:
     """Median-pool (..., H, W) depth by ``factor``: one depth per latent pixel.
@@ -30,7 +33,7 @@ def pool_depth(depth: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor, factor: int,
-                          surface_tolerance: float = 0.05) -> tuple[torch.Tensor, torch.Tensor]:
+                          surface_tolerance: float = DOMINANT_SURFACE_TOLERANCE) -> tuple[torch.Tensor, torch.Tensor]:
     """Lift each latent pixel through the medoid of the image pixels showing its dominant surface.
 
     Lifting a latent pixel along its centre ray at its median depth puts a point in
@@ -100,6 +103,23 @@ def _compiled_lift(depth, camera, c2w, factor, surface_tolerance):
     return torch.from_numpy(points).reshape(*lead, h, w, 3), torch.from_numpy(chosen).reshape(*lead, h, w)
 
 
+def depth_grid(depth_size: tuple[int, int], camera: Camera, size: tuple[int, int]) -> tuple[Camera, int]:
+    """The camera at depth's resolution ``depth_size`` (H, W) and how many times the latent grid ``size``
+    (h, w) that is per side (1: depth is on the latent grid); a ValueError if it is neither."""
+    h, w = size
+    height, width = depth_size
+    if (height, width) == (h, w):
+        return (camera if (camera.height, camera.width) == (h, w) else camera.scaled(h / camera.height)), 1
+    factor_h, factor_w = height // h, width // w
+    if factor_h != factor_w or factor_h * h != height or factor_w * w != width:
+        raise ValueError(
+            f"depth of size {(height, width)} is neither the latent size {(h, w)} "
+            f"nor an integer multiple of it"
+        )
+    return (camera if (camera.height, camera.width) == (height, width) else camera.scaled(height / camera.height)), \
+        factor_h
+
+
 def lift_latent_depth(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor,
                       size: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor | None, Camera]:
     """Depth on the latent grid ``size`` = (h, w), lifted already where it came at image resolution.
@@ -116,17 +136,8 @@ def lift_latent_depth(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor,
         along the centre rays with :func:`~mirage_env.geometry.unproject`); and the camera at
         ``depth``'s resolution.
     """
-    h, w = size
-    if depth.shape[-2:] == (h, w):
-        if (camera.height, camera.width) != (h, w):
-            camera = camera.scaled(h / camera.height)
+    camera, factor = depth_grid(tuple(depth.shape[-2:]), camera, size)
+    if factor == 1:
         return depth, None, camera
-    factor_h, factor_w = depth.shape[-2] // h, depth.shape[-1] // w
-    if factor_h != factor_w or factor_h * h != depth.shape[-2] or factor_w * w != depth.shape[-1]:
-        raise ValueError(
-            f"depth of size {tuple(depth.shape[-2:])} is neither the latent size {(h, w)} "
-            f"nor an integer multiple of it"
-        )
-    image_camera = camera if (camera.height, camera.width) == depth.shape[-2:] else camera.scaled(factor_h * h / camera.height)
-    points, depth = lift_dominant_surface(depth, image_camera, c2w, factor_h)
-    return depth, points, image_camera
+    points, depth = lift_dominant_surface(depth, camera, c2w, factor)
+    return depth, points, camera

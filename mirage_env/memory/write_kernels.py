@@ -1,4 +1,4 @@
-"""A memory write as two compiled CPU kernels (numba): address + brick lookup, then merge + store.
+"""A memory write as compiled CPU kernels (numba): address + brick lookup, then merge + store.
 
 The same steps as :meth:`LatentSpatialMemory.write <.latent_memory.LatentSpatialMemory.write>`
 in torch after the lift: :meth:`~.index.BrickIndex.address` and the table lookup of
@@ -8,7 +8,10 @@ in torch after the lift: :meth:`~.index.BrickIndex.address` and the table lookup
 :meth:`~.index.BrickIndex.mark_written` (:func:`merge_and_store`). In torch those are ~60
 small tensor operations; here one pass each over the written pixels. Bricks a write needs
 but the table lacks are allocated by the torch code (:meth:`~.index.BrickIndex.slots_for`,
-with its eviction) between the two kernels: after warm-up that is the rare case.
+with its eviction) between the two kernels: after warm-up that is the rare case. In the
+common case :func:`write` does it all in one call (NaN check, unproject, address, clock,
+merge and store): the Python around separate kernels (arguments converted and checked
+per call) cost ten times the kernels themselves on a 64x64 step.
 
 Exactness (tests/test_compiled.py compares whole memories bit for bit): voxel coordinates
 are ``floor(point / voxel_size)`` in float32, as torch divides a float32 tensor by a Python
@@ -29,7 +32,8 @@ _AXIS_BITS = 16
 _AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
 
 # ``address`` status: everything found; some bricks missing (allocate, then merge); a point out of range.
-FOUND, MISSING, OUT_OF_RANGE = 0, 1, 2
+# ``write`` adds: depth holds NaN (nothing changed); the pool is too small for the new entries (grow, then merge).
+FOUND, MISSING, OUT_OF_RANGE, HAS_NAN, SHORT = 0, 1, 2, 3, 4
 # ``merge_and_store`` policies, as :data:`~.merge.MERGE_POLICIES` names them.
 POLICY = {"first": 0, "closest": 1, "latest": 2}
 
@@ -209,3 +213,66 @@ def unproject(depth, c2w, intrinsics, points):
                     acc += c2w[v, r, 2] * z
                     points[n, r] = acc + c2w[v, r, 3]
                 n += 1
+
+
+@njit(cache=True)
+def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_index, voxel_size, brick_size, table_keys,
+          table_values, mask, ticks, step, entry_of, brick_last_write, policy, closest_factor, free, in_use, capacity,
+          entries_per_world, features, pool_features, pool_points, pool_depth, pool_origins, pool_last_write,
+          pixel, keys, local, slot, points, origins):
+    """A whole write after the lift, in one call, when every brick it needs exists.
+
+    Args:
+        checked_depth: float32 depth as given (any length): a NaN anywhere and nothing is done.
+        depth: (V, h, w) float32 depth on the latent grid (V = B * T).
+        keep: (V * h * w,) bool, or empty: keep every pixel.
+        lifted: (V * h * w, 3) float64 points of an image-resolution lift, or empty: unproject
+            ``depth`` along the pixel centre rays (:func:`unproject`).
+        c2w: (V, 4, 4) float64 poses; intrinsics: float32 (fx, fy, cx, cy) of the latent grid.
+        step: the brick index's write count after this write.
+        The rest as :func:`address` and :func:`merge_and_store` take them; ``pixel``, ``keys``,
+        ``local``, ``slot`` (V * h * w,) and ``points`` (V * h * w, 3), ``origins`` (V, 3) are scratch.
+
+    Returns:
+        (status, count, written, taken, fresh). HAS_NAN: nothing changed. Otherwise the write
+        clocks of ``world_index`` have advanced by one (once each, however often named) and
+        ``count`` pixels are addressed in the scratch; FOUND: merged and stored, as
+        :func:`merge_and_store` returns; MISSING, OUT_OF_RANGE or SHORT: nothing else changed.
+    """
+    for i in range(checked_depth.shape[0]):
+        if np.isnan(checked_depth[i]):
+            return HAS_NAN, 0, 0, 0, 0
+    views, h, w = depth.shape
+    flat = depth.reshape(-1)
+    if lifted.shape[0] == 0:
+        c2w32 = np.empty((views, 4, 4), np.float32)
+        for v in range(views):
+            for r in range(4):
+                for c in range(4):
+                    c2w32[v, r, c] = np.float32(c2w[v, r, c])
+        unproject(depth, c2w32, intrinsics, points)
+    else:
+        for p in range(lifted.shape[0]):
+            for a in range(3):
+                points[p, a] = np.float32(lifted[p, a])
+    for v in range(views):
+        for a in range(3):
+            origins[v, a] = np.float32(c2w[v, a, 3])
+    keep_all = keep.shape[0] == 0
+    count, status = address(points, flat, keep if not keep_all else np.ones(flat.shape[0], np.bool_),
+                            frames * h * w, world_index, voxel_size, brick_size, table_keys, table_values, mask,
+                            pixel, keys, local, slot)
+    advanced = np.zeros(ticks.shape[0], np.bool_)
+    for b in range(world_index.shape[0]):
+        if not advanced[world_index[b]]:
+            advanced[world_index[b]] = True
+            ticks[world_index[b]] += 1
+    if status != FOUND:
+        return status, count, 0, 0, 0
+    written, taken, fresh = merge_and_store(
+        pixel[:count], slot[:count], local[:count], flat, frames * h * w, frames, h * w, world_index, ticks, entry_of,
+        brick_last_write, step, policy, closest_factor, free, in_use, capacity, entries_per_world, features,
+        points, origins, pool_features, pool_points, pool_depth, pool_origins, pool_last_write)
+    if written < 0:
+        return SHORT, count, 0, 0, fresh
+    return FOUND, count, written, taken, fresh
