@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable, Protocol
 
+import numpy as np
 import torch
 
 from .geometry import Camera, invert_pose, unproject
@@ -53,6 +54,22 @@ class KeepFilter(Protocol):
     def __call__(self, inputs: FilterInputs) -> torch.Tensor: ...
 
 
+_HOST_DTYPES = (torch.float32, torch.float64, torch.bool)
+
+
+def _maths(tensor: torch.Tensor):
+    """``tensor`` and the library to compute on it with: numpy for host tensors (at latent resolution a
+    torch op costs several times its numpy twin; float32 elementwise maths and comparisons give the
+    same bits), torch elsewhere."""
+    if tensor.device.type == "cpu" and not tensor.requires_grad and tensor.dtype in _HOST_DTYPES:
+        return tensor.numpy(), np
+    return tensor, torch
+
+
+def _tensor(mask) -> torch.Tensor:
+    return torch.from_numpy(mask) if isinstance(mask, np.ndarray) else mask
+
+
 # Filters are small frozen dataclasses rather than closures, so that a World (and the
 # envs holding one) can be pickled with the standard ``pickle`` (for subprocess vector
 # envs, SuperSuit, Ray); the lower-case factories below are the public names.
@@ -64,8 +81,10 @@ class ValidDepth:
     min_depth: float = 1e-3
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
-        depth = inputs.depth
-        return torch.isfinite(depth) & (depth > self.min_depth) & (depth <= self.max_depth)
+        depth, maths = _maths(inputs.depth)
+        valid = maths.isfinite(depth) & (depth > self.min_depth)
+        # Every finite depth is <= inf: the default's third comparison would keep all that pass the first.
+        return _tensor(valid if self.max_depth == float("inf") else valid & (depth <= self.max_depth))
 
 
 def valid_depth(max_depth: float = float("inf"), min_depth: float = 1e-3) -> KeepFilter:
@@ -77,12 +96,17 @@ def valid_depth(max_depth: float = float("inf"), min_depth: float = 1e-3) -> Kee
 class ConsistentWithMemory:
     relative_tolerance: float = 0.1
 
+    def keeps_everything(self, inputs: FilterInputs) -> bool:
+        return inputs.predicted_depth is None or inputs.predicted_mask is None
+
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
         if inputs.predicted_depth is None or inputs.predicted_mask is None:
             return torch.ones_like(inputs.depth, dtype=torch.bool)
-        predicted = inputs.predicted_depth
-        agree = (inputs.depth - predicted).abs() <= self.relative_tolerance * predicted
-        return ~inputs.predicted_mask | agree
+        depth, maths = _maths(inputs.depth)
+        predicted, known = _maths(inputs.predicted_depth)[0], _maths(inputs.predicted_mask)[0]
+        with np.errstate(invalid="ignore"):  # sky minus sky is NaN, which agrees with nothing, as in torch
+            agree = maths.abs(depth - predicted) <= self.relative_tolerance * predicted
+        return _tensor(~known | agree)
 
 
 def consistent_with_memory(relative_tolerance: float = 0.1) -> KeepFilter:
@@ -97,6 +121,9 @@ def consistent_with_memory(relative_tolerance: float = 0.1) -> KeepFilter:
 @dataclass(frozen=True)
 class ConsistentAcrossFrames:
     relative_tolerance: float = 0.1
+
+    def keeps_everything(self, inputs: FilterInputs) -> bool:
+        return inputs.depth.shape[1] < 2
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
         depth, poses, camera = inputs.depth, inputs.poses, inputs.camera
@@ -158,6 +185,9 @@ def user_mask(function: Callable[[FilterInputs], torch.Tensor]) -> KeepFilter:
 
 @dataclass(frozen=True)
 class ModelMask:
+    def keeps_everything(self, inputs: FilterInputs) -> bool:
+        return inputs.model_keep is None
+
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
         if inputs.model_keep is None:
             return torch.ones_like(inputs.depth, dtype=torch.bool)
@@ -174,10 +204,25 @@ class Composed:
     filters: tuple[KeepFilter, ...]
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
-        result = torch.ones_like(inputs.depth, dtype=torch.bool)
-        for f in self.filters:
-            result &= f(inputs)
+        masks = [f(inputs) for f in self.filters if not _keeps_everything(f, inputs)]
+        if not masks:
+            return torch.ones_like(inputs.depth, dtype=torch.bool)
+        # A new tensor, never one a filter handed back (that may be a mask someone else holds: model_keep);
+        # the first AND makes it when the first two are full bool masks, saving the all-True start.
+        full = lambda mask: mask.dtype == torch.bool and mask.shape == inputs.depth.shape  # noqa: E731
+        if len(masks) > 1 and full(masks[0]) and full(masks[1]):
+            result, rest = masks[0] & masks[1], masks[2:]
+        else:
+            result, rest = torch.ones_like(inputs.depth, dtype=torch.bool), masks
+        for keep in rest:
+            result &= keep
         return result
+
+
+def _keeps_everything(f: KeepFilter, inputs: FilterInputs) -> bool:
+    """Whether ``f`` would keep every pixel of ``inputs`` (then composing skips it: no mask, no AND)."""
+    says = getattr(f, "keeps_everything", None)
+    return says is not None and says(inputs)
 
 
 def compose(*filters: KeepFilter) -> KeepFilter:
