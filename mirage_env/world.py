@@ -205,7 +205,9 @@ class World:
         depth = segment.image_depth if segment.image_depth is not None else segment.depth
         self.memory.write(segment.latents, depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds,
                           seen=seen)
-        gained = (self.memory.entries_per_world() - before)[worlds]
+        gained = self.memory.entries_per_world() - before
+        if len(worlds) != self.num_worlds:
+            gained = gained[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
         latent_frames = segment.latents.shape[1]
         expected = self.model.latent.video_frames(latent_frames)
@@ -224,7 +226,7 @@ class World:
             latents=segment.latents,
             depth=segment.depth,
             poses=segment.poses,
-            memory_hit=read.mask.float().mean(dim=(-1, -2)),
+            memory_hit=_fraction_true(read.mask),
             new_entries=gained,
             segment=segment,
         )
@@ -486,3 +488,13 @@ def _check_model_size(model_config: dict, tensors: dict, check: StateCheck) -> N
     if tail is not None and tail.dim() == 5 and height * width > 4096 * tail.shape[-2] * tail.shape[-1]:
         check.fail("config.model.image_size", f"{size} is far larger than the {tuple(tail.shape[-2:])} latent grid "
                                               f"the file holds")
+
+
+def _fraction_true(mask: torch.Tensor) -> torch.Tensor:
+    """(..., h, w) bool -> (...) float32 fraction of True: ``mask.float().mean((-1, -2))``'s value (an exact
+    count, then one float32 division, as torch's mean does), counted in numpy for host masks (a torch
+    reduction over two dims costs tens of microseconds)."""
+    if mask.device.type != "cpu":
+        return mask.float().mean(dim=(-1, -2))
+    count = mask.numpy().sum(axis=(-1, -2), dtype=np.int64)
+    return torch.from_numpy(count.astype(np.float32) / np.float32(mask.shape[-1] * mask.shape[-2]))
