@@ -247,7 +247,8 @@ class ProceduralWorldModel:
         poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
-        if not np.isfinite(poses.detach().cpu().numpy()).all():
+        host = poses.numpy() if poses.device.type == "cpu" and not poses.requires_grad else poses.detach().cpu().numpy()
+        if not np.isfinite(host).all():
             raise ValueError("poses contain NaN or inf; camera-to-world poses must be finite")
         if len(generators) != poses.shape[0]:
             raise ValueError(f"need one generator per world: {len(generators)} for {poses.shape[0]} worlds")
@@ -323,7 +324,11 @@ class ProceduralWorldModel:
             raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
         # Always draw, so every world consumes its generator the same way whatever it sees (and whichever
         # path runs: the compiled one hands these to the torch path if it cannot run).
-        fresh = torch.stack([torch.rand(self._surface_count(), 6, generator=g) for g in generators]).to(self.device)
+        surfaces = self._surface_count()
+        if len(generators) == 1:
+            fresh = torch.rand(surfaces, 6, generator=generators[0])[None].to(self.device)
+        else:
+            fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
         if kernels_enabled(self.device) and self._compiled_inputs_fit(memory):
             segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
             if segment is not None:
@@ -424,7 +429,8 @@ class ProceduralWorldModel:
         cached = getattr(self, "_host_cache", None)
         if cached is None or any(a is not b for a, b in zip(cached[0], tensors)):
             views = {name: tensor.numpy() for name, tensor in zip(self._HOST, tensors)}
-            views["rays"], views["ray_length"] = self._rays.numpy(), self._ray_length.numpy()
+            views["rays"] = np.ascontiguousarray(self._rays.numpy().T)  # a row per axis: the kernels read rows
+            views["ray_length"] = self._ray_length.numpy()
             # Per surface: whether it belongs to a moving box, and that box's index in moving_boxes() (-1: none).
             surfaces = np.arange(self._surface_count())
             box_of = (surfaces - FACES) // FACES
@@ -433,6 +439,8 @@ class ProceduralWorldModel:
                                            for s, box in zip(surfaces, box_of)], dtype=np.int64)
             views["moving_of"] = views["object_of"] >= 0
             views["movers"] = np.array(movers, dtype=np.int64)
+            views["no_movers"] = np.zeros((0, 0, 0, 3))
+            views["scratch"] = {}  # the kernels' buffers that never leave the model, by shape
             self._host_cache = cached = (tensors, views)
         return cached[1]
 
@@ -441,47 +449,60 @@ class ProceduralWorldModel:
     def _generate_compiled(self, poses, fresh, worlds, memory, frames_per_view) -> Segment | None:
         """``_generate_torch`` as three compiled kernels with torch's exp and the codec's two products between
         them: the same bits (tests/test_compiled.py). None when the first kernel cannot run (nothing changed)."""
-        try:
-            from . import codec_kernels
-            from . import procedural_kernels as kernels
-        except Exception as error:  # numba missing or broken: the torch path, with a warning
-            disable_kernels(f"{type(error).__name__}: {error}")
+        kernels = _kernels()
+        if kernels is None:
             return None
+        procedural_kernels, codec_kernels = kernels
         batch, frames = poses.shape[:2]
         camera, codec, f = self.camera, self.codec, self.codec.factor
         h, w = camera.height // f, camera.width // f
         host = self._host()
         world = np.asarray(worlds, dtype=np.int64)
-        time = host["time"][world][:, None] + np.arange(frames) % frames_per_view
-        box_lo, box_hi = self._object_boxes_on_host(world, time)
-        pose_array = np.ascontiguousarray(poses.numpy())
+        # Each view's time and the sliding crate's phase then, and torch's sin of it on the (B, T) tensor the
+        # torch path takes it of (torch's sin rounds by position in the tensor: vectorised or not).
+        time, angle = procedural_kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
+        sine = torch.sin(torch.from_numpy(angle)).numpy()
+        if self.busy:
+            rows, at = torch.from_numpy(world), torch.from_numpy(time)
+            mover_lo, mover_hi = (b.numpy() for b in mover_boxes(self.movers[rows], at, self.room_hi[rows][:, 1]))
+        else:
+            mover_lo = mover_hi = host["no_movers"]
+        scratch = host["scratch"]
         if memory is None:
-            mask, memory_depth = np.zeros((batch, frames, h, w), np.bool_), np.zeros((batch, frames, h, w), np.float32)
+            if scratch.get("no_memory", np.empty(0)).shape != (batch, frames, h, w):
+                scratch["no_memory"] = np.zeros((batch, frames, h, w), np.bool_)
+                scratch["no_memory_depth"] = np.zeros((batch, frames, h, w), np.float32)
+            mask, memory_depth = scratch["no_memory"], scratch["no_memory_depth"]
         else:
             mask, memory_depth = memory[1].contiguous().numpy(), memory[2].contiguous().numpy()
         parallel = torch.get_num_threads() > 1
         outdoor, sky_id = self.scene == "outdoor", self._surface_count() - 1
+        pose_array = np.ascontiguousarray(poses.numpy())
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
-            depth, surface, face_axis, fog_arg, latent_depth, centre, memory_used, moving, sky, object_ids = kernels.cast(
-                host["rays"], pose_array, world, host["room_lo"], host["room_hi"], box_lo, box_hi, outdoor, sky_id,
-                camera, f, frames_per_view, mask, memory_depth, memory is not None,
-                np.float32(self.memory_depth_tolerance), fresh.numpy(), host["appearance"], host["committed"],
-                host["in_view"], host["moving_of"], host["object_of"], parallel)
+            depth, surface, face_axis, fog_arg, latent_depth, memory_used, moving, sky, object_ids, centres = \
+                procedural_kernels.cast(
+                    host["rays"], pose_array, world, host["room_lo"], host["room_hi"], host["box_lo"],
+                    host["box_hi"], host["motion"], sine, mover_lo, mover_hi, host["movers"], outdoor, sky_id, camera,
+                    f, frames_per_view, mask, memory_depth, memory is not None,
+                    np.float32(self.memory_depth_tolerance), fresh.numpy(), host["appearance"], host["committed"],
+                    host["in_view"], host["time"], host["moving_of"], host["object_of"], parallel, scratch)
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
-        host["time"][world] += frames_per_view
         memory_used = torch.from_numpy(memory_used)
         # exp is torch's: numba's expf differs from torch's vectorised one in the last bit for ~1% of inputs.
         fog = torch.exp(torch.from_numpy(fog_arg))
         latents = torch.empty(batch, frames, codec.channels, h, w)
         try:
-            # torch's allocator, not numpy's, for what the codec's products read: a BLAS may round
-            # differently with differently aligned memory.
-            patches = torch.empty(batch * frames, 3, h, w, f * f)
-            kernels.shade(host["rays"], pose_array, world, depth, surface, face_axis, fog.numpy(), host["appearance"],
-                          host["ray_length"], outdoor, sky_id, camera.width, f, parallel, patches.numpy())
-            decode_in = torch.empty(batch * frames, 3, h, w, codec.keep * codec.keep)
+            if scratch.get("patches") is None or scratch["patches"].shape[0] != batch * frames:
+                # torch's allocator, not numpy's, for what the codec's products read: a BLAS may round
+                # differently with differently aligned memory.
+                scratch["patches"] = torch.empty(batch * frames, 3, h, w, f * f)
+                scratch["decode_in"] = torch.empty(batch * frames, 3, h, w, codec.keep * codec.keep)
+            patches, decode_in = scratch["patches"], scratch["decode_in"]
+            procedural_kernels.shade(host["rays"], pose_array, world, depth, surface, face_axis, fog.numpy(),
+                                     host["appearance"], host["ray_length"], outdoor, sky_id, camera.width, f,
+                                     parallel, patches.numpy())
             codec_kernels.latents_from_coefficients(
                 (patches @ codec.basis).numpy(), memory_used.numpy(),
                 memory[0].contiguous().numpy() if memory is not None else latents.numpy(), memory is not None,
@@ -491,7 +512,6 @@ class ProceduralWorldModel:
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             latents, images = self._shade_on_torch(poses, world, depth, surface, face_axis, memory, memory_used)
-        movers = host["movers"]
         return Segment(
             latents=latents,
             depth=torch.from_numpy(latent_depth),
@@ -503,7 +523,7 @@ class ProceduralWorldModel:
                 "sky": torch.from_numpy(sky),
                 "memory_used": memory_used,
                 "object_ids": torch.from_numpy(object_ids),
-                "object_centres": torch.from_numpy(0.5 * (box_lo + box_hi)[:, :, movers]),
+                "object_centres": torch.from_numpy(centres),
             },
         )
 
@@ -700,6 +720,22 @@ class ProceduralWorldModel:
         sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
         is_sky = (surface == sky_id)[..., None]
         return torch.where(is_sky, sky, colour).clamp(0, 1)
+
+
+_KERNELS: tuple | None = None
+
+
+def _kernels() -> tuple | None:
+    """The compiled kernel modules, imported on first use (None, with one warning, where numba cannot load)."""
+    global _KERNELS
+    if _KERNELS is None:
+        try:
+            from . import codec_kernels, procedural_kernels
+        except Exception as error:  # numba missing or broken: the torch path
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        _KERNELS = (procedural_kernels, codec_kernels)
+    return _KERNELS
 
 
 def _rotate(rotation: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

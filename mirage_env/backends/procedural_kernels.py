@@ -49,12 +49,12 @@ def _rotation(poses, b, t):
 
 
 @njit(cache=True)
-def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width, height, span, to_lo, to_hi):
+def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, height, span, to_lo, to_hi):
     """Per box k, the first and last column (``span[k, 0:2]``) and row (``span[k, 2:4]``) whose pixel centre lies
     in its screen rectangle (the torch path's cull: it decides which ray-box pairs are tested), and the box's
     planes relative to the camera (``to_lo``, ``to_hi``)."""
     half = np.float32(0.5)
-    for k in range(box_lo.shape[2]):
+    for k in range(box_lo.shape[0]):
         all_front = True
         any_front = False
         umin = np.float32(np.inf)
@@ -62,9 +62,9 @@ def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width
         vmin = np.float32(np.inf)
         vmax = np.float32(-np.inf)
         for c in range(8):
-            cx0 = (box_hi[b, t, k, 0] if (c >> 2) & 1 else box_lo[b, t, k, 0]) - o0
-            cx1 = (box_hi[b, t, k, 1] if (c >> 1) & 1 else box_lo[b, t, k, 1]) - o1
-            cx2 = (box_hi[b, t, k, 2] if c & 1 else box_lo[b, t, k, 2]) - o2
+            cx0 = (box_hi[k, 0] if (c >> 2) & 1 else box_lo[k, 0]) - o0
+            cx1 = (box_hi[k, 1] if (c >> 1) & 1 else box_lo[k, 1]) - o1
+            cx2 = (box_hi[k, 2] if c & 1 else box_lo[k, 2]) - o2
             # The transposed rotation: column i of R^T is row i of R.
             l0 = r[0, 0] * cx0 + r[1, 0] * cx1 + r[2, 0] * cx2
             l1 = r[0, 1] * cx0 + r[1, 1] * cx1 + r[2, 1] * cx2
@@ -99,89 +99,136 @@ def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width
                 span[k, 2] = min(span[k, 2], c)
                 span[k, 3] = c
         for a in range(3):
-            to_lo[k, a] = box_lo[b, t, k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
-            to_hi[k, a] = box_hi[b, t, k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
+            to_lo[k, a] = box_lo[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
+            to_hi[k, a] = box_hi[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
+
+
+@njit(cache=True)
+def _view_boxes(b, t, world, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, centres):
+    """Where view (b, t) sees the boxes (K, 3) float32, as ``ProceduralWorldModel._object_boxes`` places them:
+    the sliding crate (the last box) shifted along x by its amplitude times ``sine`` (B, T) (torch's sin of
+    the phase), the busy scene's movers (B, T, M, 3) float64 in the places before it; and the centres of the
+    ``movers`` boxes into ``centres`` (B, T, len(movers), 3)."""
+    wb = world[b]
+    boxes = box_lo.shape[1]
+    lo = np.empty((boxes, 3), np.float32)
+    hi = np.empty((boxes, 3), np.float32)
+    for k in range(boxes):
+        for a in range(3):
+            lo[k, a] = box_lo[wb, k, a]
+            hi[k, a] = box_hi[wb, k, a]
+    shift = motion[wb, 0] * sine[b, t]
+    lo[boxes - 1, 0] += shift
+    hi[boxes - 1, 0] += shift
+    count = mover_lo.shape[2]
+    for m in range(count):
+        for a in range(3):
+            lo[boxes - 1 - count + m, a] = np.float32(mover_lo[b, t, m, a])
+            hi[boxes - 1 - count + m, a] = np.float32(mover_hi[b, t, m, a])
+    half = np.float32(0.5)
+    for m in range(movers.shape[0]):
+        for a in range(3):
+            centres[b, t, m, a] = half * (lo[movers[m], a] + hi[movers[m], a])
+    return lo, hi
 
 
 @njit(cache=True)
 def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
                width, height, depth, surface, face_axis, fog_arg):
-    """One view: a row at a time, the room's exit face for every ray of the row, then each box whose screen
-    rectangle spans the row against the rays inside it, then the nearer of the two. Boxes are visited in
-    ascending order with a strict ``<``, so among boxes at the same depth the lowest index wins, as torch.min."""
+    """One view, a row at a time, in loops simple enough for the compiler to vectorise: the room's exit face
+    for every ray of the row, then each box whose screen rectangle spans the row against the rays inside it,
+    then the nearer of the two. Boxes are visited in ascending order with a strict ``<``, so among boxes at
+    the same depth the lowest index wins, as torch.min. ``rays`` is (3, P)."""
     r = _rotation(poses, b, t)
     o0, o1, o2 = np.float32(poses[b, t, 0, 3]), np.float32(poses[b, t, 1, 3]), np.float32(poses[b, t, 2, 3])
-    boxes = box_lo.shape[2]
+    boxes = box_lo.shape[0]
     span = np.empty((boxes, 4), np.int64)
     to_lo = np.empty((boxes, 3), np.float32)
     to_hi = np.empty((boxes, 3), np.float32)
-    _screen_intervals(r, o0, o1, o2, box_lo, box_hi, b, t, fx, fy, cx, cy, width, height, span, to_lo, to_hi)
+    _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, height, span, to_lo, to_hi)
     wb = world[b]
     lo0, lo1, lo2 = room_lo[wb, 0], room_lo[wb, 1], room_lo[wb, 2]
     hi0, hi1, hi2 = room_hi[wb, 0], room_hi[wb, 1], room_hi[wb, 2]
-    inverse = np.empty((3, width), np.float32)
-    step = np.empty((3, width), np.float32)
+    r00, r01, r02 = r[0, 0], r[0, 1], r[0, 2]
+    r10, r11, r12 = r[1, 0], r[1, 1], r[1, 2]
+    r20, r21, r22 = r[2, 0], r[2, 1], r[2, 2]
+    s0 = np.empty(width, np.float32)
+    s1 = np.empty(width, np.float32)
+    s2 = np.empty(width, np.float32)
+    v0 = np.empty(width, np.float32)
+    v1 = np.empty(width, np.float32)
+    v2 = np.empty(width, np.float32)
+    room = np.empty(width, np.float32)
+    room_axis = np.empty(width, np.int64)
     best = np.empty(width, np.float32)
     best_k = np.empty(width, np.int64)
     best_axis = np.empty(width, np.int64)
+    inf = np.float32(np.inf)
+    rx, ry, rz = rays[0], rays[1], rays[2]
     for row in range(height):
         first = row * width
         for c in range(width):
-            p = first + c
-            x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
-            d0 = _rotate(r, x, y, z, 0)
-            d1 = _rotate(r, x, y, z, 1)
-            d2 = _rotate(r, x, y, z, 2)
-            step[0, c], step[1, c], step[2, c] = d0, d1, d2
-            i0 = _ONE / (_TINY if abs(d0) < _TINY else d0)
-            i1 = _ONE / (_TINY if abs(d1) < _TINY else d1)
-            i2 = _ONE / (_TINY if abs(d2) < _TINY else d2)
-            inverse[0, c], inverse[1, c], inverse[2, c] = i0, i1, i2
+            x, y, z = rx[first + c], ry[first + c], rz[first + c]
+            d0 = r00 * x + r01 * y + r02 * z
+            d1 = r10 * x + r11 * y + r12 * z
+            d2 = r20 * x + r21 * y + r22 * z
+            s0[c], s1[c], s2[c] = d0, d1, d2
+            v0[c] = _ONE / (_TINY if abs(d0) < _TINY else d0)
+            v1[c] = _ONE / (_TINY if abs(d1) < _TINY else d1)
+            v2[c] = _ONE / (_TINY if abs(d2) < _TINY else d2)
+        for c in range(width):
+            d0, d1, d2 = s0[c], s1[c], s2[c]
             # The room, from inside: the exit face.
-            e0 = ((hi0 if d0 > 0 else lo0) - o0) * i0
-            e1 = ((hi1 if d1 > 0 else lo1) - o1) * i1
-            e2 = ((hi2 if d2 > 0 else lo2) - o2) * i2
+            e0 = ((hi0 if d0 > 0 else lo0) - o0) * v0[c]
+            e1 = ((hi1 if d1 > 0 else lo1) - o1) * v1[c]
+            e2 = ((hi2 if d2 > 0 else lo2) - o2) * v2[c]
             yz = min(e1, e2)
-            axis = 0 if e0 <= yz else (1 if e1 <= e2 else 2)
-            hit = min(e0, yz)
-            along = d0 if axis == 0 else (d1 if axis == 1 else d2)
-            positive = along > 0
-            s = axis * 2 + (1 if positive else 0)
-            if outdoor and not (axis == 1 and positive):
-                hit = np.float32(np.inf)
-                s = sky_id
-            depth[b, t, p] = hit
-            surface[b, t, p] = s
-            face_axis[b, t, p] = axis
-            best[c] = np.float32(np.inf)
+            room[c] = min(e0, yz)
+            room_axis[c] = 0 if e0 <= yz else (1 if e1 <= e2 else 2)
+            best[c] = inf
             best_k[c] = -1
+            best_axis[c] = 0
         for k in range(boxes):
             if row < span[k, 2] or row > span[k, 3]:
                 continue
             a_lo0, a_lo1, a_lo2 = to_lo[k, 0], to_lo[k, 1], to_lo[k, 2]
             a_hi0, a_hi1, a_hi2 = to_hi[k, 0], to_hi[k, 1], to_hi[k, 2]
             for c in range(span[k, 0], span[k, 1] + 1):
-                i0, i1, i2 = inverse[0, c], inverse[1, c], inverse[2, c]
+                i0, i1, i2 = v0[c], v1[c], v2[c]
                 a0, b0 = a_lo0 * i0, a_hi0 * i0
                 a1, b1 = a_lo1 * i1, a_hi1 * i1
                 a2, b2 = a_lo2 * i2, a_hi2 * i2
                 n0, n1, n2 = min(a0, b0), min(a1, b1), min(a2, b2)
                 t_near = max(max(n0, n1), n2)
                 t_far = min(min(max(a0, b0), max(a1, b1)), max(a2, b2))
-                if t_near <= t_far and t_near > _HIT_MIN and t_near < best[c]:
-                    best[c] = t_near
-                    best_k[c] = k
-                    best_axis[c] = 0 if n0 >= max(n1, n2) else (1 if n1 >= n2 else 2)
+                held = best[c]
+                take = (t_near <= t_far) & (t_near > _HIT_MIN) & (t_near < held)
+                best[c] = t_near if take else held
+                best_k[c] = k if take else best_k[c]
+                n12 = max(n1, n2)
+                best_axis[c] = (0 if n0 >= n12 else (1 if n1 >= n2 else 2)) if take else best_axis[c]
         for c in range(width):
             p = first + c
-            hit = depth[b, t, p]
-            if best_k[c] >= 0 and best[c] < hit:
+            axis = room_axis[c]
+            hit = room[c]
+            along = s0[c] if axis == 0 else (s1[c] if axis == 1 else s2[c])
+            positive = along > 0
+            s = axis * 2 + (1 if positive else 0)
+            if outdoor and not (axis == 1 and positive):
+                hit = inf
+                s = sky_id
+            k = best_k[c]
+            if k >= 0 and best[c] < hit:
                 axis = best_axis[c]
                 hit = best[c]
-                depth[b, t, p] = hit
-                surface[b, t, p] = _FACES + best_k[c] * _FACES + axis * 2 + (1 if step[axis, c] < 0 else 0)
-                face_axis[b, t, p] = axis
-            fog_arg[b, t, p] = -(hit if np.isfinite(hit) else np.float32(0.0)) / np.float32(25.0)
+                along = s0[c] if axis == 0 else (s1[c] if axis == 1 else s2[c])
+                s = _FACES + k * _FACES + axis * 2 + (1 if along < 0 else 0)
+            depth[b, t, p] = hit
+            surface[b, t, p] = s
+            face_axis[b, t, p] = axis
+        for c in range(first, first + width):
+            hit = depth[b, t, c]
+            fog_arg[b, t, c] = -(hit if np.isfinite(hit) else np.float32(0.0)) / np.float32(25.0)
 
 
 @njit(cache=True)
@@ -254,82 +301,122 @@ def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_dept
 
 
 @njit(cache=True)
-def _front_serial(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy, width, height,
-                  factor, frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh, appearance,
-                  committed, in_view, moving_of, object_of, depth, surface, face_axis, fog_arg, latent_depth,
-                  centre_surface, memory_used, moving, sky, object_ids):
+def _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi,
+                movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface, face_axis, fog_arg,
+                latent_depth, centre_surface, centres):
+    b = v // frames
+    t = v - b * frames
+    lo, hi = _view_boxes(b, t, world, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, centres)
+    _cast_view(b, t, rays, poses, world, room_lo, room_hi, lo, hi, outdoor, sky_id, fx, fy, cx, cy, width, height,
+               depth, surface, face_axis, fog_arg)
+    _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
+
+
+@njit(cache=True)
+def _front_serial(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers,
+                  outdoor, sky_id, fx, fy, cx, cy, width, height, factor, frames_per_view, memory_mask, memory_depth,
+                  use_memory, tolerance, fresh, appearance, committed, in_view, clock, moving_of, object_of, depth,
+                  surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids,
+                  centres):
     batch, frames = poses.shape[0], poses.shape[1]
+    for v in range(batch * frames):
+        _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo,
+                    mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface,
+                    face_axis, fog_arg, latent_depth, centre_surface, centres)
     for b in range(batch):
-        for t in range(frames):
-            _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                       width, height, depth, surface, face_axis, fog_arg)
-            _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
         _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
                      use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
                      width, memory_used, moving, sky, object_ids)
+        clock[world[b]] += frames_per_view
 
 
 @njit(cache=True, parallel=True)
-def _front_parallel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy, width,
-                    height, factor, frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh,
-                    appearance, committed, in_view, moving_of, object_of, depth, surface, face_axis, fog_arg,
-                    latent_depth, centre_surface, memory_used, moving, sky, object_ids):
+def _front_parallel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers,
+                    outdoor, sky_id, fx, fy, cx, cy, width, height, factor, frames_per_view, memory_mask,
+                    memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, clock, moving_of,
+                    object_of, depth, surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving,
+                    sky, object_ids, centres):
     batch, frames = poses.shape[0], poses.shape[1]
     for v in prange(batch * frames):
-        b = v // frames
-        t = v - b * frames
-        _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, fx, fy, cx, cy,
-                   width, height, depth, surface, face_axis, fog_arg)
-        _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
+        _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo,
+                    mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface,
+                    face_axis, fog_arg, latent_depth, centre_surface, centres)
     for b in prange(batch):  # distinct worlds: no two items touch the same rows of the model's state
         _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
                      use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
                      width, memory_used, moving, sky, object_ids)
+        clock[world[b]] += frames_per_view
 
 
-def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, camera, factor, frames_per_view,
-          memory_mask, memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, moving_of,
-          object_of, parallel):
-    """Everything of ``ProceduralWorldModel._generate`` before the fog's exp, in one call: the ray cast, the
-    latent grid and the per-surface bookkeeping (which updates ``appearance``, ``committed`` and ``in_view``).
+def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, outdoor,
+          sky_id, camera, factor, frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh, appearance,
+          committed, in_view, clock, moving_of, object_of, parallel, scratch):
+    """Everything of ``ProceduralWorldModel._generate`` before the fog's exp, in one call: where the boxes
+    are, the ray cast, the latent grid and the per-surface bookkeeping (which updates ``appearance``,
+    ``committed`` and ``in_view``).
 
     Args:
-        rays: (P, 3) float32 camera-frame ray directions (z = 1).
+        rays: (3, P) float32 camera-frame ray directions (z = 1), a row per axis.
         poses: (B, T, 4, 4) float64 camera-to-world poses.
         world: (B,) int64 world of each batch item (distinct).
-        room_lo, room_hi: (W, 3) float32 per world; box_lo, box_hi: (B, T, K, 3) float32 where each view sees them.
+        room_lo, room_hi, box_lo, box_hi, motion: the model's per-world (W, 3), (W, K, 3), (W, 3) float32.
+        sine: (B, T) float32, torch's sin of the sliding crate's phase at each view's time.
+        mover_lo, mover_hi: (B, T, M, 3) float64 busy-scene movers (M = 0: none); movers: (N,) int64 the
+            boxes whose centres are reported.
         memory_mask, memory_depth: (B, T, h, w) bool / float32 projected memory (read only when ``use_memory``).
         tolerance: float32 relative depth within which memory agrees with the geometry.
-        fresh: (B, S, 6) float32 looks drawn for this segment; appearance, committed (W, S, 6) float32 and
-            in_view (W, S) bool: the model's per-world state.
+        fresh: (B, S, 6) float32 looks drawn for this segment; appearance, committed (W, S, 6) float32,
+            in_view (W, S) bool and clock (W,) int64: the model's per-world state (the clock advances by
+            ``frames_per_view``).
         moving_of: (S,) bool, surfaces of moving boxes; object_of: (S,) int64, a surface's index among the
             moving boxes (-1: none).
+        scratch: dict of reusable arrays (surface, face axis, fog argument, centre surface), filled here.
 
     Returns:
         depth (B, T, P) float32; surface and face axis (B, T, P) int8; the fog's exp argument
-        ``-finite_depth / 25`` (B, T, P) float32; latent depth (median per patch, B, T, h, w) float32; the
-        surface at each patch's centre pixel (B, T, h, w) int8; memory_used, moving (any pixel of the patch
-        on a moving box) and sky (B, T, h, w) bool; object ids (B, T, h, w) int64 (of the centre pixel).
+        ``-finite_depth / 25`` (B, T, P) float32; latent depth (median per patch, B, T, h, w) float32;
+        memory_used, moving (any pixel of the patch on a moving box) and sky (B, T, h, w) bool; object ids
+        (B, T, h, w) int64 (of the centre pixel); the movers' centres (B, T, N, 3) float32.
     """
     batch, frames = poses.shape[:2]
-    pixels = rays.shape[0]
+    pixels = rays.shape[1]
     h, w = camera.height // factor, camera.width // factor
+    key = (batch, frames, pixels, h, w)
+    if scratch.get("key") != key:  # what does not leave the model is kept between calls of one shape
+        scratch.clear()
+        scratch.update(key=key, surface=np.empty((batch, frames, pixels), np.int8),
+                       face_axis=np.empty((batch, frames, pixels), np.int8),
+                       fog_arg=np.empty((batch, frames, pixels), np.float32),
+                       centre_surface=np.empty((batch, frames, h, w), np.int8))
+    surface, face_axis, fog_arg = scratch["surface"], scratch["face_axis"], scratch["fog_arg"]
     depth = np.empty((batch, frames, pixels), np.float32)
-    surface = np.empty((batch, frames, pixels), np.int8)
-    face_axis = np.empty((batch, frames, pixels), np.int8)
-    fog_arg = np.empty((batch, frames, pixels), np.float32)
     latent_depth = np.empty((batch, frames, h, w), np.float32)
-    centre_surface = np.empty((batch, frames, h, w), np.int8)
     memory_used = np.empty((batch, frames, h, w), np.bool_)
     moving = np.empty((batch, frames, h, w), np.bool_)
     sky = np.empty((batch, frames, h, w), np.bool_)
     object_ids = np.empty((batch, frames, h, w), np.int64)
+    centres = np.empty((batch, frames, movers.shape[0], 3), np.float32)
     kernel = _front_parallel if parallel and batch * frames > 1 else _front_serial
-    kernel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdoor, sky_id, _F(camera.fx), _F(camera.fy),
-           _F(camera.cx), _F(camera.cy), camera.width, camera.height, factor, frames_per_view, memory_mask,
-           memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, depth,
-           surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids)
-    return depth, surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids
+    kernel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, outdoor,
+           sky_id, _F(camera.fx), _F(camera.fy), _F(camera.cx), _F(camera.cy), camera.width, camera.height, factor,
+           frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view,
+           clock, moving_of, object_of, depth, surface, face_axis, fog_arg, latent_depth, scratch["centre_surface"],
+           memory_used, moving, sky, object_ids, centres)
+    return depth, surface, face_axis, fog_arg, latent_depth, memory_used, moving, sky, object_ids, centres
+
+
+@njit(cache=True)
+def phases(world, clock, motion, frames, frames_per_view):
+    """Each view's time (B, T) int64 (the views of a world are simultaneous: frame j of every view is at the
+    same instant) and the sliding crate's phase then (B, T) float32, ``speed * time + phase`` in float32."""
+    batch = world.shape[0]
+    time = np.empty((batch, frames), np.int64)
+    angle = np.empty((batch, frames), np.float32)
+    for b in range(batch):
+        for t in range(frames):
+            time[b, t] = clock[world[b]] + t % frames_per_view
+            angle[b, t] = motion[world[b], 1] * np.float32(time[b, t]) + motion[world[b], 2]
+    return time, angle
 
 
 # The name the torch path's fallback test patches: the first kernel a segment calls.
@@ -391,7 +478,7 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
                     if kind[s] != 0:
                         d = depth[b, t, p]
                         q = d if np.isfinite(d) else zero
-                        x, y, z = rays[p, 0], rays[p, 1], rays[p, 2]
+                        x, y, z = rays[0, p], rays[1, p], rays[2, p]
                         # The hit point's two world coordinates across the face (the cast's directions again).
                         if axis == 0:
                             u = o2 + _rotate(r, x, y, z, 2) * q
@@ -417,7 +504,7 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
                     light = lit[axis]
                     sky_pixel = outdoor and s == sky_id
                     if sky_pixel:
-                        elevation = -_rotate(r, rays[p, 0], rays[p, 1], rays[p, 2], 1) / ray_length[p]
+                        elevation = -_rotate(r, rays[0, p], rays[1, p], rays[2, p], 1) / ray_length[p]
                         elevation = min(max(elevation, -one), one)
                         elevation = min(max(elevation, zero), one)
                     for c in range(3):
@@ -452,7 +539,8 @@ def shade(rays, poses, world, depth, surface, face_axis, fog, appearance, ray_le
     ``PatchDCTCodec.encode_patches`` takes, so the codec copies no pixels).
 
     ``depth``, ``surface``, ``face_axis`` and ``fog`` (the fog's factor) are (B, T, P) as ``front`` gives them
-    (V = B * T); ``world`` (B,) is each batch item's row of ``appearance`` (W, S, 6). Ray directions are
+    (V = B * T); ``rays`` is (3, P) as ``front`` takes it; ``world`` (B,) is each batch item's row of
+    ``appearance`` (W, S, 6). Ray directions are
     recomputed from ``rays`` and ``poses`` in the cast's order (the same bits), cheaper than storing them.
     """
     frames = poses.shape[1]
