@@ -113,11 +113,23 @@ def memory_state(memory) -> dict[str, np.ndarray]:
     held |= {"pool.features": pool.features, "pool.points": pool.points, "pool.depth": pool.observed_depth,
              "pool.origins": pool.origins, "pool.last_write": pool.last_write, "table.keys": index.table.keys,
              "table.values": index.table.values, "chunk.keys": index.chunks.keys, "chunk.members": index.chunks.members,
-             "entry_of": index.entry_of, "brick.last_write": index.last_write}
+             "entry_of": index.entry_of, "occupancy": index.occupancy, "brick.last_write": index.last_write}
+    assert_occupancy_matches_entries(index)
     state = {name: value.detach().clone().view(torch.int16) if value.dtype == torch.bfloat16 else value.detach().clone()
              for name, value in held.items()}
     return {name: value.numpy() for name, value in state.items()} | {
         "in_use": np.array([index.in_use, pool.in_use, index.step])}
+
+
+def assert_occupancy_matches_entries(index) -> None:
+    """A brick's occupancy bits are set exactly where its voxels hold an entry (whichever path kept them)."""
+    occupied = index.entry_of.numpy() >= 0
+    words = index.occupancy.numpy().view(np.uint64)
+    voxel = np.arange(occupied.shape[1])
+    bits = (words[:, voxel // 64] >> (voxel % 64).astype(np.uint64)) & np.uint64(1)
+    np.testing.assert_array_equal(bits.astype(bool), occupied)
+    assert (words[:, -1] >> np.uint64(occupied.shape[1] - 64 * (words.shape[1] - 1)) == 0).all() \
+        if occupied.shape[1] % 64 else True  # no bit beyond the last voxel
 
 
 @pytest.mark.parametrize("merge,feature_dtype", [("first", torch.float16), ("closest", torch.bfloat16),
@@ -164,6 +176,45 @@ def test_memory_writes_and_reads_are_bit_exact_with_the_torch_path(monkeypatch, 
     with torch_threads(threads):
         fast, oracle = run(True), run(False)
     assert_same(fast, oracle)
+
+
+@pytest.mark.parametrize("brick_size,horizon", [(2, None), (5, None), (4, 3)])
+def test_the_read_kernel_reads_what_the_torch_read_reads_after_any_change(monkeypatch, brick_size, horizon):
+    # One memory, read by both paths after every kind of change to which voxels hold entries: writes
+    # (with a horizon, the torch write and its expiry), a save and load, clearing one world; bricks of
+    # 8 and 125 voxels (one and two occupancy words).
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    latent = Camera.from_fov(8, 8, 90)
+    poses = loop_poses(10, 1)[:, 0]
+    generator = torch.Generator().manual_seed(4)
+    memory = LatentSpatialMemory(5, voxel_size=0.1, num_worlds=2, brick_size=brick_size, horizon=horizon)
+
+    def read_both(memory, views):
+        out = []
+        for kernels in (True, False):
+            monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+            read = memory.read(latent, views)
+            out.append([read.latents.numpy(), read.mask.numpy(), read.depth.numpy(), read.points.numpy()])
+        for fast, oracle in zip(*out):
+            np.testing.assert_array_equal(fast, oracle)
+        assert_occupancy_matches_entries(memory._index)
+        return out[0][1].sum()
+
+    hits = 0
+    for step, pose in enumerate(poses):
+        both = torch.stack([pose, poses[(step + 3) % len(poses)]])[:, None]
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1")
+        memory.write(torch.randn(2, 1, 5, 8, 8, generator=generator), torch.stack([room_depth(latent, p) for p in both]),
+                     latent, both)
+        hits += read_both(memory, both)
+    loaded = LatentSpatialMemory.from_state(memory.config(), memory.state_tensors(copy=True))
+    hits += read_both(loaded, both)
+    loaded.clear(worlds=[0])
+    read_both(loaded, both)
+    assert hits > 0
 
 
 def test_selection_gives_the_value_a_sort_puts_there():

@@ -616,6 +616,7 @@ def restore_memory(part: dict[str, torch.Tensor], index: BrickIndex, pool: Entry
     pool.free = part["free_entries"].to(device, torch.int64, copy=True)
     pool.entries_per_world = part["entries_per_world"].to(device, copy=True)
     index.entry_of[:used] = part["entry_of"].to(device, torch.int32)
+    index.refresh_occupancy()
     index.keys[:used] = part["brick_keys"].to(device)
     index.world[:used] = part["brick_world"].to(device)
     index.last_write[:used] = part["brick_last_write"].to(device)

@@ -93,6 +93,7 @@ class WriteClock:
             row, voxel = torch.nonzero(expired, as_tuple=True)
             pool.release(entries[row, voxel], world[row])
             index.entry_of[slots[row], voxel] = EMPTY
+            index.refresh_occupancy(slots[row])
             occupied &= ~expired
         return slots[~occupied.any(1)]
 

@@ -28,6 +28,7 @@ from .keys import AXIS_BITS, AXIS_OFFSET, EMPTY, KeyTable, pack, unpack, world_o
 from .raster import spheres_in_frustum
 
 EVICT_TO_FRACTION = 7 / 8  # of max_bricks_per_world, once a write would exceed it
+_BIT_VALUES = torch.tensor([1 << k for k in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit k of an int64
 
 
 class Released(NamedTuple):
@@ -45,6 +46,10 @@ class BrickIndex:
         world: (capacity,) int64 world of each brick.
         last_write: (capacity,) int64 ``step`` of the last write that touched the brick (eviction order).
         entry_of: (capacity, brick_size^3) int32 pool index of each voxel's entry, -1 where empty.
+        occupancy: (capacity, ceil(brick_size^3 / 64)) int64 bits, voxel k of a brick in bit
+            k % 64 of word k // 64: set where ``entry_of`` holds an entry. Derived from ``entry_of``
+            (kept with it, rebuilt on load, never saved) so a read visits a brick's entries, not
+            its voxels.
     """
 
     def __init__(self, voxel_size: float, brick_size: int, chunk_size: int, num_worlds: int,
@@ -56,6 +61,7 @@ class BrickIndex:
         self.device = device
         self.voxels_per_brick = brick_size**3
         self.entry_of = torch.full((capacity, self.voxels_per_brick), EMPTY, dtype=torch.int32, device=device)
+        self.occupancy = torch.zeros(capacity, -(-self.voxels_per_brick // 64), dtype=torch.int64, device=device)
         self.keys = torch.full((capacity,), EMPTY, dtype=torch.int64, device=device)
         self.world = torch.zeros(capacity, dtype=torch.int64, device=device)
         self.last_write = torch.zeros(capacity, dtype=torch.int64, device=device)
@@ -72,7 +78,7 @@ class BrickIndex:
 
     def nbytes(self) -> int:
         """Bytes of the brick storage, its tables and the chunk index."""
-        held = (self.entry_of, self.keys, self.world, self.last_write)
+        held = (self.entry_of, self.occupancy, self.keys, self.world, self.last_write)
         return sum(t.numel() * t.element_size() for t in held) + self.table.nbytes() + self.chunks.nbytes()
 
     # ------------------------------------------------------------------ addressing
@@ -148,11 +154,27 @@ class BrickIndex:
             self.keys[new_slots] = new_keys
             self.world[new_slots] = new_worlds
             self.entry_of[new_slots] = EMPTY
+            self.occupancy[new_slots] = 0
             self.bricks_per_world += torch.bincount(new_worlds, minlength=self.num_worlds)
             self.table.insert(new_keys, new_slots)
             self.chunks.add(new_slots, self.keys[new_slots])
             found[missing] = new_slots
         return found[inverse], released
+
+    def refresh_occupancy(self, slots: torch.Tensor | None = None) -> None:
+        """Recompute :attr:`occupancy` of bricks ``slots`` (default: all) from ``entry_of``, after the torch
+        code changed which of their voxels hold an entry (the kernels keep the bits as they go)."""
+        entries = self.entry_of if slots is None else self.entry_of[slots]
+        words = self.occupancy.shape[1]
+        occupied = torch.zeros(entries.shape[0], words * 64, dtype=torch.int64, device=self.device)
+        occupied[:, : self.voxels_per_brick] = entries >= 0
+        # Distinct powers of two summed are their bitwise or; bit 63 is int64's sign bit, and no
+        # partial sum overflows (the other 63 bits add up to at most 2**63 - 1).
+        packed = (occupied.view(-1, words, 64) * _BIT_VALUES.to(self.device)).sum(-1)
+        if slots is None:
+            self.occupancy.copy_(packed)
+        else:
+            self.occupancy[slots] = packed
 
     def mark_written(self, slots: torch.Tensor) -> None:
         """Record that the current write (``step``) touched bricks ``slots``."""
@@ -184,6 +206,7 @@ class BrickIndex:
             return torch.cat([tensor, pad])
 
         self.entry_of = extend(self.entry_of, EMPTY)
+        self.occupancy = extend(self.occupancy, 0)
         self.keys = extend(self.keys, EMPTY)
         self.world = extend(self.world, 0)
         self.last_write = extend(self.last_write, 0)
@@ -234,6 +257,7 @@ class BrickIndex:
         released = Released(entries[live].long(), self.world[slots][:, None].expand_as(entries)[live])
         self.keys[slots] = EMPTY
         self.entry_of[slots] = EMPTY
+        self.occupancy[slots] = 0
         self.free = torch.cat([self.free, slots.sort().values])
         self.rebuild_table()
         self.rebuild_chunks()

@@ -277,6 +277,7 @@ class LatentSpatialMemory:
         entry, new, clock = entry[accept], ~was_occupied[accept], clock[accept]
         entry[new] = self._pool.take(entry_world[winners][new])
         self._index.entry_of[brick_slot[new], voxel_slot[new]] = entry[new].to(torch.int32)
+        self._index.refresh_occupancy(brick_slot[new])
         self._pool.store(entry, features[winners], points[winners], observed[winners], origins[winners], clock)
         self._index.mark_written(slots)
         self._index.release_if_empty(emptied)
@@ -334,7 +335,8 @@ class LatentSpatialMemory:
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
                 np.float32(self.voxel_size), self.brick_size, array("table.keys", index.table.keys),
                 array("table.values", index.table.values), index.table.mask, ticks, index.step + 1,
-                array("entry_of", index.entry_of), array("brick.last_write", index.last_write), policy, closest,
+                array("entry_of", index.entry_of), array("occupancy", index.occupancy),
+                array("brick.last_write", index.last_write), policy, closest,
                 array("free", pool.free), pool.in_use, pool.capacity, array("entries_per_world", pool.entries_per_world),
                 features, array("features", pool.features, bits), array("points", pool.points),
                 array("depth", pool.observed_depth), array("origins", pool.origins),
@@ -363,8 +365,8 @@ class LatentSpatialMemory:
                 try:
                     written, taken, fresh = write_kernels.merge_and_store(
                         pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, ticks,
-                        array("entry_of", index.entry_of), array("brick.last_write", index.last_write), index.step,
-                        policy, closest, array("free", pool.free), pool.in_use, pool.capacity,
+                        array("entry_of", index.entry_of), array("occupancy", index.occupancy),
+                        array("brick.last_write", index.last_write), index.step, policy, closest, array("free", pool.free), pool.in_use, pool.capacity,
                         array("entries_per_world", pool.entries_per_world), features, points, origins,
                         array("features", pool.features, bits), array("points", pool.points),
                         array("depth", pool.observed_depth), array("origins", pool.origins),
@@ -498,7 +500,8 @@ class LatentSpatialMemory:
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             return raster_kernels.read(
                 frames, c2w, batch_of_world, array("chunk_keys", chunks.keys), array("members", chunks.members),
-                array("brick_keys", index.keys), array("entry_of", index.entry_of), array("points", self._pool.points),
+                array("brick_keys", index.keys), array("entry_of", index.entry_of), array("occupancy", index.occupancy),
+                array("points", self._pool.points),
                 array("origins", self._pool.origins), array("features", features, _BITS[features.element_size()]),
                 kind, camera, self._read_constants, self.chunk_size, self.brick_size * self.voxel_size,
                 self.max_read_depth, self.revisit_radius, self.surface_tolerance, self._read_scratch,

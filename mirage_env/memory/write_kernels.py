@@ -96,7 +96,7 @@ def address(points, depth, keep, samples_per_world, world_index, voxel_size, bri
 
 @njit(cache=True)
 def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels_per_frame, world_index, ticks,
-                    entry_of, brick_last_write, step, policy, closest_factor, free, in_use, capacity,
+                    entry_of, occupancy, brick_last_write, step, policy, closest_factor, free, in_use, capacity,
                     entries_per_world, features, points, origins, pool_features, pool_points,
                     pool_depth, pool_origins, pool_last_write):
     """Keep the nearest sample of each voxel, merge it with what the voxel holds, store it.
@@ -105,7 +105,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
         pixel, slot, local: (n,) from :func:`address` (every slot allocated).
         depth: (P,) float32 observed depth of every pixel.
         ticks: (num_worlds,) int64 write clocks, already advanced for this write.
-        entry_of, brick_last_write: the brick index's arrays (changed in place).
+        entry_of, occupancy, brick_last_write: the brick index's arrays (changed in place).
         closest_factor: float32 ``1 + closest_tolerance``.
         free: int64 free pool entries, used first (lowest position first); then ``in_use`` onwards.
         features: (B * T, C, h * w) latents in the pool's dtype (bits: any same-size integer view).
@@ -176,6 +176,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
             e = free[taken] if taken < free.shape[0] else in_use + (taken - free.shape[0])
             taken += 1
             entry_of[slot[c], local[c]] = np.int32(e)
+            occupancy[slot[c], local[c] >> 6] |= np.int64(1) << (local[c] & 63)
             entries_per_world[world] += 1
         frame, q = p // pixels_per_frame, p % pixels_per_frame
         for ch in range(channels):
@@ -217,7 +218,7 @@ def unproject(depth, c2w, intrinsics, points):
 
 @njit(cache=True)
 def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_index, voxel_size, brick_size, table_keys,
-          table_values, mask, ticks, step, entry_of, brick_last_write, policy, closest_factor, free, in_use, capacity,
+          table_values, mask, ticks, step, entry_of, occupancy, brick_last_write, policy, closest_factor, free, in_use, capacity,
           entries_per_world, features, pool_features, pool_points, pool_depth, pool_origins, pool_last_write,
           pixel, keys, local, slot, points, origins):
     """A whole write after the lift, in one call, when every brick it needs exists.
@@ -271,7 +272,7 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
         return status, count, 0, 0, 0
     written, taken, fresh = merge_and_store(
         pixel[:count], slot[:count], local[:count], flat, frames * h * w, frames, h * w, world_index, ticks, entry_of,
-        brick_last_write, step, policy, closest_factor, free, in_use, capacity, entries_per_world, features,
+        occupancy, brick_last_write, step, policy, closest_factor, free, in_use, capacity, entries_per_world, features,
         points, origins, pool_features, pool_points, pool_depth, pool_origins, pool_last_write)
     if written < 0:
         return SHORT, count, 0, 0, fresh
