@@ -232,25 +232,30 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
 
 
 @njit(cache=True)
-def _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface):
+def _latent_view(b, t, depth, surface, width, factor, moving_of, latent_depth, centre_surface, moving):
+    """Per patch of view (b, t): the median depth, the surface at the centre pixel, and whether any pixel shows
+    a moving box."""
     h, w = latent_depth.shape[2], latent_depth.shape[3]
     patch = np.empty(factor * factor, np.float32)
     for i in range(h):
         for j in range(w):
             n = 0
+            hit = False
             for a in range(factor):
                 first = (i * factor + a) * width + j * factor
                 for c in range(factor):
                     patch[n] = depth[b, t, first + c]
+                    hit |= moving_of[surface[b, t, first + c]]
                     n += 1
             latent_depth[b, t, i, j] = kth_smallest(patch, (factor * factor) // 2)
             centre_surface[b, t, i, j] = surface[b, t, (i * factor + factor // 2) * width + j * factor + factor // 2]
+            moving[b, t, i, j] = hit
 
 
 @njit(cache=True)
 def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                 use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor, width,
-                 memory_used, moving, sky, object_ids):
+                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
+                 object_ids):
     """The per-surface bookkeeping of ``ProceduralWorldModel._generate`` for batch item ``b``, in place (see
     ``front``)."""
     frames, h, w = latent_depth.shape[1], latent_depth.shape[2], latent_depth.shape[3]
@@ -285,14 +290,6 @@ def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_dept
             seen[s] = True
             if is_last:
                 last[s] = True
-        for i in range(h):
-            for j in range(w):
-                hit = False
-                for a in range(factor):
-                    first = (i * factor + a) * width + j * factor
-                    for c in range(factor):
-                        hit |= moving_of[surface[b, t, first + c]]
-                moving[b, t, i, j] = hit
     for s in range(surfaces):
         in_view[wb, s] = last[s]
         if seen[s]:
@@ -302,14 +299,32 @@ def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_dept
 
 @njit(cache=True)
 def _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi,
-                movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface, face_axis, fog_arg,
-                latent_depth, centre_surface, centres):
+                movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, moving_of, depth, surface, face_axis,
+                fog_arg, latent_depth, centre_surface, moving, centres):
     b = v // frames
     t = v - b * frames
     lo, hi = _view_boxes(b, t, world, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, centres)
     _cast_view(b, t, rays, poses, world, room_lo, room_hi, lo, hi, outdoor, sky_id, fx, fy, cx, cy, width, height,
                depth, surface, face_axis, fog_arg)
-    _latent_view(b, t, depth, surface, width, factor, latent_depth, centre_surface)
+    _latent_view(b, t, depth, surface, width, factor, moving_of, latent_depth, centre_surface, moving)
+
+
+@njit(cache=True)
+def _front_world(b, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers,
+                 outdoor, sky_id, fx, fy, cx, cy, width, height, factor, frames_per_view, memory_mask, memory_depth,
+                 use_memory, tolerance, fresh, appearance, committed, in_view, clock, moving_of, object_of, depth,
+                 surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids,
+                 centres):
+    # A world's views, then its bookkeeping while its pixels are still in cache.
+    frames = poses.shape[1]
+    for t in range(frames):
+        _front_view(b * frames + t, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine,
+                    mover_lo, mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, moving_of,
+                    depth, surface, face_axis, fog_arg, latent_depth, centre_surface, moving, centres)
+    _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
+                 object_ids)
+    clock[world[b]] += frames_per_view
 
 
 @njit(cache=True)
@@ -318,16 +333,12 @@ def _front_serial(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, 
                   use_memory, tolerance, fresh, appearance, committed, in_view, clock, moving_of, object_of, depth,
                   surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving, sky, object_ids,
                   centres):
-    batch, frames = poses.shape[0], poses.shape[1]
-    for v in range(batch * frames):
-        _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo,
-                    mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface,
-                    face_axis, fog_arg, latent_depth, centre_surface, centres)
-    for b in range(batch):
-        _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                     use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
-                     width, memory_used, moving, sky, object_ids)
-        clock[world[b]] += frames_per_view
+    for b in range(poses.shape[0]):
+        _front_world(b, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi,
+                     movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, frames_per_view, memory_mask,
+                     memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view, clock, moving_of,
+                     object_of, depth, surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used,
+                     moving, sky, object_ids, centres)
 
 
 @njit(cache=True, parallel=True)
@@ -337,15 +348,22 @@ def _front_parallel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion
                     object_of, depth, surface, face_axis, fog_arg, latent_depth, centre_surface, memory_used, moving,
                     sky, object_ids, centres):
     batch, frames = poses.shape[0], poses.shape[1]
-    for v in prange(batch * frames):
-        _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo,
-                    mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, depth, surface,
-                    face_axis, fog_arg, latent_depth, centre_surface, centres)
-    for b in prange(batch):  # distinct worlds: no two items touch the same rows of the model's state
-        _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                     use_memory, tolerance, fresh, appearance, committed, in_view, moving_of, object_of, factor,
-                     width, memory_used, moving, sky, object_ids)
-        clock[world[b]] += frames_per_view
+    if batch > 1:  # a world per task: distinct worlds touch distinct rows of the model's state
+        for b in prange(batch):
+            _front_world(b, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi,
+                         movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, frames_per_view,
+                         memory_mask, memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view,
+                         clock, moving_of, object_of, depth, surface, face_axis, fog_arg, latent_depth,
+                         centre_surface, memory_used, moving, sky, object_ids, centres)
+    else:  # one world's views (agents sharing it) in parallel, then its bookkeeping
+        for v in prange(frames):
+            _front_view(v, frames, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo,
+                        mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, moving_of, depth,
+                        surface, face_axis, fog_arg, latent_depth, centre_surface, moving, centres)
+        _bookkeeping(0, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
+                     use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
+                     object_ids)
+        clock[world[0]] += frames_per_view
 
 
 def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, outdoor,
