@@ -243,6 +243,39 @@ def test_the_kernels_world_to_camera_poses_are_torchs():
     np.testing.assert_array_equal(world_to_camera(c2w).view(np.int32), expected.view(np.int32))
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_the_pose_kernel_passes_exactly_the_poses_check_pose_passes(dtype):
+    from mirage_env.geometry import check_pose, poses_from_rigs
+    from mirage_env.memory.shape_kernels import rigid_and_finite
+
+    rng = np.random.default_rng(3)
+    rigs = np.concatenate([rng.normal(0, 30, (3000, 3)), rng.uniform(-np.pi, np.pi, (3000, 3))], 1)
+    poses = poses_from_rigs(rigs).astype(dtype)
+    for k, pose in enumerate(poses):  # spoil most of them, a little or a lot, near check_pose's tolerance
+        kind = k % 6
+        where = (rng.integers(0, 4), rng.integers(0, 4))
+        if kind == 1:
+            pose[where] = rng.choice([np.nan, np.inf, -np.inf])
+        elif kind in (2, 3):
+            column = rng.integers(0, 4)
+            limit = 2e-5 if column == 3 else 1e-5
+            pose[3, column] += rng.choice([-1, 1]) * limit * rng.choice([0.5, 0.999999, 1.0, 1.000001, 2.0])
+        elif kind == 4:
+            pose[3, rng.integers(0, 4)] = np.nextafter(pose[3, 3], np.inf)
+    answers = []
+    for pose in poses:
+        try:
+            check_pose(torch.from_numpy(pose))
+            expected = True
+        except ValueError:
+            expected = False
+        answers.append(expected)
+        assert rigid_and_finite(pose.reshape(1, 16)) == expected
+    assert 0.2 < np.mean(answers) < 0.9  # both answers are exercised
+    assert rigid_and_finite(poses[np.array(answers)].reshape(-1, 16))
+    assert not rigid_and_finite(poses.reshape(-1, 16))
+
+
 @pytest.mark.parametrize("scene", ["indoor", "outdoor"])
 def test_the_collision_kernel_blocks_exactly_the_moves_the_numpy_code_blocks(monkeypatch, scene):
     from mirage_env.backends.procedural import ProceduralWorldModel

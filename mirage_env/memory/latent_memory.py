@@ -202,7 +202,8 @@ class LatentSpatialMemory:
         with a horizon, entries of those worlds that none of their last ``horizon`` writes
         observed are freed before the new entries are merged.
         """
-        poses, lead = as_batch(poses)
+        kernels = kernels_enabled(self.device)
+        poses, lead = as_batch(poses, kernels)
         batch, frames = poses.shape[:2]
         if tuple(latents.shape[: len(lead)]) != lead or latents.dim() != len(lead) + 3:
             raise ValueError(
@@ -214,7 +215,7 @@ class LatentSpatialMemory:
             raise ValueError(f"latents have {latents.shape[2]} channels, this memory stores {self.channels}")
         depth = torch.as_tensor(depth, device=self.device)
         # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
-        if self.horizon is None and seen is None and kernels_enabled(self.device):
+        if self.horizon is None and seen is None and kernels:
             written = self._compiled_write(latents, depth, camera, poses, keep, worlds)
             if written is not None:
                 return written
@@ -413,10 +414,11 @@ class LatentSpatialMemory:
             points (..., h, w, 3); the leading shape is that of ``poses``. With a horizon,
             only what the last ``horizon`` writes of each world wrote or saw is left to read.
         """
-        poses, lead = as_batch(poses)
+        kernels = kernels_enabled(self.device)
+        poses, lead = as_batch(poses, kernels)
         batch, frames = poses.shape[:2]
         h, w = camera.height, camera.width
-        if kernels_enabled(self.device):
+        if kernels:
             compiled = self._compiled_read(camera, poses, worlds, batch, frames)
             if compiled is not None:
                 latents, mask, depth, points = compiled

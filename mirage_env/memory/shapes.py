@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..compiled import disable_kernels
 from ..geometry import check_pose
 
 
@@ -34,9 +35,15 @@ class MemoryRead:
         return iter((self.latents, self.mask, self.depth))
 
 
-def as_batch(poses: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore."""
-    poses = check_pose(poses, "poses")
+def as_batch(poses: torch.Tensor, kernels: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore.
+
+    ``kernels``: the compiled kernels may run (:func:`~mirage_env.compiled.kernels_enabled`), and
+    check float CPU poses (:mod:`.shape_kernels`); whatever they cannot vouch for, ``check_pose`` checks.
+    """
+    poses = torch.as_tensor(poses)
+    if not (kernels and poses.shape[-2:] == (4, 4) and _passes_kernel_check(poses)):
+        poses = check_pose(poses, "poses")
     lead = tuple(poses.shape[:-2])
     if len(lead) == 0:
         poses = poses[None, None]
@@ -45,6 +52,18 @@ def as_batch(poses: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
     elif len(lead) != 2:
         raise ValueError(f"poses must have shape (4,4), (T,4,4) or (B,T,4,4), got {tuple(poses.shape)}")
     return poses, lead
+
+
+def _passes_kernel_check(poses: torch.Tensor) -> bool:
+    if poses.device.type != "cpu" or poses.dtype not in (torch.float32, torch.float64) or poses.requires_grad:
+        return False
+    try:
+        from .shape_kernels import rigid_and_finite
+
+        return bool(rigid_and_finite(poses.numpy().reshape(-1, 16)))
+    except Exception as error:  # numba missing or broken: check_pose checks
+        disable_kernels(f"{type(error).__name__}: {error}")
+        return False
 
 
 def check_worlds(worlds, batch: int, num_worlds: int, device: torch.device) -> torch.Tensor:
