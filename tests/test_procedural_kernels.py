@@ -140,3 +140,23 @@ def test_a_shading_kernel_that_fails_after_the_cast_falls_back_to_torch_with_the
         fast = run(monkeypatch, True, 2, batch=1, views=1)
     assert len(calls) == 2  # the third segment ran on the torch path
     assert_same(fast, oracle)
+
+
+@pytest.mark.parametrize("options", [{"scene": "indoor", "busy": True}, {"scene": "outdoor"}])
+def test_the_collision_kernel_places_the_boxes_where_the_numpy_code_does(monkeypatch, options):
+    # The kernel places the boxes itself (the sliding crate, the busy scene's movers) at each world's next frame.
+    model = ProceduralWorldModel(image_size=16, **options)
+    model.start(torch.eye(4, dtype=torch.float64).expand(3, 1, 4, 4), [torch.Generator().manual_seed(s) for s in range(3)])
+    rng = np.random.default_rng(3)
+    n = 3000
+    worlds = rng.integers(0, 3, n)
+    start = rng.uniform(-4, 4, (n, 3)) * [1, 0.3, 1]
+    end = start + rng.normal(0, 0.4, (n, 3))
+    for clock in (1, 37, 180):  # the movers elsewhere
+        model.time[:] = clock
+        answers = {}
+        for kernels in (True, False):
+            monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+            answers[kernels] = model.blocked(torch.from_numpy(worlds), start, end, 0.3).numpy()
+        np.testing.assert_array_equal(answers[True], answers[False])
+        assert 0.05 < answers[True].mean() < 0.95

@@ -172,6 +172,10 @@ class ProceduralWorldModel:
         if index.size and (index.min() < 0 or index.max() >= self.time.numel()):
             raise ValueError(f"worlds {index.tolist()} include one that was never started "
                              f"({self.time.numel()} started)")
+        if self.device.type == "cpu" and kernels_enabled("cpu"):
+            blocked = self._compiled_blocked(index, start, end, clearance)
+            if blocked is not None:
+                return blocked
         # The room (the ground and the world's edge outdoors), seen from inside: the distance to
         # its nearest face is concave along a straight path, so its least value is at an end.
         room_lo = self.room_lo.cpu().numpy()[index].astype(np.float64)
@@ -184,10 +188,6 @@ class ProceduralWorldModel:
             box_lo, box_hi = (b.cpu().numpy() for b in self._object_boxes(on_device, self.time[on_device][:, None]))
         box_lo = box_lo[:, 0][..., [0, 2]].astype(np.float64)  # (N, K, 2)
         box_hi = box_hi[:, 0][..., [0, 2]].astype(np.float64)
-        if kernels_enabled("cpu"):
-            blocked = self._compiled_blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance)
-            if blocked is not None:
-                return blocked
         inside = lambda p: np.minimum(p - room_lo, room_hi - p).min(-1)  # noqa: E731
         blocked = inside(end) < np.minimum(inside(start), clearance)
         a, b = start[:, None, [0, 2]], end[:, None, [0, 2]]  # (N, 1, 2)
@@ -196,15 +196,28 @@ class ProceduralWorldModel:
         blocked |= (along < np.minimum(near_start, clearance)).any(-1)
         return torch.from_numpy(blocked)
 
-    @staticmethod
-    def _compiled_blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance) -> torch.Tensor | None:
-        """``blocked``'s distances by the compiled kernel, the numpy code's float64 order (None: it could not be built)."""
+    def _compiled_blocked(self, index, start, end, clearance) -> torch.Tensor | None:
+        """``blocked`` by one kernel (boxes where they stand next, then the distances in the numpy code's
+        float64 order); None where it could not be built."""
+        kernels = _kernels()
+        if kernels is None:
+            return None
+        procedural_kernels = kernels[0]
+        host = self._host()
+        # The crate's phase at each world's next frame, and torch's sin of it as _object_boxes takes it.
+        time, angle = procedural_kernels.phases(index, host["time"], host["motion"], 1, 1)
+        sine = torch.sin(torch.from_numpy(angle)).numpy()
+        if self.busy:
+            rows = torch.from_numpy(index)
+            mover_lo, mover_hi = (b.numpy() for b in mover_boxes(self.movers[rows], torch.from_numpy(time),
+                                                                   self.room_hi[rows][:, 1]))
+        else:
+            mover_lo = mover_hi = host["no_movers"]
+        out = np.empty(index.size, np.bool_)
         try:
-            from . import procedural_kernels as kernels
-
-            out = np.empty(start.shape[0], np.bool_)
-            kernels.blocked(room_lo, room_hi, np.ascontiguousarray(box_lo), np.ascontiguousarray(box_hi),
-                            np.ascontiguousarray(start), np.ascontiguousarray(end), float(clearance), out)
+            procedural_kernels.blocked(index, host["room_lo"], host["room_hi"], host["box_lo"], host["box_hi"],
+                                       host["motion"], sine, mover_lo, mover_hi, np.ascontiguousarray(start),
+                                       np.ascontiguousarray(end), float(clearance), out)
         except Exception as error:  # numba missing or broken
             disable_kernels(f"{type(error).__name__}: {error}")
             return None

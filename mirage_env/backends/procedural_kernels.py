@@ -607,18 +607,29 @@ def _segment_box(a0, a1, b0, b1, lo0, lo1, hi0, hi1):
 
 
 @njit(cache=True)
-def blocked(room_lo, room_hi, box_lo, box_hi, start, end, clearance, out):
-    """``ProceduralWorldModel.blocked``'s distances for N cameras: room (N, 3), object footprints in x and z
-    (N, K, 2), start and end (N, 3), all float64, in the numpy code's order; True into ``out`` where blocked."""
+def blocked(world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, start, end, clearance, out):
+    """``ProceduralWorldModel.blocked`` for N cameras, True into ``out`` where blocked.
+
+    The boxes stand where ``_view_boxes`` places them (``sine`` (N, 1), ``mover_lo``/``mover_hi``
+    (N, 1, M, 3) as ``front`` takes them, for each camera's world ``world`` (N,) at its next frame); room and
+    footprints widened to float64 as the numpy code does, then its distances in its float64 order; start
+    and end (N, 3) float64.
+    """
+    no_movers = np.empty(0, np.int64)
+    no_centres = np.empty((1, 1, 0, 3), np.float32)
     for n in range(start.shape[0]):
+        lo, hi = _view_boxes(n, 0, world, box_lo, box_hi, motion, sine, mover_lo, mover_hi, no_movers, no_centres)
+        wn = world[n]
         inside_start, inside_end = np.inf, np.inf
         for a in range(3):
-            inside_start = min(inside_start, min(start[n, a] - room_lo[n, a], room_hi[n, a] - start[n, a]))
-            inside_end = min(inside_end, min(end[n, a] - room_lo[n, a], room_hi[n, a] - end[n, a]))
+            r_lo, r_hi = np.float64(room_lo[wn, a]), np.float64(room_hi[wn, a])
+            inside_start = min(inside_start, min(start[n, a] - r_lo, r_hi - start[n, a]))
+            inside_end = min(inside_end, min(end[n, a] - r_lo, r_hi - end[n, a]))
         hit = inside_end < min(inside_start, clearance)
         a0, a1, b0, b1 = start[n, 0], start[n, 2], end[n, 0], end[n, 2]
-        for k in range(box_lo.shape[1]):
-            lo0, lo1, hi0, hi1 = box_lo[n, k, 0], box_lo[n, k, 1], box_hi[n, k, 0], box_hi[n, k, 1]
+        for k in range(lo.shape[0]):
+            lo0, lo1 = np.float64(lo[k, 0]), np.float64(lo[k, 2])
+            hi0, hi1 = np.float64(hi[k, 0]), np.float64(hi[k, 2])
             near_start = _point_box(a0, a1, lo0, lo1, hi0, hi1)
             if _segment_box(a0, a1, b0, b1, lo0, lo1, hi0, hi1) < min(near_start, clearance):
                 hit = True
