@@ -217,6 +217,56 @@ def test_the_read_kernel_reads_what_the_torch_read_reads_after_any_change(monkey
     assert hits > 0
 
 
+def test_writes_of_any_input_kind_and_bad_inputs_give_what_the_torch_path_gives(monkeypatch):
+    # The compiled write takes float64 CPU poses and float32 depth as they come; anything else (float32
+    # poses, float64 or numpy depth, latents that need grad, fp16 latents) goes through the same checks and
+    # conversions as the torch path. Bad inputs raise the same errors and change nothing.
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    image = Camera.from_fov(32, 32, 90)
+    latent = image.scaled(1 / 8)
+    poses = loop_poses(6, 2)[:, :, None]  # (6, 2, 1, 4, 4): two frames, one world
+
+    def run(kernels: bool):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        generator = torch.Generator().manual_seed(5)
+        memory = LatentSpatialMemory(4, voxel_size=0.08)
+        out = []
+        for step, segment in enumerate(poses):
+            segment = segment[:, 0]  # (2, 4, 4)
+            camera = image if step % 2 else latent
+            depth = room_depth(camera, segment)
+            latents = torch.randn(2, 4, 4, 4, generator=generator)
+            kind = step % 6
+            if kind == 1:
+                segment = segment.to(torch.float32)
+            elif kind == 2:
+                depth = depth.to(torch.float64).numpy()
+            elif kind == 3:
+                latents = latents.to(torch.float16)
+            elif kind == 4:
+                latents = latents.requires_grad_()
+            elif kind == 5:
+                depth = depth.numpy()
+            before = memory_state(memory)
+            for bad in ({"depth": torch.full_like(torch.as_tensor(depth), float("nan"))},
+                        {"depth": torch.zeros(3, 5, 5)}, {"poses": segment[:1]}):
+                arguments = {"latents": latents, "depth": depth, "camera": latent, "poses": segment} | bad
+                with pytest.raises((ValueError, RuntimeError)) as error:
+                    memory.write(**arguments)
+                out.append({"error": np.array(f"{error.type.__name__}: {error.value}")})
+                assert_same([memory_state(memory)], [before])
+            memory.write(latents, depth, latent, segment, keep=torch.rand(2, 4, 4, generator=generator) > 0.3)
+            read = memory.read(latent, segment)
+            out.append({"read_latents": read.latents.numpy(), "read_mask": read.mask.numpy(), **memory_state(memory)})
+        return out
+
+    fast, oracle = run(True), run(False)
+    assert_same(fast, oracle)
+
+
 def test_selection_gives_the_value_a_sort_puts_there():
     from mirage_env.memory.lift_kernels import kth_smallest
 

@@ -38,10 +38,34 @@ from .merge import MERGE_POLICIES, accepts, nearest_per_voxel
 from .objects import ObjectLayer, object_layer_options
 from .pool import EntryPool
 from .raster import prefer_at_pixels, project_to_pixels, zbuffer
-from .shapes import MemoryRead, as_batch, check_worlds, keep_mask, written_pixels
+from .shapes import (
+    MemoryRead,
+    as_batch,
+    check_worlds,
+    keep_mask,
+    kernel_poses,
+    written_pixels,
+)
 
 # Integer dtypes of each element size: the kernels copy features as bits, whatever their float dtype.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+_NUMPY_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+
+_MODULES = None  # the kernel modules, once imported (see _kernel_modules)
+
+
+def _kernel_modules():
+    """(lift_kernels, raster_kernels, write_kernels), imported once; None (and the kernels off) if numba is broken."""
+    global _MODULES
+    if _MODULES is None:
+        try:
+            from . import lift_kernels, raster_kernels, write_kernels
+        except Exception as error:  # numba missing or broken
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        _MODULES = (lift_kernels, raster_kernels, write_kernels)
+    return _MODULES
+
 
 _NAN_DEPTH = "depth contains NaN; mark missing depth as +inf (it is then not written)"
 
@@ -202,8 +226,12 @@ class LatentSpatialMemory:
         with a horizon, entries of those worlds that none of their last ``horizon`` writes
         observed are freed before the new entries are merged.
         """
-        kernels = kernels_enabled(self.device)
-        poses, lead = as_batch(poses, kernels)
+        # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
+        if self.horizon is None and seen is None and kernels_enabled(self.device):
+            written = self._compiled_write(latents, depth, camera, poses, keep, worlds)
+            if written is not None:
+                return written
+        poses, lead = as_batch(poses)
         batch, frames = poses.shape[:2]
         if tuple(latents.shape[: len(lead)]) != lead or latents.dim() != len(lead) + 3:
             raise ValueError(
@@ -213,14 +241,9 @@ class LatentSpatialMemory:
         latents = latents.reshape(batch, frames, *latents.shape[-3:])
         if latents.shape[2] != self.channels:
             raise ValueError(f"latents have {latents.shape[2]} channels, this memory stores {self.channels}")
-        depth = torch.as_tensor(depth, device=self.device)
-        # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
-        if self.horizon is None and seen is None and kernels:
-            written = self._compiled_write(latents, depth, camera, poses, keep, worlds)
-            if written is not None:
-                return written
         with torch.no_grad():
-            return self._torch_write(latents, depth, camera, poses, lead, keep, worlds, seen)
+            return self._torch_write(latents, torch.as_tensor(depth, device=self.device), camera, poses, lead, keep,
+                                     worlds, seen)
 
     def _torch_write(self, latents, depth, camera, poses, lead, keep, worlds, seen) -> int:
         """The write in torch ops (any device, any options; the oracle of :mod:`.write_kernels`)."""
@@ -286,19 +309,27 @@ class LatentSpatialMemory:
 
     def _compiled_write(self, latents, depth, camera, poses, keep, worlds) -> int | None:
         """The write by :mod:`.write_kernels` (and :mod:`.lift_kernels` for image-resolution depth): the same
-        memory, bit for bit, as the torch path (None: the kernels could not be built, and the torch path runs)."""
-        try:
-            from . import lift_kernels, write_kernels
-        except Exception as error:  # numba missing or broken
-            disable_kernels(f"{type(error).__name__}: {error}")
+        memory, bit for bit, as the torch path. None, before anything changed: the kernels could not be
+        built, or the arguments are not the plain CPU ones they take (the torch path then checks them,
+        raises its errors, or writes)."""
+        kernels = _kernel_modules()
+        intake = None if kernels is None else kernel_poses(poses)
+        if intake is None or not isinstance(latents, torch.Tensor) or latents.device.type != "cpu":
             return None
-        batch, frames, _, h, w = latents.shape
-        views = batch * frames
-        depth = depth.reshape(views, *depth.shape[-2:])
-        if depth.dtype != torch.float32 or depth.requires_grad:
-            depth = depth.detach().to(torch.float32)
-        latents = latents.detach()
-        given = np.ascontiguousarray(depth.numpy())
+        lift_kernels, _, write_kernels = kernels
+        c2w, lead, batch, frames = intake
+        if latents.dim() != len(lead) + 3 or tuple(latents.shape[: len(lead)]) != lead \
+                or latents.shape[-3] != self.channels:
+            return None
+        views, (h, w) = batch * frames, latents.shape[-2:]
+        if isinstance(depth, torch.Tensor):
+            if depth.dtype != torch.float32 or depth.device.type != "cpu" or depth.requires_grad:
+                return None
+            depth = depth.numpy()
+        if not isinstance(depth, np.ndarray) or depth.dtype != np.float32 or depth.ndim < 2 \
+                or depth.size != views * depth.shape[-2] * depth.shape[-1]:
+            return None
+        given = np.ascontiguousarray(depth).reshape(views, *depth.shape[-2:])
         if camera is not self._write_camera[0] or given.shape[-2:] != self._write_camera[1]:
             lifted_camera, factor = depth_grid(given.shape[-2:], camera, (h, w))
             intrinsics = np.array([lifted_camera.fx, lifted_camera.fy, lifted_camera.cx, lifted_camera.cy], np.float32)
@@ -313,12 +344,12 @@ class LatentSpatialMemory:
             keep = self._keep_all
         else:
             keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}").reshape(-1).numpy()
-        if poses.dtype != torch.float64 or poses.requires_grad:
-            poses = poses.detach().to(torch.float64)
-        c2w = np.ascontiguousarray(poses.numpy().reshape(views, 4, 4))
         pool, index, array = self._pool, self._index, self._numpy
         bits = _BITS[pool.features.element_size()]
-        features = latents.reshape(views, self.channels, h * w).to(pool.features.dtype).contiguous().view(bits).numpy()
+        # The pool's dtype by torch's conversion (its rounding is the torch path's), then the bits as integers.
+        features = latents.detach().to(pool.features.dtype).contiguous()
+        features = (features.view(bits).numpy() if features.dtype == torch.bfloat16 else
+                    features.numpy().view(_NUMPY_BITS[features.element_size()])).reshape(views, self.channels, h * w)
         pixel, keys, local, slot = (np.empty(pixels, np.int64) for _ in range(4))
         points, origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
         policy, closest = write_kernels.POLICY[self.merge], np.float32(1 + self.closest_tolerance)
@@ -367,7 +398,8 @@ class LatentSpatialMemory:
                     written, taken, fresh = write_kernels.merge_and_store(
                         pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, ticks,
                         array("entry_of", index.entry_of), array("occupancy", index.occupancy),
-                        array("brick.last_write", index.last_write), index.step, policy, closest, array("free", pool.free), pool.in_use, pool.capacity,
+                        array("brick.last_write", index.last_write), index.step, policy, closest,
+                        array("free", pool.free), pool.in_use, pool.capacity,
                         array("entries_per_world", pool.entries_per_world), features, points, origins,
                         array("features", pool.features, bits), array("points", pool.points),
                         array("depth", pool.observed_depth), array("origins", pool.origins),
@@ -414,18 +446,18 @@ class LatentSpatialMemory:
             points (..., h, w, 3); the leading shape is that of ``poses``. With a horizon,
             only what the last ``horizon`` writes of each world wrote or saw is left to read.
         """
-        kernels = kernels_enabled(self.device)
-        poses, lead = as_batch(poses, kernels)
-        batch, frames = poses.shape[:2]
         h, w = camera.height, camera.width
-        if kernels:
-            compiled = self._compiled_read(camera, poses, worlds, batch, frames)
-            if compiled is not None:
-                latents, mask, depth, points = compiled
-                return MemoryRead(latents=torch.from_numpy(latents.reshape(*lead, self.channels, h, w)),
-                                  mask=torch.from_numpy(mask.reshape(*lead, h, w)),
-                                  depth=torch.from_numpy(depth.reshape(*lead, h, w)),
-                                  points=torch.from_numpy(points.reshape(*lead, h, w, 3)))
+        intake = kernel_poses(poses) if kernels_enabled(self.device) else None
+        compiled = None if intake is None else self._compiled_read(camera, intake[0], intake[2], intake[3], worlds)
+        if compiled is not None:
+            latents, mask, depth, points = compiled
+            lead = intake[1]
+            return MemoryRead(latents=torch.from_numpy(latents.reshape(*lead, self.channels, h, w)),
+                              mask=torch.from_numpy(mask.reshape(*lead, h, w)),
+                              depth=torch.from_numpy(depth.reshape(*lead, h, w)),
+                              points=torch.from_numpy(points.reshape(*lead, h, w, 3)))
+        poses, lead = as_batch(poses)
+        batch, frames = poses.shape[:2]
         with torch.no_grad():
             world_index = check_worlds(worlds, batch, self.num_worlds, self.device)
             views = batch * frames
@@ -470,15 +502,14 @@ class LatentSpatialMemory:
                 out_points[hit] = self._pool.points[winners]
                 out_mask[hit] = True
 
-    def _compiled_read(self, camera, poses, worlds, batch, frames):
-        """The read by :mod:`.raster_kernels`: latents (V, C, h*w), mask, depth (V*h*w,) and points (V*h*w, 3)
-        as numpy arrays (None: the kernel could not be built, or the features' dtype is not one it widens, and
-        the torch path runs)."""
-        try:
-            from . import raster_kernels
-        except Exception as error:  # numba missing or broken
-            disable_kernels(f"{type(error).__name__}: {error}")
+    def _compiled_read(self, camera, c2w, batch, frames, worlds):
+        """The read by :mod:`.raster_kernels` of (B*T, 4, 4) float64 poses ``c2w``: latents (V, C, h*w), mask,
+        depth (V*h*w,) and points (V*h*w, 3) as numpy arrays (None: the kernel could not be built, or the
+        features' dtype is not one it widens, and the torch path runs)."""
+        kernels = _kernel_modules()
+        if kernels is None:
             return None
+        raster_kernels = kernels[1]
         features = self._pool.features
         kind = raster_kernels.WIDEN.get(features.element_size(), {}).get(str(features.dtype).removeprefix("torch."))
         if kind is None:
@@ -489,9 +520,6 @@ class LatentSpatialMemory:
             world_index = check_worlds(worlds, batch, self.num_worlds, self.device).numpy()
             batch_of_world = np.full(self.num_worlds, -1, np.int64)
             batch_of_world[world_index] = np.arange(world_index.shape[0])
-        if poses.dtype != torch.float64 or poses.requires_grad:
-            poses = poses.detach().to(torch.float64)
-        c2w = np.ascontiguousarray(poses.numpy().reshape(-1, 4, 4))
         index, chunks, array = self._index, self._index.chunks, self._numpy
         if self._read_scratch is None:
             self._read_scratch = raster_kernels.ReadScratch()
@@ -503,8 +531,8 @@ class LatentSpatialMemory:
             return raster_kernels.read(
                 frames, c2w, batch_of_world, array("chunk_keys", chunks.keys), array("members", chunks.members),
                 array("brick_keys", index.keys), array("entry_of", index.entry_of), array("occupancy", index.occupancy),
-                array("points", self._pool.points),
-                array("origins", self._pool.origins), array("features", features, _BITS[features.element_size()]),
+                array("points", self._pool.points), array("origins", self._pool.origins),
+                array("features", features, _BITS[features.element_size()]),
                 kind, camera, self._read_constants, self.chunk_size, self.brick_size * self.voxel_size,
                 self.max_read_depth, self.revisit_radius, self.surface_tolerance, self._read_scratch,
                 torch.get_num_threads() > 1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..compiled import disable_kernels
@@ -35,15 +36,9 @@ class MemoryRead:
         return iter((self.latents, self.mask, self.depth))
 
 
-def as_batch(poses: torch.Tensor, kernels: bool = False) -> tuple[torch.Tensor, tuple[int, ...]]:
-    """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore.
-
-    ``kernels``: the compiled kernels may run (:func:`~mirage_env.compiled.kernels_enabled`), and
-    check float CPU poses (:mod:`.shape_kernels`); whatever they cannot vouch for, ``check_pose`` checks.
-    """
-    poses = torch.as_tensor(poses)
-    if not (kernels and poses.shape[-2:] == (4, 4) and _passes_kernel_check(poses)):
-        poses = check_pose(poses, "poses")
+def as_batch(poses: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...]]:
+    """Poses of shape (4,4), (T,4,4) or (B,T,4,4) -> (B,T,4,4) and the leading shape to restore."""
+    poses = check_pose(poses, "poses")
     lead = tuple(poses.shape[:-2])
     if len(lead) == 0:
         poses = poses[None, None]
@@ -54,16 +49,34 @@ def as_batch(poses: torch.Tensor, kernels: bool = False) -> tuple[torch.Tensor, 
     return poses, lead
 
 
-def _passes_kernel_check(poses: torch.Tensor) -> bool:
-    if poses.device.type != "cpu" or poses.dtype not in (torch.float32, torch.float64) or poses.requires_grad:
-        return False
+def kernel_poses(poses) -> tuple[np.ndarray, tuple[int, ...], int, int] | None:
+    """For the compiled kernels: float64 CPU poses of shape (4,4), (T,4,4) or (B,T,4,4) that pass
+    ``check_pose``'s rule (:mod:`.shape_kernels` checks), as a C-contiguous (B*T, 4, 4) numpy array,
+    their leading shape, B and T. None for anything else: :func:`as_batch` then converts, or raises
+    ``check_pose``'s error, so the messages stay in one place.
+    """
+    if isinstance(poses, torch.Tensor):
+        if poses.dtype != torch.float64 or poses.device.type != "cpu" or poses.requires_grad:
+            return None
+        array = poses.numpy()
+    elif isinstance(poses, np.ndarray) and poses.dtype == np.float64:
+        array = poses
+    else:
+        return None
+    lead = array.shape[:-2]
+    if not 2 <= array.ndim <= 4 or array.shape[-2:] != (4, 4):
+        return None
+    c2w = np.ascontiguousarray(array).reshape(-1, 4, 4)
     try:
         from .shape_kernels import rigid_and_finite
 
-        return bool(rigid_and_finite(poses.numpy().reshape(-1, 16)))
+        if not rigid_and_finite(c2w.reshape(-1, 16)):
+            return None
     except Exception as error:  # numba missing or broken: check_pose checks
         disable_kernels(f"{type(error).__name__}: {error}")
-        return False
+        return None
+    batch, frames = (1, 1) if not lead else (1, lead[0]) if len(lead) == 1 else lead
+    return c2w, lead, batch, frames
 
 
 def check_worlds(worlds, batch: int, num_worlds: int, device: torch.device) -> torch.Tensor:
