@@ -451,88 +451,124 @@ def _mod2(x):
 @njit(cache=True)
 def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
                 sky_id, width, factor, image):
+    """One view a row at a time: each pixel's surface terms looked up, then its pattern in a loop without
+    lookups (the compiler vectorises it), then its colour from the surface's table."""
     b = v // frames
     t = v - b * frames
     wb = world[b]
-    zero, one = np.float32(0.0), np.float32(1.0)
+    zero, one, half = np.float32(0.0), np.float32(1.0), np.float32(0.5)
     # Per surface, what does not depend on the pixel: base colour times the pattern's mix for pattern 0 and
     # 1 (the only values a pattern takes), pattern scale and kind; per face axis the light.
     surfaces = appearance.shape[1]
-    mixed = np.empty((surfaces, 2, 3), np.float32)
+    mixed = np.empty((surfaces * 2, 3), np.float32)
     scale = np.empty(surfaces, np.float32)
-    kind = np.empty(surfaces, np.int64)
+    kind = np.empty(surfaces, np.int32)
     for s in range(surfaces):
         accent = np.float32(0.55) + np.float32(0.35) * appearance[wb, s, 5]
         mix0 = accent + (one - accent) * zero
         mix1 = accent + (one - accent) * one
         for c in range(3):
             base = np.float32(0.2) + np.float32(0.75) * appearance[wb, s, c]
-            mixed[s, 0, c] = base * mix0
-            mixed[s, 1, c] = base * mix1
+            mixed[2 * s, c] = base * mix0
+            mixed[2 * s + 1, c] = base * mix1
         scale[s] = one + np.float32(3.0) * appearance[wb, s, 3]
         kind[s] = int(appearance[wb, s, 4] * np.float32(4.0))
     lit = np.empty(3, np.float32)
     lit[0] = np.float32(0.45) + np.float32(0.55) * np.float32(0.45)
     lit[1] = np.float32(0.45) + np.float32(0.55) * np.float32(0.75)
     lit[2] = np.float32(0.45) + np.float32(0.55) * np.float32(0.5)
-    sky_colour = np.empty((2, 3), np.float32)  # top, horizon
+    sky_colour = np.zeros((2, 3), np.float32)  # top, horizon
     if outdoor:
         for c in range(3):
             tint = np.float32(0.5) if c == 0 else (np.float32(0.7) if c == 1 else np.float32(1.0))
             sky_colour[0, c] = (np.float32(0.15) + np.float32(0.5) * appearance[wb, sky_id, c]) * tint
             sky_colour[1, c] = np.float32(0.6) + np.float32(0.4) * appearance[wb, sky_id, 3 + c]
     r = _rotation(poses, b, t)
+    r00, r01, r02 = r[0, 0], r[0, 1], r[0, 2]
+    r10, r11, r12 = r[1, 0], r[1, 1], r[1, 2]
+    r20, r21, r22 = r[2, 0], r[2, 1], r[2, 2]
     o0, o1, o2 = np.float32(poses[b, t, 0, 3]), np.float32(poses[b, t, 1, 3]), np.float32(poses[b, t, 2, 3])
     h, w = image.shape[2], image.shape[3]
-    for i in range(h):
-        for a in range(factor):
-            row = i * factor + a
+    pixel_scale = np.empty(width, np.float32)
+    pixel_kind = np.empty(width, np.int32)
+    pattern = np.empty(width, np.float32)
+    red = np.empty(width, np.float32)
+    green = np.empty(width, np.float32)
+    blue = np.empty(width, np.float32)
+    elevation = np.empty(width, np.float32)
+    top0, top1, top2 = sky_colour[0, 0], sky_colour[0, 1], sky_colour[0, 2]
+    hor0, hor1, hor2 = sky_colour[1, 0], sky_colour[1, 1], sky_colour[1, 2]
+    for row in range(h * factor):
+        i = row // factor
+        a = row - i * factor
+        first = row * width
+        rx, ry, rz = rays[0, first:first + width], rays[1, first:first + width], rays[2, first:first + width]
+        row_depth, row_surface = depth[b, t, first:first + width], surface[b, t, first:first + width]
+        row_axis, row_fog = face_axis[b, t, first:first + width], fog[b, t, first:first + width]
+        row_length = ray_length[first:first + width]
+        patterned = False
+        for c in range(width):
+            s = row_surface[c]
+            pixel_scale[c] = scale[s]
+            pixel_kind[c] = kind[s]
+            patterned |= kind[s] != 0
+        for c in range(width if patterned else 0):
+            d = row_depth[c]
+            q = d if np.isfinite(d) else zero
+            x, y, z = rx[c], ry[c], rz[c]
+            # The hit point's two world coordinates across the face (the cast's directions again).
+            q0 = o0 + (r00 * x + r01 * y + r02 * z) * q
+            q1 = o1 + (r10 * x + r11 * y + r12 * z) * q
+            q2 = o2 + (r20 * x + r21 * y + r22 * z) * q
+            axis = row_axis[c]
+            u = q2 if axis == 0 else q0
+            vv = q2 if axis == 1 else q1
+            su, sv = u * pixel_scale[c], vv * pixel_scale[c]
+            floor_v = np.floor(sv)
+            checker = _mod2(np.floor(su) + floor_v)
+            stripes = _mod2(np.floor(su + sv))
+            shifted = su + half * _mod2(floor_v)
+            # Bricks: dark mortar lines where the fractional parts are small (torch's frac is x - trunc(x)).
+            mortar = ((sv - np.trunc(sv)) < np.float32(0.12)) | ((shifted - np.trunc(shifted)) < np.float32(0.08))
+            brick = zero if mortar else one
+            k = pixel_kind[c]  # int32, not int64: the compiler vectorises the selects only then
+            pattern[c] = checker if k == 1 else (stripes if k == 2 else (brick if k == 3 else one))
+        if not patterned:  # plain surfaces only
+            pattern[:] = one
+        for c in range(width):
+            light = lit[row_axis[c]]
+            entry = 2 * row_surface[c] + (0 if pattern[c] == zero else 1)
+            red[c] = mixed[entry, 0] * light
+            green[c] = mixed[entry, 1] * light
+            blue[c] = mixed[entry, 2] * light
+        if not outdoor:
             for j in range(w):
                 for bb in range(factor):
-                    p = row * width + j * factor + bb
-                    s = surface[b, t, p]
-                    axis = face_axis[b, t, p]
-                    pattern = 1
-                    if kind[s] != 0:
-                        d = depth[b, t, p]
-                        q = d if np.isfinite(d) else zero
-                        x, y, z = rays[0, p], rays[1, p], rays[2, p]
-                        # The hit point's two world coordinates across the face (the cast's directions again).
-                        if axis == 0:
-                            u = o2 + _rotate(r, x, y, z, 2) * q
-                            vv = o1 + _rotate(r, x, y, z, 1) * q
-                        elif axis == 1:
-                            u = o0 + _rotate(r, x, y, z, 0) * q
-                            vv = o2 + _rotate(r, x, y, z, 2) * q
-                        else:
-                            u = o0 + _rotate(r, x, y, z, 0) * q
-                            vv = o1 + _rotate(r, x, y, z, 1) * q
-                        su, sv = u * scale[s], vv * scale[s]
-                        if kind[s] == 1:
-                            pattern = 1 if _mod2(np.floor(su) + np.floor(sv)) != zero else 0
-                        elif kind[s] == 2:
-                            pattern = 1 if _mod2(np.floor(su + sv)) != zero else 0
-                        elif kind[s] == 3:
-                            fv = sv - np.trunc(sv)
-                            shifted = su + np.float32(0.5) * _mod2(np.floor(sv))
-                            fu = shifted - np.trunc(shifted)
-                            pattern = 0 if (fv < np.float32(0.12) or fu < np.float32(0.08)) else 1
-                    f = fog[b, t, p]
+                    c = j * factor + bb
+                    f = row_fog[c]
                     haze = np.float32(0.6) * (one - f)
-                    light = lit[axis]
-                    sky_pixel = outdoor and s == sky_id
-                    if sky_pixel:
-                        elevation = -_rotate(r, rays[0, p], rays[1, p], rays[2, p], 1) / ray_length[p]
-                        elevation = min(max(elevation, -one), one)
-                        elevation = min(max(elevation, zero), one)
-                    for c in range(3):
-                        if sky_pixel:
-                            top, horizon = sky_colour[0, c], sky_colour[1, c]
-                            colour = horizon + (top - horizon) * elevation
-                        else:
-                            colour = mixed[s, pattern, c] * light
-                            colour = colour * f + haze
-                        image[v, c, i, j, a * factor + bb] = min(max(colour, zero), one)
+                    image[v, 0, i, j, a * factor + bb] = min(max(red[c] * f + haze, zero), one)
+                    image[v, 1, i, j, a * factor + bb] = min(max(green[c] * f + haze, zero), one)
+                    image[v, 2, i, j, a * factor + bb] = min(max(blue[c] * f + haze, zero), one)
+            continue
+        # Outdoors the sky: a gradient between two colours by elevation (-y is up) where the sky shows.
+        for c in range(width):
+            e = -(r10 * rx[c] + r11 * ry[c] + r12 * rz[c]) / row_length[c]
+            e = min(max(e, -one), one)
+            elevation[c] = min(max(e, zero), one)
+        for j in range(w):
+            for bb in range(factor):
+                c = j * factor + bb
+                f = row_fog[c]
+                haze = np.float32(0.6) * (one - f)
+                sky = row_surface[c] == sky_id
+                e = elevation[c]
+                image[v, 0, i, j, a * factor + bb] = min(max(
+                    (hor0 + (top0 - hor0) * e) if sky else red[c] * f + haze, zero), one)
+                image[v, 1, i, j, a * factor + bb] = min(max(
+                    (hor1 + (top1 - hor1) * e) if sky else green[c] * f + haze, zero), one)
+                image[v, 2, i, j, a * factor + bb] = min(max(
+                    (hor2 + (top2 - hor2) * e) if sky else blue[c] * f + haze, zero), one)
 
 
 @njit(cache=True)
