@@ -10,7 +10,8 @@ shows how the step cost changes with what is stored, not with what is visible.
 
 The compiled CPU kernels (mirage_env/compiled.py) and the torch path
 (``MIRAGE_ENV_KERNELS=0``) are timed in alternating rounds on the same memory (both
-write it identically), so a machine whose load wanders still gives a fair ratio. The
+write it identically), and the fills alternate too, so a machine whose load wanders
+still gives fair ratios (kernels vs torch, 1e6 vs 1e3 entries). The
 first round walks the loop for the first time (its writes allocate bricks); later ones
 revisit it, and the median of the rounds is reported. "ms / step" is the mean of a
 round's steps; "median" the median step's read + write in that round.
@@ -117,29 +118,34 @@ def main() -> None:
           f"{'median':>7} {'vs 1e3':>7} {'torch ms':>9}")
     for size in args.sizes:
         camera = Camera.from_fov(size, size, 90)
-        per_size = {}
+        memories, stored = {}, {}
         for entries in args.entries:
             # Room for the largest fill: sparse far rooms use many bricks per entry.
-            memory = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size, max_read_depth=args.max_read_depth,
-                                         max_bricks_per_world=1 << 20)
+            memories[entries] = LatentSpatialMemory(CHANNELS, voxel_size=args.voxel_size,
+                                                    max_read_depth=args.max_read_depth, max_bricks_per_world=1 << 20)
             with_kernels(True)
-            fill(memory, entries, generator)
-            stored = memory.stats(bounds=False)["entries"]
-            rounds = {True: [], False: []}
-            for _ in range(args.rounds):  # both paths write the same memory the same way, so they can share it
+            fill(memories[entries], entries, generator)
+            stored[entries] = memories[entries].stats(bounds=False)["entries"]
+        rounds = {(entries, kernels): [] for entries in args.entries for kernels in (True, False)}
+        # Fill sizes and paths alternate within each round, so load that comes and goes falls on all of them.
+        for _ in range(args.rounds):  # both paths write the same memory the same way, so they can share it
+            for entries in args.entries:
                 for kernels in (True, False):
                     with_kernels(kernels)
-                    rounds[kernels].append(time_steps(memory, camera, args.steps, generator))
-            with_kernels(True)
-            median = {path: {key: statistics.median(r[key] for r in rounds[path]) for key in rounds[path][0]}
-                      for path in rounds}
-            per_size[entries] = {**median[True], "stored": stored, "torch_path_ms": median[False]["ms"]}
+                    rounds[entries, kernels].append(time_steps(memories[entries], camera, args.steps, generator))
+        with_kernels(True)
+        per_size = {}
+        for entries in args.entries:
+            median = {kernels: {key: statistics.median(r[key] for r in rounds[entries, kernels])
+                                for key in rounds[entries, kernels][0]} for kernels in (True, False)}
+            per_size[entries] = {**median[True], "stored": stored[entries], "torch_path_ms": median[False]["ms"]}
             base = per_size[args.entries[0]]["ms"]
             ms = per_size[entries]["ms"]
-            print(f"{size:>4}x{size:<4} {size // FACTOR:>3}x{size // FACTOR:<3} {stored:>15,} {ms:>10.3f} "
+            print(f"{size:>4}x{size:<4} {size // FACTOR:>3}x{size // FACTOR:<3} {stored[entries]:>15,} {ms:>10.3f} "
                   f"{median[True]['read_ms']:>7.3f} {median[True]['write_ms']:>7.3f} "
                   f"{median[True]['median_step_ms']:>7.3f} {ms / base:>6.2f}x {median[False]['ms']:>9.3f}")
         results["read_write_ms_by_size"][size] = per_size
+        del memories
     if 64 in args.sizes:
         results["read_write_ms"] = {str(k): v["ms"] for k, v in results["read_write_ms_by_size"][64].items()}
         results["torch_path_read_write_ms"] = {str(k): v["torch_path_ms"]
