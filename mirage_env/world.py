@@ -202,9 +202,11 @@ class World:
             keep &= ~claimed.to(keep.device)  # a tracked moving thing leaves no copy in static memory
         if self.write == "unseen":
             keep &= ~read.mask
-        depth = segment.image_depth if segment.image_depth is not None else segment.depth
-        self.memory.write(segment.latents, depth, self.latent_camera, segment.poses, keep=keep, worlds=worlds,
-                          seen=seen)
+        lifted_from_image = segment.image_depth is not None
+        # The model's latent depth is typically the image depth's median pool: a free hint for the lift.
+        self.memory.write(segment.latents, segment.image_depth if lifted_from_image else segment.depth,
+                          self.latent_camera, segment.poses, keep=keep, worlds=worlds, seen=seen,
+                          median_hint=segment.depth if lifted_from_image else None)
         gained = self.memory.entries_per_world() - before
         if len(worlds) != self.num_worlds:
             gained = gained[worlds]

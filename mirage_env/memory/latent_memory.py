@@ -198,6 +198,7 @@ class LatentSpatialMemory:
         keep: torch.Tensor | None = None,
         worlds=None,
         seen: torch.Tensor | None = None,
+        median_hint: torch.Tensor | None = None,
     ) -> int:
         """Lift every latent pixel to a world point and store its feature.
 
@@ -218,6 +219,10 @@ class LatentSpatialMemory:
                 ``MemoryRead.points`` of the read that conditioned it). Their voxels count
                 as observed by this write, so under a horizon what stays in view stays
                 remembered though it is not written back.
+            median_hint: optional, with image-resolution ``depth``: what the caller believes each
+                patch's median depth is, at latent resolution (a world model's own latent depth,
+                pooled the same way). Only speed depends on it: the compiled lift uses a value
+                only where its rank in the patch proves it is the median.
 
         Returns:
             The number of entries written (after filtering).
@@ -228,7 +233,7 @@ class LatentSpatialMemory:
         """
         # The kernels skip what only a horizon needs (observation stamps of ``seen``, expiry).
         if self.horizon is None and seen is None and kernels_enabled(self.device):
-            written = self._compiled_write(latents, depth, camera, poses, keep, worlds)
+            written = self._compiled_write(latents, depth, camera, poses, keep, worlds, median_hint)
             if written is not None:
                 return written
         poses, lead = as_batch(poses)
@@ -307,7 +312,7 @@ class LatentSpatialMemory:
         self._index.release_if_empty(emptied)
         return int(winners.numel())
 
-    def _compiled_write(self, latents, depth, camera, poses, keep, worlds) -> int | None:
+    def _compiled_write(self, latents, depth, camera, poses, keep, worlds, median_hint=None) -> int | None:
         """The write by :mod:`.write_kernels` (and :mod:`.lift_kernels` for image-resolution depth): the same
         memory, bit for bit, as the torch path. None, before anything changed: the kernels could not be
         built, or the arguments are not the plain CPU ones they take (the torch path then checks them,
@@ -360,8 +365,12 @@ class LatentSpatialMemory:
             else:
                 if np.isnan(given).any():  # before the lift, as the torch path checks
                     raise ValueError(_NAN_DEPTH)
+                hint = None
+                if isinstance(median_hint, torch.Tensor) and median_hint.dtype == torch.float32 \
+                        and median_hint.device.type == "cpu" and median_hint.numel() == views * h * w:
+                    hint = np.ascontiguousarray(median_hint.detach().numpy()).reshape(views, h, w)
                 lifted, latent_depth = lift_kernels.lift_dominant_surface(
-                    given, c2w, lifted_camera, factor, DOMINANT_SURFACE_TOLERANCE, torch.get_num_threads() > 1)
+                    given, c2w, lifted_camera, factor, DOMINANT_SURFACE_TOLERANCE, torch.get_num_threads() > 1, hint)
                 lifted = lifted.reshape(-1, 3)
             status, count, written, taken, fresh = write_kernels.write(
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
