@@ -132,12 +132,13 @@ def assert_occupancy_matches_entries(index) -> None:
         if occupied.shape[1] % 64 else True  # no bit beyond the last voxel
 
 
-@pytest.mark.parametrize("merge,feature_dtype", [("first", torch.float16), ("closest", torch.bfloat16),
-                                                 ("latest", torch.float32)])
+@pytest.mark.parametrize("merge,feature_dtype,bound", [("first", torch.float16, 64), ("closest", torch.bfloat16, 64),
+                                                       ("latest", torch.float32, 64), ("first", torch.float16, 4096)])
 @pytest.mark.parametrize("threads", [1, 2])
-def test_memory_writes_and_reads_are_bit_exact_with_the_torch_path(monkeypatch, merge, feature_dtype, threads):
-    # Two worlds, latent- and image-resolution depth, sub-batches, a bound small enough to evict,
-    # a pool that grows: the write and read kernels against the torch code, whole memories compared.
+def test_memory_writes_and_reads_are_bit_exact_with_the_torch_path(monkeypatch, merge, feature_dtype, bound, threads):
+    # Two worlds, latent- and image-resolution depth, sub-batches, a bound small enough to evict (64) or
+    # one that lets the compiled allocation place new bricks in room already there (4096), a pool
+    # that grows: the write and read kernels against the torch code, whole memories compared.
     from mirage_env.baselines.memory_bench import loop_poses, room_depth
     from mirage_env.geometry import Camera
     from mirage_env.memory import LatentSpatialMemory
@@ -150,7 +151,7 @@ def test_memory_writes_and_reads_are_bit_exact_with_the_torch_path(monkeypatch, 
         monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
         generator = torch.Generator().manual_seed(3)
         memory = LatentSpatialMemory(6, voxel_size=0.07, num_worlds=2, merge=merge, feature_dtype=feature_dtype,
-                                     max_bricks_per_world=64)
+                                     max_bricks_per_world=bound)
         out = []
         for step, segment in enumerate(poses):
             shifted = segment.clone()

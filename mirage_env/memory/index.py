@@ -20,8 +20,10 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import numpy as np
 import torch
 
+from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 from .chunks import ChunkIndex
 from .keys import AXIS_BITS, AXIS_OFFSET, EMPTY, KeyTable, pack, unpack, world_of
@@ -140,6 +142,10 @@ class BrickIndex:
 
     def slots_for(self, keys: torch.Tensor) -> tuple[torch.Tensor, Released | None]:
         """Brick slot of every key, allocating bricks as needed; and what eviction released to make room."""
+        if kernels_enabled(self.device):
+            slots = self._compiled_slots_for(keys)
+            if slots is not None:
+                return slots, None
         unique_keys, inverse = torch.unique(keys, return_inverse=True)
         found = self.table.lookup(unique_keys)
         missing = found < 0
@@ -175,6 +181,32 @@ class BrickIndex:
             self.occupancy.copy_(packed)
         else:
             self.occupancy[slots] = packed
+
+    def _compiled_slots_for(self, keys: torch.Tensor) -> torch.Tensor | None:
+        """:meth:`slots_for` by :func:`.index_kernels.allocate` (None, nothing changed: it would evict, grow or
+        rebuild a table, or the kernel could not be built; the torch code then runs)."""
+        try:
+            from . import index_kernels
+
+            chunks, slots = self.chunks, np.empty(keys.numel(), np.int64)
+            done, taken, fresh, new_bricks, new_chunks = index_kernels.allocate(
+                keys.contiguous().numpy(), self.table.keys.numpy(), self.table.values.numpy(), self.table.mask,
+                self.table.count, self.keys.numpy(), self.world.numpy(), self.entry_of.numpy(), self.occupancy.numpy(),
+                self.bricks_per_world.numpy(), self.max_bricks_per_world, self.free.numpy(), self.in_use,
+                chunks.chunk_size, chunks.keys.numpy(), chunks.members.numpy(), chunks.in_use, chunks.table.keys.numpy(),
+                chunks.table.values.numpy(), chunks.table.mask, chunks.table.count, slots)
+        except Exception as error:  # numba missing, or the kernel failed to compile (before changing anything)
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        if not done:
+            return None
+        if taken:
+            self.free = self.free[taken:]
+        self.in_use += fresh
+        self.table.count += new_bricks
+        chunks.in_use += new_chunks
+        chunks.table.count += new_chunks
+        return torch.from_numpy(slots)
 
     def mark_written(self, slots: torch.Tensor) -> None:
         """Record that the current write (``step``) touched bricks ``slots``."""
