@@ -416,6 +416,21 @@ def test_a_fork_diverges_without_touching_its_parent():
     assert same_steps(played(seed=6, task="pointnav", moves=MOVES + LATER).fork(), parent)  # and copies are exact
 
 
+def test_a_pickled_or_deep_copied_env_continues_as_the_original():
+    # The compiled path keeps numpy views of the memory's and the model's tensors; a copy must
+    # make its own, or it steps on views of memory it does not own.
+    import copy
+    import pickle
+
+    env = played(seed=3)
+    pickled, deep = pickle.loads(pickle.dumps(env)), copy.deepcopy(env)
+    for move in [Move.FORWARD, Move.TURN_LEFT, Move.FORWARD, Move.STRAFE_RIGHT, Move.TURN_RIGHT, Move.FORWARD] * 3:
+        expected = env.step(move)
+        for copied in (pickled, deep):
+            got = copied.step(move)
+            assert all(np.array_equal(expected[0][k], got[0][k]) for k in expected[0]) and expected[1:] == got[1:]
+
+
 def test_a_restored_snapshot_that_was_edited_is_refused_and_changes_nothing():
     env = played(seed=7)
     twin = env.fork()

@@ -435,6 +435,10 @@ class ProceduralWorldModel:
         return memory is None or (memory[0].dtype == torch.float32 and memory[1].dtype == torch.bool
                                   and memory[2].dtype == torch.float32)
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles make their own host views: a copied view would not share the copied tensor's memory.
+        return {name: value for name, value in self.__dict__.items() if name != "_host_cache"}
+
     def _host(self) -> dict[str, np.ndarray]:
         """numpy views of the per-world state and the constant tables the kernels read, rebuilt when a state
         tensor is replaced (``_grow``, ``load_state_dict``); in-place updates show through the views."""

@@ -549,6 +549,10 @@ class LatentSpatialMemory:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
 
+    def __getstate__(self) -> dict:
+        # Copies and pickles make their own numpy views: a copied view would not share the copied tensor's memory.
+        return {**self.__dict__, "_views": {}}
+
     def _numpy(self, name: str, tensor: torch.Tensor, bits: torch.dtype | None = None) -> np.ndarray:
         """A numpy view of storage ``tensor`` (as integers ``bits`` if given) for the kernels, made once per tensor.
 
