@@ -1,9 +1,9 @@
 """The procedural model's ray cast and shading as compiled CPU kernels (numba).
 
-The same maths as ``ProceduralWorldModel._cast`` / ``_cast_objects`` / ``_shade``, one
-ray at a time instead of one tensor op at a time, written so every float32 operation
+The same maths as ``ProceduralWorldModel._cast`` / ``_cast_objects`` / ``_shade``, a row
+of rays at a time instead of one tensor op at a time, written so every float32 operation
 happens in the same order as in the torch code: the results are bit-for-bit those of
-the torch path (tests/test_compiled.py checks it). That is why some things look
+the torch path (tests/test_compiled.py, tests/test_procedural_kernels.py check it). That is why some things look
 roundabout here: constants are float32 (a float64 literal would promote the
 arithmetic), the screen-space cull of the torch path is repeated (it decides which
 ray-box pairs are tested at all), and ``exp`` is not called here (numba's ``expf``
@@ -11,6 +11,12 @@ and torch's vectorised one differ in the last bit for ~1% of inputs; the caller
 computes the fog factor with torch from ``fog_arg``).
 
 Arrays: V views (world-frames), P = H * W rays, K boxes, S surfaces.
+
+The row loops are shaped for LLVM's vectoriser, which numba runs: a loop vectorises only when it
+has no table lookups (they are done in a loop of their own before it) and its selects compare
+32-bit values (an int64 ``kind`` kept the shading's pattern loop scalar). numba's builtin
+``min``/``max`` vectorise in isolation, but ``np.minimum`` in the box loop measured 2-5x slower
+(short column runs), so the box loop stays as it is.
 
 Why it is long: a segment is three kernels (``front``: cast, latent grid and bookkeeping; ``shade``;
 the codec's in :mod:`.codec_kernels`) plus the collision check, and each must mirror its torch code
