@@ -14,9 +14,9 @@ Arrays: V views (world-frames), P = H * W rays, K boxes, S surfaces.
 
 The row loops are shaped for LLVM's vectoriser, which numba runs: a loop vectorises only when it
 has no table lookups (they are done in a loop of their own before it) and its selects compare
-32-bit values (an int64 ``kind`` kept the shading's pattern loop scalar). numba's builtin
-``min``/``max`` vectorise in isolation, but ``np.minimum`` in the box loop measured 2-5x slower
-(short column runs), so the box loop stays as it is.
+32-bit values (an int64 ``kind`` kept the shading's pattern loop scalar). The box loop stays
+scalar: with ``np.minimum``/``np.maximum`` instead of the builtins it vectorises, but measured
+2-5x slower in the kernel (a box's column run in a row is short).
 
 Why it is long: a segment is three kernels (``front``: cast, latent grid and bookkeeping; ``shade``;
 the codec's in :mod:`.codec_kernels`) plus the collision check, and each must mirror its torch code
