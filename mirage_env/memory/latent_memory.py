@@ -362,9 +362,7 @@ class LatentSpatialMemory:
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             if factor == 1:
                 latent_depth, lifted = given, self._none_lifted
-            else:
-                if np.isnan(given).any():  # before the lift, as the torch path checks
-                    raise ValueError(_NAN_DEPTH)
+            else:  # (NaN depth is refused by the write kernel before it changes anything; the lift only reads)
                 hint = None
                 if isinstance(median_hint, torch.Tensor) and median_hint.dtype == torch.float32 \
                         and median_hint.device.type == "cpu" and median_hint.numel() == views * h * w:
