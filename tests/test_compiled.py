@@ -113,6 +113,7 @@ def memory_state(memory) -> dict[str, np.ndarray]:
     held |= {"pool.features": pool.features, "pool.points": pool.points, "pool.depth": pool.observed_depth,
              "pool.origins": pool.origins, "pool.last_write": pool.last_write, "table.keys": index.table.keys,
              "table.values": index.table.values, "chunk.keys": index.chunks.keys, "chunk.members": index.chunks.members,
+             "chunk.member_bits": index.chunks.member_bits,
              "entry_of": index.entry_of, "occupancy": index.occupancy, "brick.last_write": index.last_write}
     assert_occupancy_matches_entries(index)
     state = {name: value.detach().clone().view(torch.int16) if value.dtype == torch.bfloat16 else value.detach().clone()
@@ -121,15 +122,21 @@ def memory_state(memory) -> dict[str, np.ndarray]:
         "in_use": np.array([index.in_use, pool.in_use, index.step])}
 
 
+def assert_bits_match(words: np.ndarray, flags: np.ndarray) -> None:
+    """Bit k % 64 of word k // 64 of each row is set exactly where ``flags[row, k]``, and no bit beyond."""
+    words = words.view(np.uint64)
+    k = np.arange(flags.shape[1])
+    bits = (words[:, k // 64] >> (k % 64).astype(np.uint64)) & np.uint64(1)
+    np.testing.assert_array_equal(bits.astype(bool), flags)
+    if flags.shape[1] % 64:
+        assert (words[:, -1] >> np.uint64(flags.shape[1] % 64) == 0).all()
+
+
 def assert_occupancy_matches_entries(index) -> None:
-    """A brick's occupancy bits are set exactly where its voxels hold an entry (whichever path kept them)."""
-    occupied = index.entry_of.numpy() >= 0
-    words = index.occupancy.numpy().view(np.uint64)
-    voxel = np.arange(occupied.shape[1])
-    bits = (words[:, voxel // 64] >> (voxel % 64).astype(np.uint64)) & np.uint64(1)
-    np.testing.assert_array_equal(bits.astype(bool), occupied)
-    assert (words[:, -1] >> np.uint64(occupied.shape[1] - 64 * (words.shape[1] - 1)) == 0).all() \
-        if occupied.shape[1] % 64 else True  # no bit beyond the last voxel
+    """A brick's occupancy bits are set exactly where its voxels hold an entry, a chunk's member bits where it
+    has a brick (whichever path kept them)."""
+    assert_bits_match(index.occupancy.numpy(), index.entry_of.numpy() >= 0)
+    assert_bits_match(index.chunks.member_bits.numpy(), index.chunks.members.numpy() >= 0)
 
 
 @pytest.mark.parametrize("merge,feature_dtype,bound", [("first", torch.float16, 64), ("closest", torch.bfloat16, 64),

@@ -15,7 +15,7 @@ import math
 import torch
 
 from ..geometry import Camera
-from .keys import AXIS_OFFSET, EMPTY, KeyTable, pack, unpack, world_of
+from .keys import AXIS_OFFSET, EMPTY, KeyTable, bit_words, pack, unpack, world_of
 from .raster import spheres_in_frustum
 
 
@@ -27,8 +27,10 @@ class ChunkIndex:
         self.chunk_size = chunk_size
         self.device = device
         self.keys = torch.full((initial_chunks,), EMPTY, dtype=torch.int64, device=device)
-        # Brick slot of each of a chunk's chunk_size^3 bricks, -1 where none is allocated.
+        # Brick slot of each of a chunk's chunk_size^3 bricks, -1 where none is allocated; and the same
+        # as bits (member k in bit k % 64 of word k // 64), so a read visits a chunk's bricks, not its slots.
         self.members = torch.full((initial_chunks, chunk_size**3), EMPTY, dtype=torch.int64, device=device)
+        self.member_bits = torch.zeros(initial_chunks, -(-chunk_size**3 // 64), dtype=torch.int64, device=device)
         self.in_use = 0
         self.table = KeyTable(table_capacity or initial_chunks, device)
 
@@ -43,7 +45,8 @@ class ChunkIndex:
         return fresh
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.keys, self.members)) + self.table.nbytes()
+        held = (self.keys, self.members, self.member_bits)
+        return sum(t.numel() * t.element_size() for t in held) + self.table.nbytes()
 
     def add(self, slots: torch.Tensor, brick_keys: torch.Tensor) -> None:
         """Add newly allocated bricks (their ``slots`` and keys) to their chunks, allocating chunks as needed."""
@@ -63,6 +66,8 @@ class ChunkIndex:
                 extra = max(start + count, 2 * self.keys.numel()) - self.keys.numel()
                 self.keys = torch.cat([self.keys, self.keys.new_full((extra,), EMPTY)])
                 self.members = torch.cat([self.members, self.members.new_full((extra, size**3), EMPTY)])
+                self.member_bits = torch.cat([self.member_bits,
+                                              self.member_bits.new_zeros((extra, self.member_bits.shape[1]))])
             new_slots = torch.arange(start, start + count, device=self.device)
             self.keys[new_slots] = unique_keys[missing]
             self.in_use += count
@@ -74,6 +79,7 @@ class ChunkIndex:
             found[missing] = new_slots
         local_index = (local[:, 0] * size + local[:, 1]) * size + local[:, 2]
         self.members[found[inverse], local_index] = slots
+        self.member_bits[found] = bit_words(self.members[found] >= 0)
 
     def visible_members(self, camera: Camera, w2c: torch.Tensor, batch_of_world: torch.Tensor, frames: int,
                         brick_edge: float, max_depth: float) -> tuple[torch.Tensor, torch.Tensor]:

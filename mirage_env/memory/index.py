@@ -26,11 +26,10 @@ import torch
 from ..compiled import disable_kernels, kernels_enabled
 from ..geometry import Camera
 from .chunks import ChunkIndex
-from .keys import AXIS_BITS, AXIS_OFFSET, EMPTY, KeyTable, pack, unpack, world_of
+from .keys import AXIS_BITS, AXIS_OFFSET, EMPTY, KeyTable, bit_words, pack, unpack, world_of
 from .raster import spheres_in_frustum
 
 EVICT_TO_FRACTION = 7 / 8  # of max_bricks_per_world, once a write would exceed it
-_BIT_VALUES = torch.tensor([1 << k for k in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit k of an int64
 
 
 class Released(NamedTuple):
@@ -171,12 +170,7 @@ class BrickIndex:
         """Recompute :attr:`occupancy` of bricks ``slots`` (default: all) from ``entry_of``, after the torch
         code changed which of their voxels hold an entry (the kernels keep the bits as they go)."""
         entries = self.entry_of if slots is None else self.entry_of[slots]
-        words = self.occupancy.shape[1]
-        occupied = torch.zeros(entries.shape[0], words * 64, dtype=torch.int64, device=self.device)
-        occupied[:, : self.voxels_per_brick] = entries >= 0
-        # Distinct powers of two summed are their bitwise or; bit 63 is int64's sign bit, and no
-        # partial sum overflows (the other 63 bits add up to at most 2**63 - 1).
-        packed = (occupied.view(-1, words, 64) * _BIT_VALUES.to(self.device)).sum(-1)
+        packed = bit_words(entries >= 0)
         if slots is None:
             self.occupancy.copy_(packed)
         else:
@@ -193,7 +187,8 @@ class BrickIndex:
                 keys.contiguous().numpy(), self.table.keys.numpy(), self.table.values.numpy(), self.table.mask,
                 self.table.count, self.keys.numpy(), self.world.numpy(), self.entry_of.numpy(), self.occupancy.numpy(),
                 self.bricks_per_world.numpy(), self.max_bricks_per_world, self.free.numpy(), self.in_use,
-                chunks.chunk_size, chunks.keys.numpy(), chunks.members.numpy(), chunks.in_use, chunks.table.keys.numpy(),
+                chunks.chunk_size, chunks.keys.numpy(), chunks.members.numpy(), chunks.member_bits.numpy(),
+                chunks.in_use, chunks.table.keys.numpy(),
                 chunks.table.values.numpy(), chunks.table.mask, chunks.table.count, slots)
         except Exception as error:  # numba missing, or the kernel failed to compile (before changing anything)
             disable_kernels(f"{type(error).__name__}: {error}")

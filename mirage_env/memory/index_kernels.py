@@ -56,7 +56,7 @@ def _member_of(key, size):
 
 @njit(cache=True)
 def allocate(keys, table_keys, table_values, table_mask, table_count, brick_keys, brick_world, entry_of, occupancy,
-             bricks_per_world, max_bricks, free, in_use, chunk_size, chunk_keys, members, chunk_in_use,
+             bricks_per_world, max_bricks, free, in_use, chunk_size, chunk_keys, members, member_bits, chunk_in_use,
              chunk_table_keys, chunk_table_values, chunk_table_mask, chunk_table_count, out_slots):
     """Brick slot of every key of ``keys`` into ``out_slots``, allocating the missing bricks.
 
@@ -130,7 +130,9 @@ def allocate(keys, table_keys, table_values, table_mask, table_count, brick_keys
             insert(chunk_table_keys, chunk_table_values, chunk_table_mask, added_keys, added_slots)
         for i in range(missing):
             chunk = chunk_found[np.searchsorted(new_chunk_keys, chunk_of_new[i])]
-            members[chunk, _member_of(new_keys[i], chunk_size)] = new_slots[i]
+            member = _member_of(new_keys[i], chunk_size)
+            members[chunk, member] = new_slots[i]
+            member_bits[chunk, member >> 6] |= np.int64(1) << (member & 63)
         k = 0
         for i in range(unique.shape[0]):
             if found[i] < 0:

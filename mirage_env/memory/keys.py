@@ -36,6 +36,21 @@ def world_of(keys: torch.Tensor) -> torch.Tensor:
     return keys >> (3 * AXIS_BITS)
 
 
+_BIT_VALUES = torch.tensor([1 << k for k in range(63)] + [-(1 << 63)], dtype=torch.int64)  # bit k of an int64
+
+
+def bit_words(flags: torch.Tensor) -> torch.Tensor:
+    """(N, K) bool -> (N, ceil(K / 64)) int64 words, flag k in bit k % 64 of word k // 64 (what the kernels
+    walk with ``trailing_zeros`` to visit set flags in ascending order)."""
+    rows, count = flags.shape
+    words = -(-count // 64)
+    padded = torch.zeros(rows, words * 64, dtype=torch.int64, device=flags.device)
+    padded[:, :count] = flags
+    # Distinct powers of two summed are their bitwise or; bit 63 is int64's sign bit, and no
+    # partial sum overflows (the other 63 bits add up to at most 2**63 - 1).
+    return (padded.view(rows, words, 64) * _BIT_VALUES.to(flags.device)).sum(-1)
+
+
 class KeyTable:
     """Open-addressing hash table from int64 keys to int64 slots, vectorised (no loop over keys).
 

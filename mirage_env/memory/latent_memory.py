@@ -537,6 +537,7 @@ class LatentSpatialMemory:
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             return raster_kernels.read(
                 frames, c2w, batch_of_world, array("chunk_keys", chunks.keys), array("members", chunks.members),
+                array("member_bits", chunks.member_bits),
                 array("brick_keys", index.keys), array("entry_of", index.entry_of), array("occupancy", index.occupancy),
                 array("points", self._pool.points), array("origins", self._pool.origins),
                 array("features", features, _BITS[features.element_size()]),

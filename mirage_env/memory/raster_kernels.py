@@ -22,7 +22,8 @@ arrays). When a view has more samples than the scratch holds the kernel says how
 and the caller grows the scratch and reads again (reads change nothing). A visible brick's
 entries are found through its occupancy bits (:attr:`~.index.BrickIndex.occupancy`), not
 by scanning its voxel slots, 95% of them empty there (a third of the kernel's time once
-the samples were in fixed arrays). The bricks of visible chunks are listed first and culled
+the samples were in fixed arrays). A visible chunk's bricks are found through its member
+bits likewise. The bricks of visible chunks are listed first and culled
 in a SIMD loop (10% of the kernel), and the samples likewise gathered, projected in a SIMD
 loop, then compacted.
 """
@@ -103,10 +104,10 @@ def _float32_bits(x, kind):
 
 
 @njit(cache=True)
-def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points,
-               origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum,
-               max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner, out_latents,
-               out_mask, out_depth, out_points):
+def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
+               points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+               brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
+               out_latents, out_mask, out_depth, out_points):
     """Read view ``v`` with scratch row ``row``; returns its sample count (over the scratch's: nothing written)."""
     m = world_to_camera_one(c2w[v])
     origin0, origin1, origin2 = np.float32(c2w[v, 0, 3]), np.float32(c2w[v, 1, 3]), np.float32(c2w[v, 2, 3])
@@ -139,11 +140,12 @@ def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, brick_k
             continue
         if not _cell_visible(m, key, chunk_size, offset, brick_edge, half_chunk, chunk_frustum):
             continue
-        for member in range(members.shape[1]):
-            slot = members[c, member]
-            if slot >= 0:
+        for word in range(member_bits.shape[1]):
+            bits = member_bits[c, word]
+            while bits != 0:  # lowest member first
                 if bricks < capacity:
-                    sp[bricks] = slot
+                    sp[bricks] = members[c, word * 64 + trailing_zeros(bits)]
+                bits &= bits - 1
                 bricks += 1
     if bricks > capacity:
         return bricks
@@ -252,32 +254,32 @@ def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, brick_k
 
 
 @njit(cache=True)
-def _read_serial(frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points, origins,
-                 features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum,
-                 max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner, out_latents,
-                 out_mask, out_depth, out_points):
+def _read_serial(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
+                 points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+                 brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
+                 out_latents, out_mask, out_depth, out_points):
     needed = 0
     for v in range(c2w.shape[0]):  # one scratch row, reused view after view
         needed = max(needed, _read_view(
-            v, 0, frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points, origins,
-            features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum, max_depth,
-            revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner, out_latents, out_mask,
-            out_depth, out_points))
+            v, 0, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
+            points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+            brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
+            out_latents, out_mask, out_depth, out_points))
     return needed
 
 
 @njit(cache=True, parallel=True)
-def _read_parallel(frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points, origins,
-                   features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum,
-                   max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner, out_latents,
-                   out_mask, out_depth, out_points):
+def _read_parallel(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
+                   points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+                   brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here,
+                   winner, out_latents, out_mask, out_depth, out_points):
     counts = np.zeros(c2w.shape[0], np.int64)
     for v in prange(c2w.shape[0]):  # a scratch row per view
         counts[v] = _read_view(
-            v, v, frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points, origins,
-            features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum, brick_frustum, max_depth,
-            revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner, out_latents, out_mask,
-            out_depth, out_points)
+            v, v, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
+            points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+            brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
+            out_latents, out_mask, out_depth, out_points)
     return counts.max()
 
 
@@ -349,13 +351,15 @@ def read_constants(camera, chunk_size: int, brick_edge: float, max_depth: float)
     return np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float32), chunk_frustum, brick_frustum
 
 
-def read(frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points, origins, features,
-         kind, camera, constants, chunk_size, brick_edge, max_depth, revisit_radius, surface_tolerance, scratch, parallel):
+def read(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy, points,
+         origins, features, kind, camera, constants, chunk_size, brick_edge, max_depth, revisit_radius,
+         surface_tolerance, scratch, parallel):
     """Features (V, C, h*w) float32, hit mask (V*h*w,) bool, z-depth (V*h*w,) float32 and world point
     (V*h*w, 3) float32 of each pixel of the views ``c2w`` (V, 4, 4) float64.
 
     View v belongs to batch item ``v // frames``, which reads world k when ``batch_of_world[k]``
-    is that item (-1: no item reads world k). ``occupancy``: the bricks' occupancy bits
+    is that item (-1: no item reads world k). ``member_bits``: the chunks' member bits
+    (:class:`~.chunks.ChunkIndex`); ``occupancy``: the bricks' occupancy bits
     (:attr:`~.index.BrickIndex.occupancy`). ``features``: the pool's features as integers of
     their size, ``kind`` how to widen them (:data:`WIDEN`); ``constants``: :func:`read_constants`;
     ``scratch``: a :class:`ReadScratch`, grown here when a view has more samples than it holds.
@@ -372,11 +376,12 @@ def read(frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of,
     kernel = _read_parallel if parallel else _read_serial
     scratch = scratch.at_least(views if parallel else 1)
     while True:
-        needed = kernel(frames, c2w, batch_of_world, chunk_keys, members, brick_keys, entry_of, occupancy, points,
-                        origins, features, kind, intrinsics, camera.width, camera.height, chunk_size,
-                        np.float32(brick_edge), chunk_frustum, brick_frustum, np.float32(max_depth), np.float32(revisit_radius),
-                        np.float32(1 + surface_tolerance), scratch.pixel, scratch.z, scratch.u, scratch.v,
-                        scratch.entry, scratch.here, winner, latents.view(np.uint32), mask, depth, out_points)
+        needed = kernel(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of,
+                        occupancy, points, origins, features, kind, intrinsics, camera.width, camera.height,
+                        chunk_size, np.float32(brick_edge), chunk_frustum, brick_frustum, np.float32(max_depth),
+                        np.float32(revisit_radius), np.float32(1 + surface_tolerance), scratch.pixel, scratch.z,
+                        scratch.u, scratch.v, scratch.entry, scratch.here, winner, latents.view(np.uint32), mask,
+                        depth, out_points)
         if needed <= scratch.capacity:
             return latents, mask, depth, out_points
         scratch.at_least(scratch.rows, max(needed, 2 * scratch.capacity))  # then read again: reads change nothing
