@@ -6,7 +6,7 @@ Wan2.2 width). Before timing, the memory is filled with extra entries elsewhere 
 the explored world (rooms 100+ m away, beyond ``--max-read-depth``), so the table
 shows how the step cost changes with what is stored, not with what is visible.
 
-    python benchmarks/memory.py [--json out.json] [--threads 1] [--rounds 3]
+    python benchmarks/memory.py [--json out.json] [--threads 1] [--rounds 5]
 
 The compiled CPU kernels (mirage_env/compiled.py) and the torch path
 (``MIRAGE_ENV_KERNELS=0``) are timed in alternating rounds on the same memory (both
@@ -100,7 +100,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per setting")
-    parser.add_argument("--rounds", type=int, default=3, help="alternating rounds of compiled and torch paths")
+    parser.add_argument("--rounds", type=int, default=5, help="alternating rounds of compiled and torch paths")
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--entries", type=int, nargs="+", default=[1_000, 100_000, 1_000_000])
     parser.add_argument("--voxel-size", type=float, default=0.05)
@@ -111,6 +111,7 @@ def main() -> None:
 
     results = header(args)
     results["config"].update(channels=CHANNELS, factor=FACTOR)
+    results["load_average_at_start"] = list(os.getloadavg())  # other jobs on the machine inflate every figure
     results["read_write_ms_by_size"] = {}
     print(f"read+write per step, {CHANNELS} channels, {args.threads} thread(s), voxel {args.voxel_size} m; "
           f"compiled kernels and the torch path in {args.rounds} alternating rounds (median)")
@@ -170,6 +171,7 @@ def main() -> None:
     results["entries_ten_loops"] = memory.stats(bounds=False)["entries"]
     print(f"\nbytes after 1 loop: {bytes_after[1]:,}   after 10 loops: {bytes_after[10]:,} "
           f"({bytes_after[10] / bytes_after[1]:.3f}x)   entries: {results['entries_ten_loops']:,}")
+    results["load_average_at_end"] = list(os.getloadavg())
     write_json(args.json, results)
 
 
