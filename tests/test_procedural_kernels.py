@@ -160,3 +160,23 @@ def test_the_collision_kernel_places_the_boxes_where_the_numpy_code_does(monkeyp
             answers[kernels] = model.blocked(torch.from_numpy(worlds), start, end, 0.3).numpy()
         np.testing.assert_array_equal(answers[True], answers[False])
         assert 0.05 < answers[True].mean() < 0.95
+
+
+def test_the_mover_kernels_place_the_busy_scene_movers_as_the_torch_code_does():
+    from mirage_env.backends import procedural_kernels
+    from mirage_env.backends.movers import draw_movers, mover_boxes
+
+    rng = np.random.default_rng(4)
+    worlds = 12  # more views than a vector register: torch's cos and sin take their vectorised loop
+    parameters = torch.stack([draw_movers(rng.random, 3.0 + 3.0 * rng.random(), 3.0 + 3.0 * rng.random())
+                              for _ in range(worlds)])
+    room_hi = torch.tensor(rng.uniform(1.0, 2.0, (worlds, 3)), dtype=torch.float32)
+    world = np.array([3, 0, 7, 11, 5, 1, 2, 4, 6, 8, 9, 10, 3, 3], dtype=np.int64)[:worlds]
+    time = rng.integers(0, 2000, (worlds, 5))
+    angle = torch.from_numpy(procedural_kernels.mover_angles(world, time, parameters.numpy()))
+    lo, hi = procedural_kernels.mover_boxes(world, time, parameters.numpy(), room_hi.numpy(),
+                                            torch.cos(angle).numpy(), torch.sin(angle).numpy())
+    rows = torch.from_numpy(world)
+    expected_lo, expected_hi = mover_boxes(parameters[rows], torch.from_numpy(time), room_hi[rows][:, 1])
+    np.testing.assert_array_equal(lo, expected_lo.numpy())
+    np.testing.assert_array_equal(hi, expected_hi.numpy())

@@ -207,12 +207,7 @@ class ProceduralWorldModel:
         # The crate's phase at each world's next frame, and torch's sin of it as _object_boxes takes it.
         time, angle = procedural_kernels.phases(index, host["time"], host["motion"], 1, 1)
         sine = torch.sin(torch.from_numpy(angle)).numpy()
-        if self.busy:
-            rows = torch.from_numpy(index)
-            mover_lo, mover_hi = (b.numpy() for b in mover_boxes(self.movers[rows], torch.from_numpy(time),
-                                                                   self.room_hi[rows][:, 1]))
-        else:
-            mover_lo = mover_hi = host["no_movers"]
+        mover_lo, mover_hi = self._mover_boxes_on_host(procedural_kernels, index, time)
         out = np.empty(index.size, np.bool_)
         try:
             procedural_kernels.blocked(index, host["room_lo"], host["room_hi"], host["box_lo"], host["box_hi"],
@@ -455,13 +450,14 @@ class ProceduralWorldModel:
             views["object_of"] = np.array([movers.index(box) if s >= FACES and box in movers else -1
                                            for s, box in zip(surfaces, box_of)], dtype=np.int64)
             views["moving_of"] = views["object_of"] >= 0
-            views["movers"] = np.array(movers, dtype=np.int64)
+            views["moving_boxes"] = np.array(movers, dtype=np.int64)
             views["no_movers"] = np.zeros((0, 0, 0, 3))
             views["scratch"] = {}  # the kernels' buffers that never leave the model, by shape
             self._host_cache = cached = (tensors, views)
         return cached[1]
 
-    _HOST = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view")
+    _HOST = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view",
+             "movers")
 
     def _generate_compiled(self, poses, fresh, worlds, memory, frames_per_view) -> Segment | None:
         """``_generate_torch`` as three compiled kernels with torch's exp and the codec's two products between
@@ -479,11 +475,7 @@ class ProceduralWorldModel:
         # torch path takes it of (torch's sin rounds by position in the tensor: vectorised or not).
         time, angle = procedural_kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
         sine = torch.sin(torch.from_numpy(angle)).numpy()
-        if self.busy:
-            rows, at = torch.from_numpy(world), torch.from_numpy(time)
-            mover_lo, mover_hi = (b.numpy() for b in mover_boxes(self.movers[rows], at, self.room_hi[rows][:, 1]))
-        else:
-            mover_lo = mover_hi = host["no_movers"]
+        mover_lo, mover_hi = self._mover_boxes_on_host(procedural_kernels, world, time)
         scratch = host["scratch"]
         if memory is None:
             if scratch.get("no_memory", np.empty(0)).shape != (batch, frames, h, w):
@@ -499,8 +491,8 @@ class ProceduralWorldModel:
             depth, surface, face_axis, fog_arg, latent_depth, memory_used, moving, sky, object_ids, centres = \
                 procedural_kernels.cast(
                     host["rays"], pose_array, world, host["room_lo"], host["room_hi"], host["box_lo"],
-                    host["box_hi"], host["motion"], sine, mover_lo, mover_hi, host["movers"], outdoor, sky_id, camera,
-                    f, frames_per_view, mask, memory_depth, memory is not None,
+                    host["box_hi"], host["motion"], sine, mover_lo, mover_hi, host["moving_boxes"], outdoor, sky_id,
+                    camera, f, frames_per_view, mask, memory_depth, memory is not None,
                     np.float32(self.memory_depth_tolerance), fresh.numpy(), host["appearance"], host["committed"],
                     host["in_view"], host["time"], host["moving_of"], host["object_of"], parallel, scratch)
         except Exception as error:
@@ -543,6 +535,16 @@ class ProceduralWorldModel:
                 "object_centres": torch.from_numpy(centres),
             },
         )
+
+    def _mover_boxes_on_host(self, kernels, world, time) -> tuple[np.ndarray, np.ndarray]:
+        """The busy scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them, by the kernels
+        with torch's cos and sin between (of the same (B, T) angles); (0, 0, 0, 3) arrays without movers."""
+        host = self._host()
+        if not self.busy:
+            return host["no_movers"], host["no_movers"]
+        angle = torch.from_numpy(kernels.mover_angles(world, time, host["movers"]))
+        return kernels.mover_boxes(world, time, host["movers"], host["room_hi"], torch.cos(angle).numpy(),
+                                   torch.sin(angle).numpy())
 
     def _shade_on_torch(self, poses, world, depth, surface, face_axis, memory, memory_used):
         """Latents and frames from the compiled cast by the torch shading and codec (a shading or codec kernel

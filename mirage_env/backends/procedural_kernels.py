@@ -29,6 +29,7 @@ import numpy as np
 from numba import njit, prange
 
 from ..memory.lift_kernels import kth_smallest
+from .movers import MOTIONS, SIDE as _MOVER_SIDE
 
 _F = np.float32
 _TINY = _F(1e-9)
@@ -36,6 +37,8 @@ _ONE = _F(1.0)
 _NEAR_CORNER = _F(1e-2)
 _HIT_MIN = _F(1e-4)
 _FACES = 6
+if MOTIONS != ("slide", "circle", "stop_and_go"):  # mover_boxes below follows movers.mover_centres line by line
+    raise ImportError(f"procedural_kernels.mover_boxes knows the motions slide, circle, stop_and_go, not {MOTIONS}")
 
 
 @njit(cache=True, inline="always")
@@ -441,6 +444,67 @@ def phases(world, clock, motion, frames, frames_per_view):
             time[b, t] = clock[world[b]] + t % frames_per_view
             angle[b, t] = motion[world[b], 1] * np.float32(time[b, t]) + motion[world[b], 2]
     return time, angle
+
+
+@njit(cache=True)
+def mover_angles(world, time, parameters):
+    """The circling mover's angle at each view's time (B, T) float64, ``speed / extent * (t + phase)`` as
+    :func:`.movers.mover_centres` computes it (its cos and sin stay torch's, taken of this (B, T) array)."""
+    angle = np.empty(time.shape, np.float64)
+    for b in range(time.shape[0]):
+        p = parameters[world[b]]
+        for t in range(time.shape[1]):
+            angle[b, t] = p[1, 2] / p[1, 3] * (np.float64(time[b, t]) + p[1, 4])
+    return angle
+
+
+@njit(cache=True, inline="always")
+def _remainder(a, b):
+    # torch.remainder of floats: fmod (exact) moved to the divisor's sign.
+    mod = np.fmod(a, b)
+    if mod != 0 and ((b < 0) != (mod < 0)):
+        mod += b
+    return mod
+
+
+@njit(cache=True)
+def mover_boxes(world, time, parameters, room_hi, cos, sin):
+    """:func:`.movers.mover_boxes` for (B, T) views of worlds ``world`` (B,): lower and upper corners
+    (B, T, M, 3) float64, each float64 operation in that code's order; ``cos``/``sin`` (B, T) are torch's of
+    :func:`mover_angles`."""
+    batch, frames = time.shape
+    movers = parameters.shape[1]
+    lo = np.empty((batch, frames, movers, 3), np.float64)
+    hi = np.empty((batch, frames, movers, 3), np.float64)
+    half = _MOVER_SIDE / 2
+    for b in range(batch):
+        p = parameters[world[b]]
+        bottom = np.float64(room_hi[world[b], 1]) + 0.0
+        for t in range(frames):
+            tf = np.float64(time[b, t])
+            # Slide: a triangle wave between -extent and +extent at constant speed.
+            u = _remainder(p[0, 2] * (tf + p[0, 4]), 4 * p[0, 3])
+            slide = u - p[0, 3] if u < 2 * p[0, 3] else 3 * p[0, 3] - u
+            # Stop and go: a cycle of go (+), stop, go (-), stop, each leg ``extent`` long.
+            leg = p[2, 3] / p[2, 2]
+            c = _remainder(tf + p[2, 4], 4 * leg)
+            go = min(c, leg) - min(max(c - 2 * leg, 0.0), leg)
+            stop_and_go = p[2, 2] * go - 0.5 * p[2, 3]
+            for m in range(movers):
+                if m == 0:
+                    along_z = p[0, 5] > 0.5
+                    x = p[0, 0] + (0.0 if along_z else slide)
+                    z = p[0, 1] + (slide if along_z else 0.0)
+                elif m == 1:
+                    x = p[1, 0] + p[1, 3] * cos[b, t]
+                    z = p[1, 1] + p[1, 3] * sin[b, t]
+                else:
+                    along_z = p[2, 5] > 0.5
+                    x = p[2, 0] + (0.0 if along_z else stop_and_go)
+                    z = p[2, 1] + (stop_and_go if along_z else 0.0)
+                lo[b, t, m, 0], lo[b, t, m, 1], lo[b, t, m, 2] = x - half, bottom - _MOVER_SIDE, z - half
+                hi[b, t, m, 0], hi[b, t, m, 1], hi[b, t, m, 2] = x + half, bottom, z + half
+    return lo, hi
 
 
 # The name the torch path's fallback test patches: the first kernel a segment calls.
