@@ -205,7 +205,9 @@ class World:
         lifted_from_image = segment.image_depth is not None
         # The model's latent depth is typically the image depth's median pool: a free hint for the lift.
         self.memory.write(segment.latents, segment.image_depth if lifted_from_image else segment.depth,
-                          self.latent_camera, segment.poses, keep=keep, worlds=worlds, seen=seen,
+                          self.latent_camera, segment.poses, keep=keep, seen=seen,
+                          worlds=None if len(worlds) == self.num_worlds and worlds == list(range(self.num_worlds))
+                          else worlds,  # None: every world in order, which the memory need not check
                           median_hint=segment.depth if lifted_from_image else None)
         gained = self.memory.entries_per_world() - before
         if len(worlds) != self.num_worlds:
