@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-import mirage_env.compiled as compiled
+from mirage_env import compiled
 from mirage_env.backends import SegmentRequest
 from mirage_env.backends.procedural import ProceduralWorldModel
 

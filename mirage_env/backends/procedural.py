@@ -327,7 +327,7 @@ class ProceduralWorldModel:
     # ------------------------------------------------------------------ rendering
 
     def _generate(self, poses: torch.Tensor, generators, worlds: list[int], memory, views: int = 1) -> Segment:
-        batch, frames = poses.shape[:2]
+        frames = poses.shape[1]
         if views < 1 or frames % views:
             raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
         # Always draw, so every world consumes its generator the same way whatever it sees (and whichever

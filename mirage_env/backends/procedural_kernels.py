@@ -29,7 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..memory.lift_kernels import kth_smallest
-from .movers import MOTIONS, SIDE as _MOVER_SIDE
+from .movers import MOTIONS
+from .movers import SIDE as _MOVER_SIDE
 
 _F = np.float32
 _TINY = _F(1e-9)
