@@ -337,7 +337,7 @@ class ProceduralWorldModel:
             fresh = torch.rand(surfaces, 6, generator=generators[0])[None].to(self.device)
         else:
             fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
-        if kernels_enabled(self.device) and self._compiled_inputs_fit(memory):
+        if kernels_enabled(self.device) and self._compiled_inputs_fit(poses, memory):
             segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
             if segment is not None:
                 return segment
@@ -425,10 +425,14 @@ class ProceduralWorldModel:
 
     # ------------------------------------------------------------------ compiled path (CPU)
 
-    def _compiled_inputs_fit(self, memory) -> bool:
-        """Whether the request's memory has the dtypes the kernels take (other dtypes promote in torch's maths)."""
-        return memory is None or (memory[0].dtype == torch.float32 and memory[1].dtype == torch.bool
-                                  and memory[2].dtype == torch.float32)
+    def _compiled_inputs_fit(self, poses, memory) -> bool:
+        """Whether the request is on the CPU with the dtypes the kernels take (other dtypes promote in torch's
+        maths, other devices are moved by the torch path)."""
+        if poses.device.type != "cpu" or poses.requires_grad:
+            return False
+        return memory is None or all(
+            tensor.device.type == "cpu" and tensor.dtype == dtype
+            for tensor, dtype in zip(memory, (torch.float32, torch.bool, torch.float32)))
 
     def __getstate__(self) -> dict:
         # Copies and pickles make their own host views: a copied view would not share the copied tensor's memory.
