@@ -18,28 +18,40 @@ from .backends.procedural import FACES, ProceduralWorldModel
 
 
 class FirstLooks:
-    """The look (appearance rows of its six faces) each moving box had the first time it was in view."""
+    """The look (appearance row) each face of each moving box had the first time that face was in view.
+
+    Per face, not per box: a face the camera has not seen yet has no look to keep (the
+    generator makes it up when it first shows it), so it is recorded when it first shows.
+    """
 
     def __init__(self, model: ProceduralWorldModel):
         self.model = model
-        self.looks: dict[int, torch.Tensor] = {}
+        self.looks: dict[int, torch.Tensor] = {}  # box k -> (FACES, 6) looks; rows of faces not yet seen unused
+        self.known: dict[int, torch.Tensor] = {}  # box k -> (FACES,) bool, faces seen so far
 
     def update(self, world: int = 0) -> None:
-        """Record the boxes the model's last segment showed (call after every reset and step)."""
+        """Record the faces the model's last segment showed for the first time (call after every reset and step)."""
         for k, box in enumerate(self.model.moving_boxes()):
-            if k in self.looks:
-                continue
             faces = slice(FACES + box * FACES, FACES + (box + 1) * FACES)
-            if bool(self.model.in_view[world, faces].any()):
+            new = self.model.in_view[world, faces].clone()
+            if k in self.known:
+                new &= ~self.known[k]
+            if not bool(new.any()):
+                continue
+            if k not in self.looks:
                 self.looks[k] = self.model.appearance[world, faces].clone()
+                self.known[k] = torch.zeros_like(new)
+            self.looks[k][new] = self.model.appearance[world, faces][new]
+            self.known[k] |= new
 
     def reference(self, pose: torch.Tensor, world: int = 0) -> np.ndarray:
-        """(H, W, 3) uint8: the model's last frame time seen from ``pose`` (4, 4), moving boxes in their first looks."""
+        """(H, W, 3) uint8: the model's last frame time seen from ``pose`` (4, 4), moving boxes' faces in their first looks."""
         model = self.model
         appearance = model.appearance[world].clone()
         for k, look in self.looks.items():
             box = model.moving_boxes()[k]
-            appearance[FACES + box * FACES: FACES + (box + 1) * FACES] = look
+            faces = appearance[FACES + box * FACES: FACES + (box + 1) * FACES]
+            faces[self.known[k]] = look[self.known[k]]  # a face never seen before keeps the look it has now
         index = torch.tensor([world], device=model.device)
         time = model.time[index][:, None] - 1  # the frame the last segment ended on
         depth, surface, face_axis, directions, origin = model._cast(
