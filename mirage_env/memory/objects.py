@@ -500,8 +500,9 @@ class ObjectLayer:
             hit, winner = zbuffer(pixel, z, u, v, pixels, 0.05)
             nearer = z[winner] < depth[hit]
             hit, winner = hit[nearer], winner[nearer]
-            source = pair[keep[winner]]
-            latents[hit] = self.entry_features[index][row[source], slot[source], e[source]].to(latents.dtype)
+            point = keep[winner]  # the winning entries (rows of points / pair / e)
+            source = pair[point]  # and the (row, frame, slot) each belongs to
+            latents[hit] = self.entry_features[index][row[source], slot[source], e[point]].to(latents.dtype)
             depth[hit] = z[winner]
             mask[hit] = True
             if points_out is not None:
