@@ -59,6 +59,13 @@ class ProceduralWorldModel:
         scene: "indoor" (a room with pillars and crates) or "outdoor" (buildings under a sky).
         busy: indoors, three more crates move (sliding, circling, stop-and-go; see
             :mod:`.movers`) besides the sliding one.
+        motion_mask: report the latent pixels this model animated (a moving box shows in
+            them) as ``Segment.keep`` False, as a video model's motion segmenter would: the
+            ``model_mask`` filter then keeps them out of static memory, and the object layer
+            takes them as moving things. It is the generator's own motion mask standing in for
+            a segmenter (with Wan a real one would be needed); nothing reads ground-truth ids
+            or poses through it. Off by default: without it moving crates enter static memory
+            on first sight and their stale copies are shown where depth allows.
         device: where rendering runs.
     """
 
@@ -74,6 +81,7 @@ class ProceduralWorldModel:
         dct_keep: int = 4,
         scene: str = "indoor",
         busy: bool = False,
+        motion_mask: bool = False,
         device: str | torch.device = "cpu",
     ):
         if scene not in SCENES:
@@ -81,6 +89,7 @@ class ProceduralWorldModel:
         if busy and scene != "indoor":
             raise ValueError(f"busy=True adds moving crates to the indoor scene; scene={scene!r} has none")
         self.busy = bool(busy)
+        self.motion_mask = bool(motion_mask)
         height, width = (image_size, image_size) if isinstance(image_size, int) else image_size
         self.codec = PatchDCTCodec(spatial_factor, dct_keep, device=device)
         self.latent = LatentSpec(channels=self.codec.channels, spatial_factor=spatial_factor, temporal_factor=1)
@@ -227,6 +236,7 @@ class ProceduralWorldModel:
             "dct_keep": self.codec.keep,
             "scene": self.scene,
             **({"busy": True} if self.busy else {}),
+            **({"motion_mask": True} if self.motion_mask else {}),
         }
 
     @classmethod
@@ -410,6 +420,7 @@ class ProceduralWorldModel:
             depth=latent_depth,
             poses=poses,
             image_depth=depth.reshape(batch, frames, height, width),
+            keep=~moving if self.motion_mask else None,
             frames=self.codec.decode_uint8(latents),
             info={
                 "moving": moving,
@@ -530,6 +541,7 @@ class ProceduralWorldModel:
             depth=torch.from_numpy(latent_depth),
             poses=poses,
             image_depth=torch.from_numpy(depth).reshape(batch, frames, camera.height, camera.width),
+            keep=~torch.from_numpy(moving) if self.motion_mask else None,
             frames=images,
             info={
                 "moving": torch.from_numpy(moving),
