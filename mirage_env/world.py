@@ -16,6 +16,8 @@ know every part of it; split, the parts would reach into each other.
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import os
 from dataclasses import dataclass
@@ -175,11 +177,34 @@ class World:
             use_memory=self.use_memory,
             views=views,
         )
+        layer = self.memory.objects if self.use_memory else None
+        before = self._model_snapshot() if layer is not None else None
         segment = self.model.generate(request)
+        if layer is not None and segment.keep is not None:
+            # Things back in view after too long for a prediction: the layer re-finds them in
+            # what was generated (by place and size, in the model's own motion mask) and the
+            # segment is generated again, from the same model state and RNGs, shown them there.
+            again = layer.recall(shown, segment.latents, segment.depth, ~segment.keep, self.latent_camera, poses,
+                                 worlds, predicted_depth=read.depth)
+            if again is not None:
+                self._restore_model(before)
+                segment = self.model.generate(dataclasses.replace(
+                    request, memory_latents=again.latents, memory_mask=again.mask, memory_depth=again.depth))
         result = self._remember(segment, worlds, read, views)
         self._set_tail(segment, worlds)
         self.segments_generated += 1
         return result
+
+    def _model_snapshot(self) -> tuple[dict, list]:
+        """The model's per-world state and the worlds' RNG states, to generate a segment again."""
+        return ({k: v.clone() for k, v in self.model.state_dict().items()},
+                [g.get_state() for g in self.generators])
+
+    def _restore_model(self, snapshot: tuple[dict, list]) -> None:
+        state, rngs = snapshot
+        self.model.load_state_dict(state)
+        for generator, rng in zip(self.generators, rngs):
+            generator.set_state(rng)
 
     def _remember(self, segment: Segment, worlds: list[int], read: MemoryRead, views: int = 1) -> WorldStep:
         before = self.memory.entries_per_world()
@@ -198,7 +223,8 @@ class World:
         seen = read.points if self.memory.horizon is not None else None
         if self.memory.objects is not None:  # what the filters rejected as moving is the object layer's
             claimed = self.memory.objects.observe(segment.latents, segment.depth, self.latent_camera, segment.poses,
-                                                  ~keep, worlds, views, predicted_depth=read.depth)
+                                                  ~keep, worlds, views, predicted_depth=read.depth,
+                                                  animated=None if segment.keep is None else ~segment.keep)
             keep &= ~claimed.to(keep.device)  # a tracked moving thing leaves no copy in static memory
         if self.write == "unseen":
             keep &= ~read.mask

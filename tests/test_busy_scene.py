@@ -75,6 +75,17 @@ def test_busy_is_an_indoor_option_and_survives_a_config_round_trip():
     assert "busy" not in ProceduralWorldModel().config()  # the default scene's config is unchanged
 
 
+def test_the_motion_mask_reports_what_the_generator_animated_as_keep():
+    masked = ProceduralWorldModel(busy=True, motion_mask=True)
+    assert ProceduralWorldModel.from_config(masked.config()).motion_mask
+    assert "motion_mask" not in ProceduralWorldModel().config()
+    poses = torch.eye(4, dtype=torch.float64)[None, None]
+    segment = masked.start(poses, [torch.Generator().manual_seed(3)])
+    assert segment.info["moving"].any()  # the crates in front of the start
+    assert torch.equal(segment.keep, ~segment.info["moving"])
+    assert ProceduralWorldModel(busy=True).start(poses, [torch.Generator().manual_seed(3)]).keep is None
+
+
 def test_eval_consistency_reports_dynamic_and_object_figures(tmp_path):
     from mirage_env.cli import main
 
@@ -93,15 +104,16 @@ def test_eval_consistency_reports_dynamic_and_object_figures(tmp_path):
     assert np.isfinite(figures["psnr_memory_on"])
 
 
-def test_a_busy_world_with_the_object_layer_is_bit_exact_between_kernels_and_torch(monkeypatch):
+@pytest.mark.parametrize("motion_mask", [False, True])
+def test_a_busy_world_with_the_object_layer_is_bit_exact_between_kernels_and_torch(monkeypatch, motion_mask):
     import mirage_env.compiled as compiled
     from mirage_env.agents.evaluate import torch_threads
     from mirage_env.env import MirageEnv
 
     def run(kernels: bool):
         monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
-        env = MirageEnv(image_size=64, max_episode_steps=None, backend_options={"busy": True},
-                        memory_options={"objects": True})
+        env = MirageEnv(image_size=64, max_episode_steps=None,
+                        backend_options={"busy": True, "motion_mask": motion_mask}, memory_options={"objects": True})
         env.reset(seed=4)
         rng = np.random.default_rng(0)
         frames, infos = [], []
@@ -123,16 +135,48 @@ def test_a_busy_world_with_the_object_layer_is_bit_exact_between_kernels_and_tor
         assert torch.equal(tensor, oracle[2][name]), name
 
 
-def test_batched_busy_worlds_with_the_object_layer_equal_single_envs_through_an_autoreset():
+@pytest.mark.parametrize("motion_mask", [False, True])
+def test_batched_busy_worlds_with_the_object_layer_equal_single_envs_through_an_autoreset(motion_mask):
     from test_vector import step_side_by_side
 
     from mirage_env.agents.evaluate import torch_threads
     from mirage_env.env import MirageEnv
     from mirage_env.vector import MirageVectorEnv
 
-    settings = {"max_episode_steps": 8, "backend_options": {"busy": True}, "memory_options": {"objects": True},
+    settings = {"max_episode_steps": 8, "backend_options": {"busy": True, "motion_mask": motion_mask},
+                "memory_options": {"objects": True},
                 "observations": ("rgb", "pose", "depth", "latent")}
     with torch_threads(1):
         venv = MirageVectorEnv(3, **settings)
         envs = [MirageEnv(**settings) for _ in range(3)]
         assert step_side_by_side(venv, envs, [4, 9, 17], 20) >= 3
+
+
+def test_with_the_motion_mask_a_crate_back_in_view_is_refound_and_the_world_regenerated_deterministically(monkeypatch):
+    from mirage_env.agents.scripted import closed_loop_moves
+    from mirage_env.env import MirageEnv
+    from mirage_env.memory.objects import ObjectLayer
+
+    recalled = []
+    recall = ObjectLayer.recall
+
+    def counting(self, *args, **kwargs):
+        again = recall(self, *args, **kwargs)
+        recalled.append(again is not None)
+        return again
+
+    monkeypatch.setattr(ObjectLayer, "recall", counting)
+
+    def loop():
+        env = MirageEnv(image_size=64, max_episode_steps=None, backend_options={"busy": True, "motion_mask": True},
+                        memory_options={"objects": True})
+        env.reset(seed=0)
+        return [env.step(move)[0]["rgb"].copy() for move in closed_loop_moves(2)], env
+
+    first, env = loop()
+    assert any(recalled)  # crates came back after long out of view and were shown where they were found
+    second, _ = loop()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
+    # Movers never enter static memory: the layer holds them.
+    assert env.world.memory.objects.count() > 0

@@ -136,6 +136,76 @@ def test_a_static_group_the_filters_doubted_is_never_shown():
     assert not bool((read.depth[0, 0] < WALL - 1).any())
 
 
+FRESH = torch.tensor([-1.0, 2.0, 0.5, -3.0])  # a look the generator made up, unlike LOOK
+
+
+def see_animated(layer: ObjectLayer, x: float | None, yaw: float = 0.0) -> None:
+    """One frame through the layer with the world model's motion mask flagging the object's pixels."""
+    latents, depth, poses, hit = frame(x, yaw)
+    layer.observe(latents, depth, CAMERA, poses, hit[None, None], [0], predicted_depth=torch.full_like(depth, WALL),
+                  animated=hit[None, None])
+
+
+def generated_back(x: float, look: torch.Tensor = FRESH):
+    """A generated frame with the object at ``x`` in ``look``: latents, depth, poses, the model's motion mask."""
+    latents, depth, poses, hit = frame(x)
+    latents = torch.where(hit, look[:, None, None], latents[0, 0])[None, None]
+    return latents, depth, poses, hit
+
+
+def recall_at(layer: ObjectLayer, x: float, look: torch.Tensor = FRESH):
+    latents, depth, poses, hit = generated_back(x, look)
+    shown = layer.compose(static_read(), CAMERA, poses)
+    again = layer.recall(shown, latents, depth, hit[None, None], CAMERA, poses, [0],
+                         predicted_depth=torch.full_like(depth, WALL))
+    return again, hit
+
+
+def test_the_models_motion_mask_makes_an_object_moving_at_once():
+    layer = new_layer()
+    see_animated(layer, -0.5)
+    assert layer.count() == 1 and bool(layer.moved.any())  # no track needed: the generator says it moves
+    plain = new_layer()
+    see(plain, -0.5)
+    assert plain.count() == 1 and not bool(plain.moved.any())
+
+
+def test_an_object_back_after_too_long_to_predict_is_refound_where_the_generator_put_it():
+    layer = new_layer()
+    for t in range(3):
+        see_animated(layer, -0.8 + 0.1 * t)
+    for _ in range(40):  # away for long: constant velocity can no longer place it
+        see(layer, None, yaw=180.0)
+    _, read = shown_at(layer, 0.6)
+    assert not bool((read.depth[0, 0] < WALL - 1).any())  # compose does not show it
+    again, hit = recall_at(layer, 0.6)  # the generator drew it back 1.2 m away, in a new look
+    assert again is not None
+    # Its own latents on exactly the pixels the generator animated, at the depth it gave them.
+    assert torch.equal(again.mask[0, 0], torch.ones_like(hit))
+    shown = again.latents[0, 0].movedim(0, -1)[hit]
+    assert torch.allclose(shown, LOOK.expand_as(shown), atol=1e-2)
+    assert torch.equal(again.depth[0, 0][hit], torch.full((int(hit.sum()),), OBJECT_Z))
+    assert torch.equal(again.latents[0, 0].movedim(0, -1)[~hit], WALL_LOOK.expand(int((~hit).sum()), CHANNELS))
+    centre = layer.last_shown["centre"][0, 0][layer.last_shown["pixels"][0, 0] > 0]
+    assert centre.shape[0] == 1 and abs(float(centre[0, 0]) - 0.6) < 0.1
+
+
+def test_recall_leaves_alone_what_already_looks_like_itself_is_too_far_or_was_in_view():
+    def away_layer(**options):
+        layer = new_layer(**options)
+        for t in range(3):
+            see_animated(layer, -0.8 + 0.1 * t)
+        for _ in range(40):
+            see(layer, None, yaw=180.0)
+        return layer
+
+    assert recall_at(away_layer(), 0.6, look=LOOK)[0] is None  # the generator kept its look
+    assert recall_at(away_layer(reacquire_radius=1.0), 0.6)[0] is None  # farther than it could be found
+    layer = away_layer()
+    see_animated(layer, 0.6)  # seen in the last frame: the generator carries its look on from its context
+    assert recall_at(layer, 0.6)[0] is None
+
+
 def test_object_memory_stays_bounded_over_a_long_episode():
     layer = new_layer(max_objects=4, forget_after=20)
     bytes_before = layer.nbytes()

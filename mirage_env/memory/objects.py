@@ -44,6 +44,13 @@ keeps them so that a thing that moves stays itself when it is seen again.
   ``max_uncertainty`` (1-sigma radius), and out of the last observed frame (what it
   showed, the generator continues from its context). What is too uncertain is not
   shown, so the generator makes it up rather than being shown something wrong.
+- **The world model's motion mask.** Where a world model says which pixels it animated
+  (``Segment.keep`` False; the procedural model's ``motion_mask=True``, standing in for a
+  motion segmenter), only those become objects, and a group inside it moves by the model's
+  word without waiting for its track. :meth:`ObjectLayer.recall` then re-finds, in what was
+  just generated, things back in view after too long for any prediction (by place and size;
+  never by ground-truth ids or poses), and the World generates the segment again shown them
+  where they are: their look comes back instead of a new one.
 
 Time is counted in frames per world: :meth:`observe` advances a world's clock by the
 frames of one view of the segment (views of a world are simultaneous), so the frames a
@@ -175,7 +182,7 @@ class ObjectLayer:
     @torch.no_grad()
     def observe(self, latents: torch.Tensor, depth: torch.Tensor, camera: Camera, poses: torch.Tensor,
                 candidates: torch.Tensor, worlds: list[int], views: int = 1,
-                predicted_depth: torch.Tensor | None = None) -> int:
+                predicted_depth: torch.Tensor | None = None, animated: torch.Tensor | None = None) -> int:
         """Group what the filters rejected into objects and update their entries and tracks.
 
         Args:
@@ -190,6 +197,9 @@ class ObjectLayer:
                 it has a prediction, only pixels nearer than it (by ``link_tolerance``) can be a
                 moving thing: something now stands in front of what was remembered. Farther
                 ones are the background a moved thing uncovered, or an edge the filter doubted.
+            animated: (B, T, h, w) bool, the world model's own motion mask (the pixels it
+                animated: ``~Segment.keep``), or None. A group mostly inside it counts as seen to
+                move at once (the generator says so), without waiting for its track to show it.
 
         Returns:
             (B, T, h, w) bool, the pixels the layer claims as moving things it tracks (pixels
@@ -211,6 +221,9 @@ class ObjectLayer:
         # stood on its own earlier sample in static memory, or on a place memory never saw).
         claimed = self._claimed(depth, camera, poses.to(self.device, torch.float64), worlds, per_view)
         candidates |= claimed
+        flagged = None if animated is None else animated.to(self.device).bool()
+        if flagged is not None:  # the model says what it animated: what else the filters rejected is not a mover
+            candidates &= flagged
         if bool(candidates.any()):
             c2w = poses.to(self.device, torch.float64)
             labels = _components(candidates.reshape(-1, h, w), depth.reshape(-1, h, w), self.link_tolerance)
@@ -224,7 +237,8 @@ class ObjectLayer:
                     for view in range(views):
                         j = view * per_view + step
                         self._observe_frame(world, time, labels[row, j], points[row, j], features[row, j],
-                                            depth[row, j], camera, c2w[row, j])
+                                            depth[row, j], camera, c2w[row, j],
+                                            None if flagged is None else flagged[row, j])
         else:
             for row, world in enumerate(worlds):
                 for step in range(per_view):
@@ -265,21 +279,23 @@ class ObjectLayer:
         claimed[pixel[agree]] = True
         return claimed.reshape(batch, frames, h, w)
 
-    def _observe_frame(self, world: int, time: int, labels, points, features, depth, camera, c2w) -> None:
+    def _observe_frame(self, world: int, time: int, labels, points, features, depth, camera, c2w,
+                       flagged=None) -> None:
         present = labels[labels >= 0]
         if present.numel() == 0:
             self._mark_missing(world, time, set(), depth, camera, c2w)
             return
         groups, sizes = torch.unique(present, return_counts=True)
         groups = groups[sizes >= self.min_pixels]
-        detections = []
+        detections, animated = [], []
         for group in groups.tolist():
             where = labels == group
             detections.append((points[where], features[where].to(torch.float32)))
-        matched = self._associate(world, time, detections)
+            animated.append(flagged is not None and float(flagged[where].float().mean()) > 0.5)
+        matched = self._associate(world, time, detections, animated)
         self._mark_missing(world, time, matched, depth, camera, c2w)
 
-    def _associate(self, world: int, time: int, detections) -> set[int]:
+    def _associate(self, world: int, time: int, detections, animated=None) -> set[int]:
         """Give each detection an object (greedy, best first); returns the slots found in this frame."""
         centre, radius = self.predict(torch.full((self.num_worlds, 1), time, dtype=torch.int64, device=self.device))
         centre, radius = centre[world, 0], radius[world, 0]  # (S, 3), (S,)
@@ -314,9 +330,14 @@ class ObjectLayer:
             used_detections.add(d)
             found.add(s)
             self._update(world, s, time, *detections[d], float(radius[s]), refound)
+            if animated is not None and animated[d]:
+                self.moved[world, s] = True
         for d, detection in enumerate(detections):
             if d not in used_detections:
-                found.add(self._create(world, time, *detection))
+                s = self._create(world, time, *detection)
+                found.add(s)
+                if animated is not None and animated[d]:
+                    self.moved[world, s] = True  # the generator says it moves: no need to wait for the track
         return found
 
     def _descriptors(self, world: int) -> torch.Tensor:
@@ -512,6 +533,144 @@ class ObjectLayer:
         return MemoryRead(latents=latents.reshape(*lead, -1).movedim(-1, -3).contiguous(), mask=mask.reshape(lead),
                           depth=depth.reshape(lead),
                           points=points_out.reshape(*lead, 3) if points_out is not None else None)
+
+    @torch.no_grad()
+    def recall(self, shown: MemoryRead, latents: torch.Tensor, depth: torch.Tensor, animated: torch.Tensor,
+               camera: Camera, poses: torch.Tensor, worlds=None,
+               predicted_depth: torch.Tensor | None = None) -> MemoryRead | None:
+        """Re-find objects that came back into view where no prediction could place them.
+
+        After a thing has been out of view for long, a motion model cannot say where it is
+        (turn-backs, circles, stops), so :meth:`compose` does not show it and the generator
+        draws it anew. This looks at what the generator just made: groups of pixels its own
+        motion mask ``animated`` flags (nearer than static memory's prediction, where it has
+        one) are matched, nearest first, to moving objects that were out of view before this
+        segment and not shown in it, by place (within ``reacquire_radius`` of where each was
+        last seen) and size (no larger than the object seen before, plus ``gate``). Groups where
+        the layer saw something in the last observed frame are left alone (the generator carries
+        that look on from its context), and so are pixels that already look like the object
+        (cosine similarity of latents at least ``reacquire_similarity``: the generator kept its
+        look). Each remaining pixel of a matched group gets the object's entry nearest to it
+        (centroids aligned), at the depth the generator gave it, so the World can generate the
+        segment again, shown the object where it is. Nothing in the layer changes except
+        :attr:`last_shown`, which gains the re-found objects (placed centre, pixels).
+
+        Args:
+            shown: the read the segment was generated from (:meth:`compose`'s output).
+            latents: (B, T, C, h, w) the generated segment's latents.
+            depth: (B, T, h, w) its z-depth.
+            animated: (B, T, h, w) bool, the world model's motion mask (``~Segment.keep``).
+            camera, poses, worlds: as for :meth:`compose`.
+            predicted_depth: (B, T, h, w) static memory's predicted depth (+inf: none), or None.
+
+        Returns:
+            The read to generate the segment again from, or None when nothing was re-found.
+        """
+        batch, frames, h, w = depth.shape
+        worlds = list(range(batch)) if worlds is None else [int(x) for x in worlds]
+        depth = depth.to(self.device, torch.float32)
+        candidates = animated.to(self.device).bool() & torch.isfinite(depth) & (depth > 0)
+        if predicted_depth is not None:
+            candidates &= depth < predicted_depth.to(self.device, torch.float32) * (1 - self.link_tolerance)
+        index = torch.as_tensor(worlds, dtype=torch.int64, device=self.device)
+        away = (self.alive & self.moved & (self.last_in_view < (self.clock[:, None] - 1)))[index]  # (B, S)
+        if not bool(candidates.any()) or not bool(away.any()):
+            return None
+        labels = _components(candidates.reshape(-1, h, w), depth.reshape(-1, h, w), self.link_tolerance)
+        labels = labels.reshape(batch, frames, h, w)
+        points = unproject(depth.masked_fill(~candidates, 1.0).to(torch.float64), camera,
+                           poses.to(self.device, torch.float64))  # (B, T, h, w, 3)
+        generated = latents.to(self.device).movedim(2, -1)  # (B, T, h, w, C)
+        out = MemoryRead(latents=shown.latents.movedim(-3, -1).clone(), mask=shown.mask.clone(),
+                         depth=shown.depth.clone(), points=shown.points.clone() if shown.points is not None else None)
+        found = False
+        for row, world in enumerate(worlds):
+            slots = torch.nonzero(away[row]).flatten().tolist()
+            if not slots:
+                continue
+            seen_last = torch.nonzero(self.alive[world] & (self.last_in_view[world] >= self.clock[world] - 1)).flatten()
+            seen_last = [self._last_position(world, int(s)) for s in seen_last]
+            for j in range(frames):
+                found |= self._recall_frame(world, row, j, slots, seen_last, labels[row, j], points[row, j],
+                                            generated[row, j], depth[row, j], out)
+        if not found:
+            return None
+        return MemoryRead(latents=out.latents.movedim(-1, -3).contiguous(), mask=out.mask, depth=out.depth,
+                          points=out.points)
+
+    def _recall_frame(self, world, row, j, slots, seen_last, labels, points, generated, depth, out) -> bool:
+        """:meth:`recall` for frame ``j`` of batch row ``row``: writes matched objects into ``out`` (latents
+        channels-last); returns whether any was placed."""
+        present = labels[labels >= 0]
+        if present.numel() == 0:
+            return False
+        won = self.last_shown["pixels"][row, j] if self.last_shown is not None else None
+        last = torch.stack([self._last_position(world, s) for s in slots])  # (n, 3)
+        extent = [float(self._extent(world, s)) for s in slots]
+        descriptor = self._descriptors(world)[slots]  # (n, C)
+        pairs = []
+        for g in torch.unique(present).tolist():
+            where = labels == g
+            group = points[where]
+            centroid = group.mean(0)
+            if any(float((p - centroid).norm()) <= self.gate for p in seen_last):
+                continue  # the layer saw something here in the last frame: not back in view
+            size = float((group.amax(0) - group.amin(0)).norm())
+            distance = (last - centroid[None]).norm(dim=-1)
+            similarity = torch.nn.functional.cosine_similarity(
+                descriptor, generated[where].to(torch.float32).mean(0)[None], dim=-1)
+            for k, s in enumerate(slots):
+                if won is not None and int(won[s]) > 0:
+                    continue  # compose showed it in this frame already
+                if float(similarity[k]) < self.reacquire_similarity and float(distance[k]) <= self.reacquire_radius \
+                        and size <= extent[k] + self.gate:
+                    pairs.append((float(distance[k]), g, s))
+        groups, objects, placed = set(), set(), False
+        for _, g, s in sorted(pairs):
+            if g in groups or s in objects:
+                continue
+            groups.add(g)
+            objects.add(s)
+            placed |= self._place(world, row, j, s, labels == g, points, generated, depth, out)
+        return placed
+
+    def _place(self, world, row, j, slot, where, points, generated, depth, out) -> bool:
+        """Put ``slot``'s entries on the pixels ``where`` of frame ``j`` (see :meth:`recall`)."""
+        group = points[where]
+        centroid = group.mean(0)
+        n = int(self.entry_count[world, slot])
+        nearest = torch.cdist((group - centroid).to(torch.float32), self.entry_points[world, slot, :n]).argmin(1)
+        remembered = self.entry_features[world, slot, nearest].to(torch.float32)
+        # Only where the generator's pixel does not look like the remembered one: where it does,
+        # it kept the look, and a stale latent pasted there only blurs it.
+        differs = torch.nn.functional.cosine_similarity(generated[where].to(torch.float32), remembered,
+                                                        dim=-1) < self.reacquire_similarity
+        if not bool(differs.any()):
+            return False
+        target = torch.nonzero(where)[differs]
+        r, c = target[:, 0], target[:, 1]
+        out.latents[row, j, r, c] = remembered[differs].to(out.latents.dtype)
+        out.depth[row, j, r, c] = depth[r, c].to(out.depth.dtype)
+        out.mask[row, j, r, c] = True
+        if out.points is not None:
+            out.points[row, j, r, c] = group[differs].to(out.points.dtype)
+        if self.last_shown is not None:
+            self.last_shown["centre"][row, j, slot] = centroid + self._middle(world, slot)
+            self.last_shown["pixels"][row, j, slot] = int(differs.sum())
+            self.last_shown["shown"][row, j, slot] = True
+        return True
+
+    def _extent(self, world: int, slot: int) -> torch.Tensor:
+        """Diagonal of the bounds of a slot's entries (metres, float64)."""
+        n = int(self.entry_count[world, slot])
+        entries = self.entry_points[world, slot, :n].to(torch.float64)
+        return (entries.amax(0) - entries.amin(0)).norm()
+
+    def _middle(self, world: int, slot: int) -> torch.Tensor:
+        """Centre of the bounds of a slot's entries in its own frame (float64)."""
+        n = int(self.entry_count[world, slot])
+        entries = self.entry_points[world, slot, :n].to(torch.float64)
+        return 0.5 * (entries.amax(0) + entries.amin(0))
 
     # ------------------------------------------------------------------ state
 
