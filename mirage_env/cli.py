@@ -36,6 +36,8 @@ def _make_env(args, **overrides):
     if getattr(args, "scene", None):
         scene = {"scene": "indoor", "busy": True} if args.scene == "busy" else {"scene": args.scene}
         options["backend_options"] = {**options.get("backend_options", {}), **scene}
+    if getattr(args, "motion_mask", "off") == "on":
+        options["backend_options"] = {**options.get("backend_options", {}), "motion_mask": True}
     return MirageEnv(**options)
 
 
@@ -154,16 +156,22 @@ def eval_consistency(args) -> dict:
         results.update(_consistency_run(args, moves, tag, memory_on, objects))
     results.update({"episodes": args.episodes, "loop_steps": len(moves), "image_size": args.image_size,
                     "env": args.env, "scene": args.scene or "indoor", "object_memory": args.object_memory,
+                    "motion_mask": args.motion_mask,
                     "note": f"PSNR capped at {PSNR_CAP:g} dB for identical frames; psnr_static_* leaves out pixels "
                             "showing moving content in either frame (it really moved); psnr_dynamic_* scores the "
                             "returning view's pixels showing a moving thing seen before against that view with "
-                            "each moving thing in its first look (procedural world only)"})
+                            "each face of a moving thing in its first look; psnr_moving_ceiling is psnr_* of a perfect "
+                            "memory (every surface in its first look, moving things where they are now): more means "
+                            "moving things shown where they no longer are (procedural world only)"})
     static = (f" (static content {results['psnr_static_memory_on']:.2f} dB)" if "psnr_static_memory_on" in results else "")
     dynamic = (f", moving things {results['psnr_dynamic_memory_on']:.2f} dB"
                if results.get("psnr_dynamic_memory_on") is not None else "")
     print(f"revisit after a {len(moves)}-step closed loop, {args.episodes} episodes: "
           f"memory on PSNR {results['psnr_memory_on']:.2f} dB{static}{dynamic} SSIM {results['ssim_memory_on']:.4f} | "
           f"memory off PSNR {results['psnr_memory_off']:.2f} dB SSIM {results['ssim_memory_off']:.4f}")
+    if results.get("psnr_moving_ceiling") is not None:
+        print(f"a perfect memory of moving things would score {results['psnr_moving_ceiling']:.2f} dB on every pixel "
+              f"(they moved between the two views)")
     if results["blocked_seeds"]:
         print(f"seeds {results['blocked_seeds']} skipped: a wall blocked the loop in those rooms")
     if "psnr_memory_on_no_objects" in results:
@@ -189,7 +197,7 @@ def _consistency_run(args, moves, tag: str, memory_on: bool, objects: bool) -> d
 
     env = _make_env(args, use_memory=memory_on, memory_options={"objects": objects})
     procedural = env.world.model.config().get("name") == "procedural"
-    psnrs, ssims, static_psnrs, dynamic_psnrs, errors, blocked = [], [], [], [], [], []
+    psnrs, ssims, static_psnrs, dynamic_psnrs, ideal_psnrs, errors, blocked = [], [], [], [], [], [], []
     # A room where a wall blocks the loop cannot be scored (the camera never returns), so
     # such seeds are skipped and named; motion does not depend on memory, so every run
     # skips the same seeds.
@@ -219,9 +227,10 @@ def _consistency_run(args, moves, tag: str, memory_on: bool, objects: bool) -> d
         info = env.batch.last_step.segment.info
         if looks is not None and "object_ids" in info:
             seen = _upsampled(env, looks.seen(info["object_ids"][0, -1].cpu().numpy()))
+            pose = torch.as_tensor(env.batch.last_step.poses[0, -1], dtype=torch.float64)
             if seen.any():
-                pose = torch.as_tensor(env.batch.last_step.poses[0, -1], dtype=torch.float64)
                 dynamic_psnrs.append(masked_psnr(looks.reference(pose), returned, seen))
+            ideal_psnrs.append(psnr(first, looks.ideal(pose)))
             from mirage_env.object_eval import shown_position_errors
 
             errors += shown_position_errors(env.world.memory.objects, info["object_centres"])
@@ -240,6 +249,8 @@ def _consistency_run(args, moves, tag: str, memory_on: bool, objects: bool) -> d
     if procedural:
         result[f"psnr_dynamic_{tag}"] = capped(dynamic_psnrs)
         result[f"dynamic_episodes_{tag}"] = len(dynamic_psnrs)
+        if tag == "memory_on":  # the same for every run: the world, not the memory
+            result["psnr_moving_ceiling"] = capped(ideal_psnrs)
     if tag == "memory_on" and objects:
         result["object_position_error_m"] = float(np.mean(errors)) if errors else None
         result["objects_shown"] = len(errors)
@@ -308,6 +319,9 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--json", type=output_file, default=None)
     c.add_argument("--object-memory", default="on", choices=["on", "off"],
                    help="memory on with the object layer for moving things (off: static memory only)")
+    c.add_argument("--motion-mask", default="off", choices=["on", "off"],
+                   help="procedural world: the generator reports the pixels it animated (Segment.keep), as a "
+                        "motion segmenter would; moving things then stay out of static memory")
     c.set_defaults(func=eval_consistency)
 
     p = commands.add_parser("import-branch", help="import a memory branch trained in DiffSynth naming (the published one)")

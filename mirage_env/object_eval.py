@@ -28,9 +28,12 @@ class FirstLooks:
         self.model = model
         self.looks: dict[int, torch.Tensor] = {}  # box k -> (FACES, 6) looks; rows of faces not yet seen unused
         self.known: dict[int, torch.Tensor] = {}  # box k -> (FACES,) bool, faces seen so far
+        self.start: tuple[torch.Tensor, torch.Tensor] | None = None  # every surface's look and in-view at the start
 
     def update(self, world: int = 0) -> None:
         """Record the faces the model's last segment showed for the first time (call after every reset and step)."""
+        if self.start is None:
+            self.start = (self.model.appearance[world].clone(), self.model.in_view[world].clone())
         for k, box in enumerate(self.model.moving_boxes()):
             faces = slice(FACES + box * FACES, FACES + (box + 1) * FACES)
             new = self.model.in_view[world, faces].clone()
@@ -44,10 +47,10 @@ class FirstLooks:
             self.looks[k][new] = self.model.appearance[world, faces][new]
             self.known[k] |= new
 
-    def reference(self, pose: torch.Tensor, world: int = 0) -> np.ndarray:
+    def reference(self, pose: torch.Tensor, world: int = 0, appearance: torch.Tensor | None = None) -> np.ndarray:
         """(H, W, 3) uint8: the model's last frame time seen from ``pose`` (4, 4), moving boxes' faces in their first looks."""
         model = self.model
-        appearance = model.appearance[world].clone()
+        appearance = (model.appearance[world] if appearance is None else appearance).clone()
         for k, look in self.looks.items():
             box = model.moving_boxes()[k]
             faces = appearance[FACES + box * FACES: FACES + (box + 1) * FACES]
@@ -60,6 +63,17 @@ class FirstLooks:
         height, width = model.camera.height, model.camera.width
         images = images.reshape(1, 1, height, width, 3).permute(0, 1, 4, 2, 3)
         return model.codec.decode_uint8(model.codec.encode(images))[0, 0].cpu().numpy()
+
+    def ideal(self, pose: torch.Tensor, world: int = 0) -> np.ndarray:
+        """(H, W, 3) uint8: what a perfect memory would show from ``pose`` at the last frame time: every surface
+        in view at the start in its look then, moving boxes where they truly are now, faces in their first looks.
+
+        Its PSNR against the first view is the most a revisit can score on every pixel once things moved:
+        a memory that scores more shows moving things where they no longer are.
+        """
+        looks, in_view = self.start
+        appearance = torch.where(in_view[:, None], looks, self.model.appearance[world])
+        return self.reference(pose, world, appearance)
 
     def seen(self, object_ids: np.ndarray) -> np.ndarray:
         """(h, w) bool: latent pixels showing a moving box seen before (one with a first look)."""
