@@ -7,7 +7,11 @@ without the layer | the same frame with the layer. Printed: per step where the l
 showed something, the PSNR of the moving pixels against the view with every moving thing
 in its first look (mirage_env.object_eval), with and without the layer.
 
-    python benchmarks/object_layer_figure.py [--seed 0] [--image-size 128] [--frames-per-step 3]
+    python benchmarks/object_layer_figure.py [--seed 0] [--image-size 128] [--frames-per-step 3] [--motion-mask]
+
+With ``--motion-mask`` the procedural model reports the pixels it animated (``motion_mask=True``,
+both runs): the layer then takes only those as moving things and re-finds, in what was just
+generated, things back in view after too long for a prediction (``ObjectLayer.recall``).
 """
 
 from __future__ import annotations
@@ -25,9 +29,9 @@ from mirage_env.object_eval import FirstLooks
 TURNS = [6] * 4 + [5] * 4  # look right 60 degrees and back
 
 
-def run(seed: int, size: int, frames: int, objects: bool):
+def run(seed: int, size: int, frames: int, objects: bool, motion_mask: bool = False):
     env = MirageEnv(render_mode="rgb_array", max_episode_steps=None, image_size=size, frames_per_step=frames,
-                    backend_options={"busy": True}, memory_options={"objects": objects})
+                    backend_options={"busy": True, "motion_mask": motion_mask}, memory_options={"objects": objects})
     env.reset(seed=seed)
     looks = FirstLooks(env.world.model)
     looks.update()
@@ -57,10 +61,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image-size", type=int, default=128)
     parser.add_argument("--frames-per-step", type=int, default=3)
+    parser.add_argument("--motion-mask", action="store_true", help="the generator reports what it animated")
     parser.add_argument("--out", default="docs/object_layer.png")
     args = parser.parse_args()
-    with_layer, shown, on_scores, first_seen = run(args.seed, args.image_size, args.frames_per_step, True)
-    without, _, off_scores, _ = run(args.seed, args.image_size, args.frames_per_step, False)
+    with_layer, shown, on_scores, first_seen = run(args.seed, args.image_size, args.frames_per_step, True,
+                                                   args.motion_mask)
+    without, _, off_scores, _ = run(args.seed, args.image_size, args.frames_per_step, False, args.motion_mask)
     print("step  layer pixels  moving-things PSNR with / without the layer (dB)")
     for step, (pixels, on, off) in enumerate(zip(shown, on_scores, off_scores), start=1):
         fmt = lambda v: "-" if v is None else f"{min(v, 100):.2f}"  # noqa: E731
