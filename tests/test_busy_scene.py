@@ -94,9 +94,11 @@ def test_eval_consistency_reports_dynamic_and_object_figures(tmp_path):
                  "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
     for key in ("psnr_memory_on", "psnr_memory_off", "psnr_static_memory_on", "psnr_memory_on_no_objects",
-                "psnr_dynamic_memory_on", "psnr_dynamic_memory_off", "object_position_error_m", "objects_shown"):
+                "psnr_dynamic_memory_on", "psnr_dynamic_memory_off", "object_position_error_m", "objects_shown",
+                "psnr_moving_ceiling"):
         assert key in figures, key
-    assert figures["scene"] == "busy" and figures["object_memory"] == "on"
+    assert figures["scene"] == "busy" and figures["object_memory"] == "on" and figures["motion_mask"] == "off"
+    assert np.isfinite(figures["psnr_moving_ceiling"])
     assert main(["eval", "consistency", "--episodes", "1", "--side-steps", "1", "--object-memory", "off",
                  "--json", str(out)]) == 0
     figures = json.loads(out.read_text())
