@@ -38,6 +38,16 @@ def _lookup_one(table_keys, table_values, mask, key):
 
 
 @njit(cache=True)
+def _lookup_all(table_keys, table_values, table_mask, keys, found):
+    """``found[i]``: the value of ``keys[i]`` in the table, -1 where it is missing; returns how many are missing."""
+    missing = 0
+    for i in range(keys.shape[0]):
+        found[i] = _lookup_one(table_keys, table_values, table_mask, keys[i])
+        if found[i] < 0:
+            missing += 1
+    return missing
+
+@njit(cache=True)
 def _chunk_of(key, size):
     world = key >> (3 * _AXIS_BITS)
     c0 = ((key >> (2 * _AXIS_BITS)) & _AXIS_MASK) // size
@@ -69,11 +79,7 @@ def allocate(keys, table_keys, table_values, table_mask, table_count, brick_keys
     """
     unique = np.unique(keys)
     found = np.empty(unique.shape[0], np.int64)
-    missing = 0
-    for i in range(unique.shape[0]):
-        found[i] = _lookup_one(table_keys, table_values, table_mask, unique[i])
-        if found[i] < 0:
-            missing += 1
+    missing = _lookup_all(table_keys, table_values, table_mask, unique, found)
     if missing > 0:
         new_keys = np.empty(missing, np.int64)
         k = 0
@@ -96,11 +102,8 @@ def allocate(keys, table_keys, table_values, table_mask, table_count, brick_keys
             chunk_of_new[i] = _chunk_of(new_keys[i], chunk_size)
         new_chunk_keys = np.unique(chunk_of_new)
         chunk_found = np.empty(new_chunk_keys.shape[0], np.int64)
-        chunks_missing = 0
-        for i in range(new_chunk_keys.shape[0]):
-            chunk_found[i] = _lookup_one(chunk_table_keys, chunk_table_values, chunk_table_mask, new_chunk_keys[i])
-            if chunk_found[i] < 0:
-                chunks_missing += 1
+        chunks_missing = _lookup_all(chunk_table_keys, chunk_table_values, chunk_table_mask, new_chunk_keys,
+                                     chunk_found)
         if chunks_missing > 0 and (chunk_in_use + chunks_missing > chunk_keys.shape[0]
                                    or 2 * (chunk_table_count + chunks_missing) > chunk_table_mask + 1):
             return False, 0, 0, 0, 0  # the chunk index grows or its table is rebuilt
