@@ -17,7 +17,6 @@ know every part of it; split, the parts would reach into each other.
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import os
 from dataclasses import dataclass

@@ -6,8 +6,7 @@ import torch
 
 from mirage_env import compiled
 from mirage_env.geometry import Camera
-from mirage_env.memory import lift_dominant_surface, pool_depth
-from mirage_env.memory import lift_kernels
+from mirage_env.memory import lift_dominant_surface, lift_kernels, pool_depth
 
 FACTOR = 8
 
