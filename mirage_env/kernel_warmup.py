@@ -2,17 +2,18 @@
 
 numba compiles a kernel the first time it is called and caches the machine code
 (``cache=True``): later processes on the machine load every kernel in well under a
-second, but the machine's very first process spends 20-30 s compiling, and before this
-module that time fell on the first reset and step. Now the first call that would use a
-kernel starts one daemon thread that compiles (or loads) them by stepping a tiny private
+second, but the machine's very first process spends 20-50 s of CPU compiling, and before
+this module that time fell on the first reset and step. Now the first call that would use
+a kernel starts one daemon thread that compiles (or loads) them by stepping a tiny private
 world through every kernel the default env calls. Until it is done, :func:`ready` is
 False and steps take the torch path; as the two paths give the same bits
 (``tests/test_compiled.py``), when the switch happens changes the speed, never a frame.
 
 ``wait()`` blocks until the kernels are ready (benchmarks and tests that must time the
-compiled path call it); ``MIRAGE_ENV_KERNELS=1`` skips the warm-up (each kernel compiles at
-its first call, as before) and ``0`` turns the kernels off. A fork waits for a warm-up in flight first: the
-child would otherwise inherit numba's compiler lock held by a thread it does not have.
+compiled path call it); ``MIRAGE_ENV_KERNELS=1`` skips the warm-up (each kernel compiles
+at its first call, as before) and ``0`` turns the kernels off. A fork waits for a warm-up
+in flight first: the child would otherwise inherit numba's compiler lock held by a thread
+it does not have.
 """
 
 from __future__ import annotations
