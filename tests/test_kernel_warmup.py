@@ -81,3 +81,21 @@ def test_kernels_turned_off_or_on_at_once_start_no_warm_up():
     """
     assert _python(code, MIRAGE_ENV_KERNELS="0").split() == ["False", "True"]
     assert _python(code, MIRAGE_ENV_KERNELS="1").split() == ["True", "True"]
+
+
+def test_a_fork_waits_for_a_warm_up_in_flight():
+    # A child forked mid-compile would inherit numba's compiler lock held by a thread it lacks.
+    out = _python("""
+        import os, time
+        from mirage_env import kernel_warmup
+        kernel_warmup._exercise = lambda: time.sleep(1.0)  # a warm-up that takes a while
+        kernel_warmup.start()
+        assert not kernel_warmup.ready()
+        pid = os.fork()
+        if pid == 0:
+            os.write(1, f"child {kernel_warmup.ready()}\\n".encode())
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("parent", kernel_warmup.ready())
+    """)
+    assert out.split("\n")[:2] == ["child True", "parent True"]
