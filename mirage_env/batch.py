@@ -298,7 +298,7 @@ class AgentBatch:
 
     def _absorb(self, result: WorldStep, worlds: list[int]) -> None:
         """Keep, per agent, the last frame / depth / latent of its views in ``result``."""
-        if len(worlds) == self.num_worlds and worlds == list(range(self.num_worlds)):
+        if worlds == list(range(self.num_worlds)):
             world_rows = agent_rows = slice(None)  # every world, in order: a step (slices copy faster)
         else:
             world_rows = np.asarray(worlds)

@@ -100,7 +100,7 @@ class ConsistentWithMemory:
         return inputs.predicted_depth is None or inputs.predicted_mask is None
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
-        if inputs.predicted_depth is None or inputs.predicted_mask is None:
+        if self.keeps_everything(inputs):
             return torch.ones_like(inputs.depth, dtype=torch.bool)
         depth, maths = _maths(inputs.depth)
         predicted, known = _maths(inputs.predicted_depth)[0], _maths(inputs.predicted_mask)[0]
@@ -189,7 +189,7 @@ class ModelMask:
         return inputs.model_keep is None
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
-        if inputs.model_keep is None:
+        if self.keeps_everything(inputs):
             return torch.ones_like(inputs.depth, dtype=torch.bool)
         return inputs.model_keep.bool()
 

@@ -229,13 +229,13 @@ class World:
             keep &= ~read.mask
         lifted_from_image = segment.image_depth is not None
         # The model's latent depth is typically the image depth's median pool: a free hint for the lift.
+        every_world = worlds == list(range(self.num_worlds))  # in order: nothing to check or pick
         self.memory.write(segment.latents, segment.image_depth if lifted_from_image else segment.depth,
                           self.latent_camera, segment.poses, keep=keep, seen=seen,
-                          worlds=None if len(worlds) == self.num_worlds and worlds == list(range(self.num_worlds))
-                          else worlds,  # None: every world in order, which the memory need not check
+                          worlds=None if every_world else worlds,
                           median_hint=segment.depth if lifted_from_image else None)
         gained = self.memory.entries_per_world() - before
-        if len(worlds) != self.num_worlds:
+        if not every_world:
             gained = gained[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
         latent_frames = segment.latents.shape[1]
