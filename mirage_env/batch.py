@@ -240,7 +240,8 @@ class AgentBatch:
         # The World took the step: from here on nothing refuses it.
         self.collided = blocked
         self.rigs = after
-        self.path_length += np.linalg.norm(after[:, :3] - before[:, :3], axis=1)
+        moved = after[:, :3] - before[:, :3]
+        self.path_length += np.sqrt(np.add.reduce(moved * moved, axis=1))  # np.linalg.norm's maths, without its checks
         self.steps += 1
         self._absorb(result, list(range(self.num_worlds)))
 
@@ -320,15 +321,17 @@ class AgentBatch:
         return frames[..., self._crop[0], self._crop[1], :]
 
     def observe(self, agents: np.ndarray) -> dict[str, np.ndarray]:
+        """Observations of ``agents`` (an index array), arrays of their own: later steps leave them alone."""
         observation: dict[str, np.ndarray] = {}
+        # np.take copies once; indexing then .copy() would copy the frames twice.
         if "rgb" in self.observation_keys:
-            observation["rgb"] = self.last_frames[agents].copy()
+            observation["rgb"] = np.take(self.last_frames, agents, axis=0)
         if "pose" in self.observation_keys:
             observation["pose"] = self.rigs[agents].astype(np.float32)
         if "depth" in self.observation_keys:
-            observation["depth"] = self.last_depth[agents].copy()
+            observation["depth"] = np.take(self.last_depth, agents, axis=0)
         if "latent" in self.observation_keys:
-            observation["latent"] = self.last_latents[agents].copy()
+            observation["latent"] = np.take(self.last_latents, agents, axis=0)
         observation.update(self.task.observe(self.view, agents))
         return observation
 
