@@ -54,3 +54,27 @@ def test_the_hinted_lift_equals_the_torch_lift_for_right_wrong_and_nan_hints(mon
             points, chosen = lift_kernels.lift_dominant_surface(depth, c2w, camera, FACTOR, 0.05, parallel, hint)
             np.testing.assert_array_equal(points, expected_points)
             np.testing.assert_array_equal(chosen, expected_depth)
+
+
+@pytest.mark.parametrize("factor", [2, 3, 5])
+def test_the_lift_equals_the_torch_lift_at_any_factor_and_on_patches_the_band_splits(monkeypatch, factor):
+    # The kernel takes the centroid from per-row and per-column counts and the argmin per row:
+    # odd patch sides, rows with no pixel in the band, ties of distance, zero and negative depth.
+    size = 8 * factor
+    depth = _depths(factor, views=4, size=size)
+    rng = np.random.default_rng(factor)
+    depth[0] = np.round(depth[0] * 2) / 2  # many exact ties of depth, so of distance
+    depth[1][rng.random((size, size)) < 0.2] = 0.0
+    depth[2][rng.random((size, size)) < 0.1] = -1.0
+    c2w = np.repeat(np.eye(4)[None], 4, 0)
+    c2w[:, :3, 3] = rng.normal(size=(4, 3))
+    camera = Camera(fx=20.0, fy=21.0, cx=size / 2, cy=size / 3, width=size, height=size)
+    monkeypatch.setenv(compiled.KERNELS_ENV, "0")
+    expected_points, expected_depth = (t[0].numpy() for t in lift_dominant_surface(
+        torch.from_numpy(depth)[None], camera, torch.from_numpy(c2w)[None], factor))
+    median = pool_depth(torch.from_numpy(depth), factor).numpy()
+    for hint in (None, median):
+        for parallel in (False, True):
+            points, chosen = lift_kernels.lift_dominant_surface(depth, c2w, camera, factor, 0.05, parallel, hint)
+            np.testing.assert_array_equal(points, expected_points)
+            np.testing.assert_array_equal(chosen, expected_depth)
