@@ -37,6 +37,9 @@ _TINY = _F(1e-9)
 _ONE = _F(1.0)
 _NEAR_CORNER = _F(1e-2)
 _HIT_MIN = _F(1e-4)
+# The straddling-box cull (_screen_intervals): half the least depth of a hit, and a pixel of margin.
+_CLIP_DEPTH = 5e-5
+_CLIP_MARGIN = 1.0
 _FACES = 6
 if MOTIONS != ("slide", "circle", "stop_and_go"):  # mover_boxes below follows movers.mover_centres line by line
     raise ImportError(f"procedural_kernels.mover_boxes knows the motions slide, circle, stop_and_go, not {MOTIONS}")
@@ -59,10 +62,57 @@ def _rotation(poses, b, t):
 
 
 @njit(cache=True)
+def _clipped_rectangle(r, o0, o1, o2, lo, hi, fx, fy, cx, cy):
+    """The screen rectangle (u_lo, u_hi, v_lo, v_hi, float64) of the part of box (lo, hi) at camera depth
+    ``_CLIP_DEPTH`` or more; an empty one (lo > hi) when no part is. For a box the torch cull sends every ray
+    to: why fewer are enough is said in ``_screen_intervals``."""
+    z = np.empty(8, np.float64)
+    x = np.empty(8, np.float64)
+    y = np.empty(8, np.float64)
+    r64 = r.astype(np.float64)
+    for c in range(8):
+        p0 = np.float64(hi[0] if (c >> 2) & 1 else lo[0]) - np.float64(o0)
+        p1 = np.float64(hi[1] if (c >> 1) & 1 else lo[1]) - np.float64(o1)
+        p2 = np.float64(hi[2] if c & 1 else lo[2]) - np.float64(o2)
+        x[c] = r64[0, 0] * p0 + r64[1, 0] * p1 + r64[2, 0] * p2
+        y[c] = r64[0, 1] * p0 + r64[1, 1] * p1 + r64[2, 1] * p2
+        z[c] = r64[0, 2] * p0 + r64[1, 2] * p1 + r64[2, 2] * p2
+    umin, umax, vmin, vmax = np.inf, -np.inf, np.inf, -np.inf
+    near = _CLIP_DEPTH
+    # The clipped solid's vertices: the corners at the clip depth or beyond, and where the box's edges
+    # cross the clip plane.
+    for c in range(8):
+        if z[c] >= near:
+            u, v = x[c] / z[c], y[c] / z[c]
+            umin, umax, vmin, vmax = min(umin, u), max(umax, u), min(vmin, v), max(vmax, v)
+        for bit in (1, 2, 4):
+            e = c | bit
+            if e == c or (z[c] >= near) == (z[e] >= near):
+                continue
+            s = (near - z[c]) / (z[e] - z[c])
+            u = (x[c] + s * (x[e] - x[c])) / near
+            v = (y[c] + s * (y[e] - y[c])) / near
+            umin, umax, vmin, vmax = min(umin, u), max(umax, u), min(vmin, v), max(vmax, v)
+    f_x, f_y = np.float64(fx), np.float64(fy)
+    return (f_x * umin + np.float64(cx) - _CLIP_MARGIN, f_x * umax + np.float64(cx) + _CLIP_MARGIN,
+            f_y * vmin + np.float64(cy) - _CLIP_MARGIN, f_y * vmax + np.float64(cy) + _CLIP_MARGIN)
+
+
+@njit(cache=True)
 def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, height, span, to_lo, to_hi):
-    """Per box k, the first and last column (``span[k, 0:2]``) and row (``span[k, 2:4]``) whose pixel centre lies
-    in its screen rectangle (the torch path's cull: it decides which ray-box pairs are tested), and the box's
-    planes relative to the camera (``to_lo``, ``to_hi``)."""
+    """Per box k, the first and last column (``span[k, 0:2]``) and row (``span[k, 2:4]``) of the rays tested
+    against it, and the box's planes relative to the camera (``to_lo``, ``to_hi``).
+
+    The torch cull decides which ray-box pairs are tested, so its outcome is part of the result; this one is
+    it or a subset of it that keeps every pair that can pass the slab test, hence the same output bits. For
+    a box wholly in front of the camera it is the torch cull: the rectangle of the 8 projected corners plus a
+    pixel (computed as torch does, in float32). Where torch sends every ray (a box straddling the camera
+    plane), the rectangle of the box clipped at camera depth ``_CLIP_DEPTH`` plus ``_CLIP_MARGIN`` pixels:
+    a pair passes only with t_near > 1e-4, and the rays' camera z is 1, so the entry point o + t_near d lies
+    in the box (to within float32's rounding, relative to its distance from the camera: ~1e-6 rad, well under
+    a pixel) at camera depth ~t_near, beyond the clip depth with a factor 2 to spare; its pixel is inside the
+    projection of the clipped box, which lies inside the rectangle of that solid's projected vertices
+    (computed in float64, so the rectangle's own rounding is negligible beside the margin)."""
     half = np.float32(0.5)
     for k in range(box_lo.shape[0]):
         all_front = True
@@ -90,24 +140,33 @@ def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, heig
             umax = max(umax, uu)
             vmin = min(vmin, vv)
             vmax = max(vmax, vv)
-        if not all_front and any_front:  # straddles the camera plane: every ray
-            u_lo, u_hi, v_lo, v_hi = -np.inf, np.inf, -np.inf, np.inf
-        elif not any_front:  # wholly behind: none
-            u_lo, u_hi, v_lo, v_hi = np.inf, -np.inf, np.inf, -np.inf
-        else:
-            u_lo, u_hi, v_lo, v_hi = umin - _ONE, umax + _ONE, vmin - _ONE, vmax + _ONE
         # Pixel centres increase along a row or column, so those inside a rectangle are one run.
         span[k, 0], span[k, 1], span[k, 2], span[k, 3] = width, -1, height, -1
-        for c in range(width):
-            centre = np.float32(c) + half
-            if centre >= u_lo and centre <= u_hi:
-                span[k, 0] = min(span[k, 0], c)
-                span[k, 1] = c
-        for c in range(height):
-            centre = np.float32(c) + half
-            if centre >= v_lo and centre <= v_hi:
-                span[k, 2] = min(span[k, 2], c)
-                span[k, 3] = c
+        if not all_front and any_front:  # straddles the camera plane: torch tests every ray
+            u_lo, u_hi, v_lo, v_hi = _clipped_rectangle(r, o0, o1, o2, box_lo[k], box_hi[k], fx, fy, cx, cy)
+            for c in range(width):
+                centre = np.float64(c) + 0.5
+                if centre >= u_lo and centre <= u_hi:
+                    span[k, 0] = min(span[k, 0], c)
+                    span[k, 1] = c
+            for c in range(height):
+                centre = np.float64(c) + 0.5
+                if centre >= v_lo and centre <= v_hi:
+                    span[k, 2] = min(span[k, 2], c)
+                    span[k, 3] = c
+        elif any_front:
+            u_lo, u_hi, v_lo, v_hi = umin - _ONE, umax + _ONE, vmin - _ONE, vmax + _ONE
+            for c in range(width):
+                centre = np.float32(c) + half
+                if centre >= u_lo and centre <= u_hi:
+                    span[k, 0] = min(span[k, 0], c)
+                    span[k, 1] = c
+            for c in range(height):
+                centre = np.float32(c) + half
+                if centre >= v_lo and centre <= v_hi:
+                    span[k, 2] = min(span[k, 2], c)
+                    span[k, 3] = c
+        # else wholly behind the camera: no ray
         for a in range(3):
             to_lo[k, a] = box_lo[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
             to_hi[k, a] = box_hi[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
