@@ -353,3 +353,54 @@ def test_the_collision_kernel_blocks_exactly_the_moves_the_numpy_code_blocks(mon
         answers[kernels] = model.blocked(torch.from_numpy(worlds), start, end, 0.3).numpy()
     np.testing.assert_array_equal(answers[True], answers[False])
     assert 0.05 < answers[True].mean() < 0.95  # both kinds of answer are exercised
+
+
+def test_a_memory_copied_pickled_cleared_or_loaded_between_compiled_writes_stays_the_torch_paths(monkeypatch):
+    # The compiled path keeps numpy views of storage and scratch between calls. A deep copy or a pickle
+    # must make views of its own tensors (a copied view would write into the original's memory or a
+    # detached array), and clear, load and pool growth must renew them: each memory below takes the
+    # same writes on both paths, through every one of those, and ends equal to the oracle.
+    import copy
+    import pickle
+
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    image = Camera.from_fov(32, 32, 90)
+    latent = image.scaled(1 / 8)
+    poses = loop_poses(8, 2)  # (8, 2, 4, 4)
+
+    def run(kernels: bool):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        generator = torch.Generator().manual_seed(9)
+        memory = LatentSpatialMemory(6, voxel_size=0.06, num_worlds=2)
+        out, parents = [], []
+        for step, segment in enumerate(poses):
+            both = torch.stack([segment, segment.flip(0)])
+            camera = image if step % 2 else latent
+            depth = torch.stack([room_depth(camera, pose) for pose in both])
+            memory.write(torch.randn(2, 2, 6, 4, 4, generator=generator), depth, latent, both,
+                         keep=torch.rand(2, 2, 4, 4, generator=generator) > 0.1)
+            read = memory.read(latent, both)
+            out.append({"read_latents": read.latents.numpy(), "read_points": read.points.numpy(),
+                        "entries": memory.entries_per_world().numpy(), **memory_state(memory)})
+            parent = memory
+            if step == 1:
+                memory = copy.deepcopy(memory)
+            elif step == 2:
+                memory = pickle.loads(pickle.dumps(memory))
+            elif step == 3:
+                memory.clear(worlds=[1])
+            elif step == 4:
+                memory = LatentSpatialMemory.from_state(memory.config(), memory.state_tensors(copy=True))
+            elif step == 5:
+                memory.clear()
+            if memory is not parent:
+                parents.append((parent, memory_state(parent)))
+        for parent, before in parents:  # what the copies took changed nothing of what they were copied from
+            assert_same([memory_state(parent)], [before])
+        return out
+
+    fast, oracle = run(True), run(False)
+    assert_same(fast, oracle)

@@ -12,7 +12,9 @@ surface, with the compiled-kernel and torch paths of a read and a write side by 
 from __future__ import annotations
 
 import math
+import operator
 import os
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -68,6 +70,32 @@ def _kernel_modules():
 
 
 _NAN_DEPTH = "depth contains NaN; mark missing depth as +inf (it is then not written)"
+
+
+# What __getstate__ leaves out: numpy views of storage tensors and scratch (see _drop_kernel_caches).
+_KERNEL_CACHES = ("_views", "_free_view", "_read_scratch", "_write_scratch")
+
+
+class _Storage(NamedTuple):
+    """Numpy views of the storage tensors the kernels take (features as integers of their size)."""
+
+    table_keys: np.ndarray
+    table_values: np.ndarray
+    entry_of: np.ndarray
+    occupancy: np.ndarray
+    brick_last_write: np.ndarray
+    brick_keys: np.ndarray
+    chunk_keys: np.ndarray
+    members: np.ndarray
+    member_bits: np.ndarray
+    entries_per_world: np.ndarray
+    features: np.ndarray
+    points: np.ndarray
+    depth: np.ndarray
+    origins: np.ndarray
+    last_write: np.ndarray
+    ticks: np.ndarray
+
 
 # Fewer bricks than this cannot hold what one segment of a small frame writes, so a bound
 # below it would be overshot on every write (bricks a write uses are never evicted by it).
@@ -162,11 +190,9 @@ class LatentSpatialMemory:
             entries = bricks * self.brick_size**3 // 4
         self._pool = EntryPool(self.channels, self.feature_dtype, self.num_worlds, self.device, capacity=entries)
         self._clock = WriteClock(self.num_worlds, self.device)
-        # For the compiled kernels: numpy views of storage (see _numpy), read scratch and constants.
-        self._views: dict[str, tuple[torch.Tensor, np.ndarray]] = {}
+        # For the compiled kernels: numpy views of storage (see _storage), scratch and constants.
+        self._drop_kernel_caches()
         self._every_world = np.arange(self.num_worlds, dtype=np.int64)
-        self._read_scratch = self._read_camera = self._read_constants = None
-        self._write_camera = (None, None)  # (camera given, depth size, camera at depth size, factor, intrinsics)
         self._keep_all = np.zeros(0, np.bool_)  # the kernels' "no keep mask"
         self._none_lifted = np.zeros((0, 3), np.float64)  # the write kernel's "unproject along centre rays"
         # The world loop feeds it (World._remember) and composes its reads (World.step).
@@ -316,30 +342,37 @@ class LatentSpatialMemory:
         """The write by :mod:`.write_kernels` (and :mod:`.lift_kernels` for image-resolution depth): the same
         memory, bit for bit, as the torch path. None, before anything changed: the kernels could not be
         built, or the arguments are not the plain CPU ones they take (the torch path then checks them,
-        raises its errors, or writes)."""
-        kernels = _kernel_modules()
+        raises its errors, or writes).
+
+        A 64x64 env's write is ~10 us of kernels, so the Python around them is kept to what each call
+        must do: storage views and scratch are cached (:meth:`_storage`, :class:`~.write_kernels.WriteScratch`),
+        tensors are tested with ``is_cpu`` (``device.type`` builds a device object), float constants go to
+        the kernels as Python floats (a numpy scalar argument costs numba 0.7 us to type).
+        """
+        kernels = _MODULES or _kernel_modules()
         intake = None if kernels is None else kernel_poses(poses)
-        if intake is None or not isinstance(latents, torch.Tensor) or latents.device.type != "cpu":
+        if intake is None or not isinstance(latents, torch.Tensor) or not latents.is_cpu:
             return None
         lift_kernels, _, write_kernels = kernels
         c2w, lead, batch, frames = intake
-        if latents.dim() != len(lead) + 3 or tuple(latents.shape[: len(lead)]) != lead \
-                or latents.shape[-3] != self.channels:
+        shape = latents.shape
+        if len(shape) != len(lead) + 3 or shape[: len(lead)] != lead or shape[-3] != self.channels:
             return None
-        views, (h, w) = batch * frames, latents.shape[-2:]
+        views, h, w = batch * frames, shape[-2], shape[-1]
         if isinstance(depth, torch.Tensor):
-            if depth.dtype != torch.float32 or depth.device.type != "cpu" or depth.requires_grad:
+            if depth.dtype != torch.float32 or not depth.is_cpu or depth.requires_grad:
                 return None
             depth = depth.numpy()
         if not isinstance(depth, np.ndarray) or depth.dtype != np.float32 or depth.ndim < 2 \
                 or depth.size != views * depth.shape[-2] * depth.shape[-1]:
             return None
-        given = np.ascontiguousarray(depth).reshape(views, *depth.shape[-2:])
-        if camera is not self._write_camera[0] or given.shape[-2:] != self._write_camera[1]:
-            lifted_camera, factor = depth_grid(given.shape[-2:], camera, (h, w))
-            intrinsics = np.array([lifted_camera.fx, lifted_camera.fy, lifted_camera.cx, lifted_camera.cy], np.float32)
-            self._write_camera = (camera, given.shape[-2:], lifted_camera, factor, intrinsics)
-        _, _, lifted_camera, factor, intrinsics = self._write_camera
+        given = np.ascontiguousarray(depth).reshape(views, depth.shape[-2], depth.shape[-1])
+        if camera is not self._write_camera[0] or given.shape[1:] != self._write_camera[1]:
+            lifted_camera, factor = depth_grid(given.shape[1:], camera, (h, w))
+            intrinsics = [lifted_camera.fx, lifted_camera.fy, lifted_camera.cx, lifted_camera.cy]
+            self._write_camera = (camera, given.shape[1:], factor, np.array(intrinsics, np.float32),
+                                  np.array(intrinsics, np.float64))
+        _, _, factor, intrinsics, lift_intrinsics = self._write_camera
         if worlds is None and batch == self.num_worlds:
             world_index = self._every_world
         else:
@@ -347,39 +380,40 @@ class LatentSpatialMemory:
         pixels = views * h * w
         if keep is None:
             keep = self._keep_all
+        elif isinstance(keep, torch.Tensor) and keep.dtype == torch.bool and keep.is_cpu and keep.numel() == pixels:
+            keep = keep.numpy().reshape(-1)  # (anything else: keep_mask converts it, or raises its error)
         else:
             keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}").reshape(-1).numpy()
-        pool, index, array = self._pool, self._index, self._numpy
-        bits = _BITS[pool.features.element_size()]
+        pool, index = self._pool, self._index
         # The pool's dtype by torch's conversion (its rounding is the torch path's), then the bits as integers.
-        features = latents.detach().to(pool.features.dtype).contiguous()
-        features = (features.view(bits).numpy() if features.dtype == torch.bfloat16 else
+        features = (latents.detach() if latents.requires_grad else latents).to(pool.features.dtype).contiguous()
+        features = (features.view(_BITS[features.element_size()]).numpy() if features.dtype == torch.bfloat16 else
                     features.numpy().view(_NUMPY_BITS[features.element_size()])).reshape(views, self.channels, h * w)
-        pixel, keys, local, slot = (np.empty(pixels, np.int64) for _ in range(4))
-        points, origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
-        policy, closest = write_kernels.POLICY[self.merge], np.float32(1 + self.closest_tolerance)
-        ticks = array("ticks", self._clock.ticks)
+        scratch = self._write_scratch
+        if scratch is None or scratch.shape != (views, h, w):
+            scratch = self._write_scratch = write_kernels.WriteScratch(views, h, w)
+        policy, closest = write_kernels.POLICY[self.merge], 1 + self.closest_tolerance
+        store = self._storage()
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             if factor == 1:
                 latent_depth, lifted = given, self._none_lifted
             else:  # (NaN depth is refused by the write kernel before it changes anything; the lift only reads)
                 hint = None
                 if isinstance(median_hint, torch.Tensor) and median_hint.dtype == torch.float32 \
-                        and median_hint.device.type == "cpu" and median_hint.numel() == views * h * w:
-                    hint = np.ascontiguousarray(median_hint.detach().numpy()).reshape(views, h, w)
-                lifted, latent_depth = lift_kernels.lift_dominant_surface(
-                    given, c2w, lifted_camera, factor, DOMINANT_SURFACE_TOLERANCE, torch.get_num_threads() > 1, hint)
+                        and median_hint.is_cpu and median_hint.numel() == pixels:
+                    hint = (median_hint.detach() if median_hint.requires_grad else median_hint).numpy()
+                    hint = np.ascontiguousarray(hint).reshape(views, h, w)
+                latent_depth, lifted = scratch.latent_depth, scratch.lifted
+                lift_kernels.lift_into(given, c2w, lift_intrinsics, factor, DOMINANT_SURFACE_TOLERANCE,
+                                       torch.get_num_threads() > 1, hint, lifted, latent_depth)
                 lifted = lifted.reshape(-1, 3)
             status, count, written, taken, fresh = write_kernels.write(
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
-                np.float32(self.voxel_size), self.brick_size, array("table.keys", index.table.keys),
-                array("table.values", index.table.values), index.table.mask, ticks, index.step + 1,
-                array("entry_of", index.entry_of), array("occupancy", index.occupancy),
-                array("brick.last_write", index.last_write), policy, closest,
-                array("free", pool.free), pool.in_use, pool.capacity, array("entries_per_world", pool.entries_per_world),
-                features, array("features", pool.features, bits), array("points", pool.points),
-                array("depth", pool.observed_depth), array("origins", pool.origins),
-                array("last_write", pool.last_write), pixel, keys, local, slot, points, origins)
+                self.voxel_size, self.brick_size, store.table_keys, store.table_values, index.table.mask,
+                store.ticks, index.step + 1, store.entry_of, store.occupancy, store.brick_last_write, policy, closest,
+                self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features, store.features,
+                store.points, store.depth, store.origins, store.last_write, scratch.pixel, scratch.keys,
+                scratch.local, scratch.slot, scratch.points, scratch.origins)
         except ValueError:
             raise
         except Exception as error:  # it failed to compile, before changing anything
@@ -392,28 +426,26 @@ class LatentSpatialMemory:
         if status == write_kernels.OUT_OF_RANGE:
             raise index.out_of_range()
         if status != write_kernels.FOUND:
-            pixel, local, slot = pixel[:count], local[:count], slot[:count]
+            pixel, local, slot = scratch.pixel[:count], scratch.local[:count], scratch.slot[:count]
             if status == write_kernels.MISSING:  # new bricks (and eviction to make room): the torch allocation
-                slots, released = index.slots_for(torch.from_numpy(keys[:count]))
+                slots, released = index.slots_for(torch.from_numpy(scratch.keys[:count]))
                 self._return_to_pool(released)
                 slot = slots.numpy()
             observed = latent_depth.reshape(-1)
             while True:
                 if status == write_kernels.SHORT:
                     pool.reserve(fresh)  # grown exactly as EntryPool.take would; nothing was changed yet
+                store = self._storage()  # (allocation and growth replace storage tensors)
                 try:
                     written, taken, fresh = write_kernels.merge_and_store(
-                        pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, ticks,
-                        array("entry_of", index.entry_of), array("occupancy", index.occupancy),
-                        array("brick.last_write", index.last_write), index.step, policy, closest,
-                        array("free", pool.free), pool.in_use, pool.capacity,
-                        array("entries_per_world", pool.entries_per_world), features, points, origins,
-                        array("features", pool.features, bits), array("points", pool.points),
-                        array("depth", pool.observed_depth), array("origins", pool.origins),
-                        array("last_write", pool.last_write))
+                        pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, store.ticks,
+                        store.entry_of, store.occupancy, store.brick_last_write, index.step, policy, closest,
+                        self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features,
+                        scratch.points, scratch.origins, store.features, store.points, store.depth, store.origins,
+                        store.last_write)
                 except Exception as error:  # it failed to compile, before changing anything: undo the clocks
                     index.step -= 1
-                    ticks[np.unique(world_index)] -= 1
+                    store.ticks[np.unique(world_index)] -= 1
                     disable_kernels(f"{type(error).__name__}: {error}")
                     return None  # (bricks allocated above are the ones the torch path's write allocates)
                 if written >= 0:
@@ -513,12 +545,17 @@ class LatentSpatialMemory:
         """The read by :mod:`.raster_kernels` of (B*T, 4, 4) float64 poses ``c2w``: latents (V, C, h*w), mask,
         depth (V*h*w,) and points (V*h*w, 3) as numpy arrays (None: the kernel could not be built, or the
         features' dtype is not one it widens, and the torch path runs)."""
-        kernels = _kernel_modules()
-        if kernels is None:
+        raster_kernels = (_MODULES or _kernel_modules() or (None, None))[1]
+        if raster_kernels is None:
             return None
-        raster_kernels = kernels[1]
-        features = self._pool.features
-        kind = raster_kernels.WIDEN.get(features.element_size(), {}).get(str(features.dtype).removeprefix("torch."))
+        if camera is not self._read_camera and camera != self._read_camera:
+            features = self._pool.features
+            kind = raster_kernels.WIDEN.get(features.element_size(), {}).get(str(features.dtype).removeprefix("torch."))
+            brick_edge = self.brick_size * self.voxel_size
+            self._read_constants = (raster_kernels.read_constants(camera, self.chunk_size, brick_edge,
+                                                                  self.max_read_depth), kind)
+            self._read_camera = camera
+        constants, kind = self._read_constants
         if kind is None:
             return None
         if worlds is None and batch == self.num_worlds:
@@ -527,41 +564,62 @@ class LatentSpatialMemory:
             world_index = check_worlds(worlds, batch, self.num_worlds, self.device).numpy()
             batch_of_world = np.full(self.num_worlds, -1, np.int64)
             batch_of_world[world_index] = np.arange(world_index.shape[0])
-        index, chunks, array = self._index, self._index.chunks, self._numpy
         if self._read_scratch is None:
             self._read_scratch = raster_kernels.ReadScratch()
-        if camera is not self._read_camera and camera != self._read_camera:
-            brick_edge = self.brick_size * self.voxel_size
-            self._read_constants = raster_kernels.read_constants(camera, self.chunk_size, brick_edge, self.max_read_depth)
-            self._read_camera = camera
+        store = self._storage()
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             return raster_kernels.read(
-                frames, c2w, batch_of_world, array("chunk_keys", chunks.keys), array("members", chunks.members),
-                array("member_bits", chunks.member_bits),
-                array("brick_keys", index.keys), array("entry_of", index.entry_of), array("occupancy", index.occupancy),
-                array("points", self._pool.points), array("origins", self._pool.origins),
-                array("features", features, _BITS[features.element_size()]),
-                kind, camera, self._read_constants, self.chunk_size, self.brick_size * self.voxel_size,
-                self.max_read_depth, self.revisit_radius, self.surface_tolerance, self._read_scratch,
-                torch.get_num_threads() > 1)
+                frames, c2w, batch_of_world, store.chunk_keys, store.members, store.member_bits, store.brick_keys,
+                store.entry_of, store.occupancy, store.points, store.origins, store.features, kind, camera, constants,
+                self.chunk_size, self.brick_size * self.voxel_size, self.max_read_depth, self.revisit_radius,
+                self.surface_tolerance, self._read_scratch, torch.get_num_threads() > 1)
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
 
     def __getstate__(self) -> dict:
-        # Copies and pickles make their own numpy views: a copied view would not share the copied tensor's memory.
-        return {**self.__dict__, "_views": {}}
+        # Copies and pickles make their own numpy views: a copied view would not share the copied
+        # tensor's memory. Scratch is dropped too (it holds nothing between calls).
+        state = dict(self.__dict__)
+        for name in _KERNEL_CACHES:
+            state[name] = None
+        return state
 
-    def _numpy(self, name: str, tensor: torch.Tensor, bits: torch.dtype | None = None) -> np.ndarray:
-        """A numpy view of storage ``tensor`` (as integers ``bits`` if given) for the kernels, made once per tensor.
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._drop_kernel_caches()
 
-        Storage grows, is rebuilt and is loaded by replacing tensors, never by resizing them in
-        place, so a view is renewed exactly when ``name`` is held by another tensor object.
+    def _drop_kernel_caches(self) -> None:
+        self._views = self._free_view = None
+        self._read_scratch = self._read_camera = self._read_constants = None
+        self._write_scratch = None
+        self._write_camera = (None, None)  # (camera given, depth size, factor, float32 and float64 intrinsics)
+
+    def _storage(self) -> _Storage:
+        """Numpy views of the storage tensors for the kernels, made again only when one of them was replaced.
+
+        Storage grows, is rebuilt and is loaded by replacing tensors, never by resizing them in place, so
+        the views are renewed exactly when one of the tensors is another object. One identity test of the
+        whole set, not a lookup per tensor: 13 lookups were 4 us of a 64x64 write.
         """
-        cached = self._views.get(name)
-        if cached is None or cached[0] is not tensor:
-            cached = self._views[name] = (tensor, (tensor if bits is None else tensor.view(bits)).numpy())
+        index, pool = self._index, self._pool
+        chunks, table = index.chunks, index.table
+        tensors = (table.keys, table.values, index.entry_of, index.occupancy, index.last_write, index.keys,
+                   chunks.keys, chunks.members, chunks.member_bits, pool.entries_per_world, pool.features,
+                   pool.points, pool.observed_depth, pool.origins, pool.last_write, self._clock.ticks)
+        cached = self._views
+        if cached is None or not all(map(operator.is_, tensors, cached[0])):
+            bits = _BITS[pool.features.element_size()]
+            cached = self._views = (tensors, _Storage(*(
+                (t.view(bits) if t is pool.features else t).numpy() for t in tensors)))
         return cached[1]
+
+    def _free_entries(self) -> np.ndarray:
+        """A numpy view of the pool's free list (replaced, not changed, whenever it changes)."""
+        free = self._pool.free
+        if self._free_view is None or self._free_view[0] is not free:
+            self._free_view = (free, free.numpy())
+        return self._free_view[1]
 
     # ------------------------------------------------------------------ inspection
 

@@ -159,13 +159,15 @@ def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, poi
 
 
 @njit(cache=True)
-def _lift_serial(depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth):
+def _lift_serial(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, points, chosen_depth):
+    tolerance = np.float32(surface_tolerance)  # (a Python float is typed faster than a numpy scalar)
     for v in range(depth.shape[0]):
         _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth)
 
 
 @njit(cache=True, parallel=True)
-def _lift_parallel(depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth):
+def _lift_parallel(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, points, chosen_depth):
+    tolerance = np.float32(surface_tolerance)
     for v in prange(depth.shape[0]):
         _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth)
 
@@ -181,11 +183,17 @@ def lift_dominant_surface(depth, c2w, camera, factor, surface_tolerance, paralle
     points = np.empty((views, height // factor, width // factor, 3), np.float64)
     chosen_depth = np.empty((views, height // factor, width // factor), np.float32)
     intrinsics = np.array([camera.fx, camera.fy, camera.cx, camera.cy], np.float64)
-    use_hint = median_hint is not None
-    hint = median_hint if use_hint else _NO_HINT
-    kernel = _lift_parallel if parallel and views > 1 else _lift_serial
-    kernel(depth, c2w, intrinsics, factor, np.float32(surface_tolerance), hint, use_hint, points, chosen_depth)
+    lift_into(depth, c2w, intrinsics, factor, surface_tolerance, parallel, median_hint, points, chosen_depth)
     return points, chosen_depth
+
+
+def lift_into(depth, c2w, intrinsics, factor, surface_tolerance, parallel, median_hint, points, chosen_depth):
+    """:func:`lift_dominant_surface` into the caller's ``points`` and ``chosen_depth``, with the depth camera's
+    (fx, fy, cx, cy) as a float64 array (a memory write keeps all three between writes)."""
+    use_hint = median_hint is not None
+    kernel = _lift_parallel if parallel and depth.shape[0] > 1 else _lift_serial
+    kernel(depth, c2w, intrinsics, factor, float(surface_tolerance), median_hint if use_hint else _NO_HINT,
+           use_hint, points, chosen_depth)
 
 
 _NO_HINT = np.empty((0, 0, 0), np.float32)

@@ -258,6 +258,9 @@ def _read_serial(frames, c2w, batch_of_world, chunk_keys, members, member_bits, 
                  points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
                  brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
                  out_latents, out_mask, out_depth, out_points):
+    # The float arguments come as Python floats (numba types a numpy scalar argument in 0.7 us).
+    brick_edge, max_depth = np.float32(brick_edge), np.float32(max_depth)
+    revisit_radius, tolerance = np.float32(revisit_radius), np.float32(tolerance)
     needed = 0
     for v in range(c2w.shape[0]):  # one scratch row, reused view after view
         needed = max(needed, _read_view(
@@ -273,6 +276,8 @@ def _read_parallel(frames, c2w, batch_of_world, chunk_keys, members, member_bits
                    points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
                    brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here,
                    winner, out_latents, out_mask, out_depth, out_points):
+    brick_edge, max_depth = np.float32(brick_edge), np.float32(max_depth)
+    revisit_radius, tolerance = np.float32(revisit_radius), np.float32(tolerance)
     counts = np.zeros(c2w.shape[0], np.int64)
     for v in prange(c2w.shape[0]):  # a scratch row per view
         counts[v] = _read_view(
@@ -320,11 +325,13 @@ def frustum_constants(camera, radius: float, max_depth: float) -> np.ndarray:
 
 
 class ReadScratch:
-    """Sample arrays a read collects a view's samples in, kept between reads and grown when short."""
+    """Sample arrays a read collects a view's samples in, and each pixel's winning sample, kept between reads and
+    grown when short."""
 
     def __init__(self, capacity: int = 4096):
         self.rows = 0
         self.capacity = capacity
+        self.winner = np.empty(0, np.int64)
         self._allocate(1)
 
     def _allocate(self, rows: int) -> None:
@@ -334,10 +341,12 @@ class ReadScratch:
         self.z, self.u, self.v = np.empty(shape, np.float32), np.empty(shape, np.float32), np.empty(shape, np.float32)
         self.here = np.empty(shape, np.bool_)
 
-    def at_least(self, rows: int, capacity: int = 0) -> ReadScratch:
+    def at_least(self, rows: int, capacity: int = 0, pixels: int = 0) -> ReadScratch:
         if rows > self.rows or capacity > self.capacity:
             self.capacity = max(self.capacity, capacity)
             self._allocate(max(rows, self.rows))
+        if pixels > self.winner.shape[0]:
+            self.winner = np.empty(pixels, np.int64)
         return self
 
 
@@ -365,23 +374,22 @@ def read(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_ke
     ``scratch``: a :class:`ReadScratch`, grown here when a view has more samples than it holds.
     """
     views = c2w.shape[0]
-    pixels = camera.height * camera.width
+    width, height = camera.width, camera.height
+    pixels = height * width
     latents = np.empty((views, features.shape[1], pixels), np.float32)
     mask = np.empty(views * pixels, np.bool_)
     depth = np.empty(views * pixels, np.float32)
     out_points = np.empty((views * pixels, 3), np.float32)
-    winner = np.empty(views * pixels, np.int64)
     intrinsics, chunk_frustum, brick_frustum = constants
     parallel = parallel and views > 1
     kernel = _read_parallel if parallel else _read_serial
-    scratch = scratch.at_least(views if parallel else 1)
+    scratch = scratch.at_least(views if parallel else 1, pixels=views * pixels)
     while True:
         needed = kernel(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of,
-                        occupancy, points, origins, features, kind, intrinsics, camera.width, camera.height,
-                        chunk_size, np.float32(brick_edge), chunk_frustum, brick_frustum, np.float32(max_depth),
-                        np.float32(revisit_radius), np.float32(1 + surface_tolerance), scratch.pixel, scratch.z,
-                        scratch.u, scratch.v, scratch.entry, scratch.here, winner, latents.view(np.uint32), mask,
-                        depth, out_points)
+                        occupancy, points, origins, features, kind, intrinsics, width, height, chunk_size,
+                        brick_edge, chunk_frustum, brick_frustum, max_depth, revisit_radius,
+                        1 + surface_tolerance, scratch.pixel, scratch.z, scratch.u, scratch.v, scratch.entry,
+                        scratch.here, scratch.winner, latents.view(np.uint32), mask, depth, out_points)
         if needed <= scratch.capacity:
             return latents, mask, depth, out_points
         scratch.at_least(scratch.rows, max(needed, 2 * scratch.capacity))  # then read again: reads change nothing

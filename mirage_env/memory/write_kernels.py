@@ -49,7 +49,7 @@ def address(points, depth, keep, samples_per_world, world_index, voxel_size, bri
         keep: (P,) bool.
         samples_per_world: T * h * w, pixels per batch item.
         world_index: (B,) int64 world of each batch item.
-        voxel_size: float32.
+        voxel_size: the voxel edge, divided by as float32.
 
     Fills ``pixel`` (flat pixel index), ``keys`` (brick key), ``local`` (voxel in brick) and
     ``slot`` (brick slot, -1 if not allocated) for the first ``count`` entries.
@@ -60,14 +60,15 @@ def address(points, depth, keep, samples_per_world, world_index, voxel_size, bri
     count = 0
     status = FOUND
     limit = np.int64(1 << _AXIS_BITS)
+    voxel = np.float32(voxel_size)  # (a Python float is typed faster than a numpy scalar)
     for p in range(depth.shape[0]):
         d = depth[p]
         if not (np.isfinite(d) and d > 0 and keep[p]):
             continue
         world = world_index[p // samples_per_world]
-        v0 = np.int64(np.floor(points[p, 0] / voxel_size))
-        v1 = np.int64(np.floor(points[p, 1] / voxel_size))
-        v2 = np.int64(np.floor(points[p, 2] / voxel_size))
+        v0 = np.int64(np.floor(points[p, 0] / voxel))
+        v1 = np.int64(np.floor(points[p, 1] / voxel))
+        v2 = np.int64(np.floor(points[p, 2] / voxel))
         b0, b1, b2 = v0 // brick_size, v1 // brick_size, v2 // brick_size
         local[count] = ((v0 - b0 * brick_size) * brick_size + (v1 - b1 * brick_size)) * brick_size \
             + (v2 - b2 * brick_size)
@@ -106,7 +107,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
         depth: (P,) float32 observed depth of every pixel.
         ticks: (num_worlds,) int64 write clocks, already advanced for this write.
         entry_of, occupancy, brick_last_write: the brick index's arrays (changed in place).
-        closest_factor: float32 ``1 + closest_tolerance``.
+        closest_factor: ``1 + closest_tolerance``, multiplied by as float32.
         free: int64 free pool entries, used first (lowest position first); then ``in_use`` onwards.
         features: (B * T, C, h * w) latents in the pool's dtype (bits: any same-size integer view).
         points: (P, 3) float32; origins: (B * T, 3) float32 camera origin of each frame.
@@ -118,6 +119,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
     """
     n = pixel.shape[0]
     voxels_per_brick = entry_of.shape[1]
+    factor = np.float32(closest_factor)  # (a Python float is typed faster than a numpy scalar)
     voxel = np.empty(n, np.int64)
     for i in range(n):
         voxel[i] = slot[i] * voxels_per_brick + local[i]
@@ -149,7 +151,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
         if policy == 0:
             accepted[k] = e < 0
         elif policy == 1:
-            accepted[k] = e < 0 or depth[pixel[c]] <= pool_depth[max(e, 0)] * closest_factor
+            accepted[k] = e < 0 or depth[pixel[c]] <= pool_depth[max(e, 0)] * factor
         else:
             accepted[k] = True
         if accepted[k] and e < 0:
@@ -277,3 +279,19 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
     if written < 0:
         return SHORT, count, 0, 0, fresh
     return FOUND, count, written, taken, fresh
+
+
+class WriteScratch:
+    """What a write of ``views`` latent frames of (h, w) fills before it stores (kept between writes of that shape).
+
+    ``pixel``, ``keys``, ``local``, ``slot``, ``points`` and ``origins``: the scratch of :func:`write`;
+    ``lifted`` (views, h, w, 3) float64 and ``latent_depth`` (views, h, w) float32: the lift's output.
+    Nothing in it outlives a write: a write fills what it reads.
+    """
+
+    def __init__(self, views: int, h: int, w: int):
+        pixels = views * h * w
+        self.shape = (views, h, w)
+        self.pixel, self.keys, self.local, self.slot = (np.empty(pixels, np.int64) for _ in range(4))
+        self.points, self.origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
+        self.lifted, self.latent_depth = np.empty((views, h, w, 3), np.float64), np.empty((views, h, w), np.float32)
