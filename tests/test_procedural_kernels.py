@@ -354,3 +354,31 @@ def test_cameras_hugging_boxes_are_bit_exact_with_the_torch_path(monkeypatch, op
     # A grazing ray whose direction along an axis is a tiny negative number exits the room behind the camera
     # (the 1e-9 guard makes it positive): a negative depth, an inf fog factor, NaN colours, in both paths.
     assert_same(fast, oracle, nan_equal=True)
+
+
+def test_the_patch_median_is_the_sorted_middle_value_with_ties_infinities_and_nan():
+    from mirage_env.backends import procedural_kernels
+
+    rng = np.random.default_rng(6)
+    order = np.array([36, 35, 37] + [i for i in range(64) if i not in (35, 36, 37)], dtype=np.int64)
+    for trial in range(3000):
+        kind = trial % 6
+        if kind == 0:  # a smooth depth: a plane's, rising across the patch
+            values = (2.0 + np.add.outer(np.arange(8), rng.uniform(-1, 1) * np.arange(8)).ravel() * 0.01)
+        elif kind == 1:  # few distinct values: ties at the middle
+            values = rng.choice([0.5, 1.0, 1.0, 2.0], 64)
+        elif kind == 2:  # sky: +inf, most or some of the patch
+            values = np.where(rng.random(64) < rng.random(), np.inf, rng.uniform(0.1, 50, 64))
+        elif kind == 3:  # NaN (not from the cast, but kth_smallest's contract), -inf, and zeros
+            values = rng.uniform(-1, 1, 64)
+            values[rng.random(64) < 0.2] = np.nan
+            values[rng.random(64) < 0.1] = -np.inf
+            values[rng.random(64) < 0.1] = 0.0
+        elif kind == 4:  # all equal
+            values = np.full(64, rng.uniform(0.1, 5))
+        else:
+            values = rng.uniform(0.1, 20, 64)
+        values = values.astype(np.float32)
+        expected = np.sort(values)[32]
+        got = procedural_kernels._patch_median(values.copy(), 32, order)
+        assert np.array_equal(np.float32(got), expected, equal_nan=True), (trial, values)
