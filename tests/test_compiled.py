@@ -404,3 +404,62 @@ def test_a_memory_copied_pickled_cleared_or_loaded_between_compiled_writes_stays
 
     fast, oracle = run(True), run(False)
     assert_same(fast, oracle)
+
+
+def test_the_write_kernels_float16_rounding_is_torchs():
+    # Float32 latents are rounded to a float16 pool inside the write kernel: to nearest, ties to even,
+    # overflow to inf, subnormals, signed zeros, exactly as torch rounds (checked offline on every
+    # float32 but NaN; here every rounding boundary and a million random bit patterns).
+    from mirage_env.memory.write_kernels import half_bits
+
+    from numba import njit
+
+    @njit(cache=False)
+    def convert(bits):
+        out = np.empty(bits.shape[0], np.int16)
+        for i in range(bits.shape[0]):
+            out[i] = half_bits(np.int64(bits[i]))
+        return out
+
+    rng = np.random.default_rng(0)
+    halves = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
+    halves = halves[np.isfinite(halves)]
+    edges = halves.view(np.uint32)[:, None] + np.arange(-2, 3, dtype=np.int64)[None]  # around every half
+    ties = (halves.view(np.uint32).astype(np.int64) + (1 << 12))[:, None] + np.arange(-1, 2)[None]  # midpoints
+    bits = np.concatenate([edges.ravel(), ties.ravel(), rng.integers(0, 1 << 32, 1 << 20),
+                           np.array([0x477FEFFF, 0x477FF000, 0x477FF001, 0x7F800000, 0xFF800000, 0x80000000])])
+    bits = (bits % (1 << 32)).astype(np.uint32)
+    bits = bits[~np.isnan(bits.view(np.float32))]
+    expected = torch.from_numpy(bits.view(np.float32)).to(torch.float16).view(torch.int16).numpy()
+    np.testing.assert_array_equal(convert(bits), expected)
+
+
+def test_latents_with_nan_inf_and_out_of_range_values_are_stored_as_the_torch_path_stores_them(monkeypatch):
+    # NaN is left to torch's conversion (the kernel hands it back before changing anything); inf,
+    # values beyond float16's range and below its smallest subnormal are rounded by the kernel.
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    latent = Camera.from_fov(8, 8, 90)
+    poses = loop_poses(4, 1)[:, 0]
+    specials = torch.tensor([float("nan"), -float("nan"), float("inf"), -float("inf"), 7e4, 65519.0, 65520.0,
+                             -1e-8, 3e-8, 6e-8, 1e-40])
+
+    def run(kernels: bool):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        generator = torch.Generator().manual_seed(2)
+        memory = LatentSpatialMemory(len(specials), voxel_size=0.1)
+        out = []
+        for step, pose in enumerate(poses):
+            latents = torch.randn(1, len(specials), 8, 8, generator=generator) * 10
+            if step % 2 == 0:  # with NaN: the kernel gives the conversion back to torch
+                latents[0, :, 2, 3] = specials
+            else:
+                latents[0, :, 2, 3] = specials.nan_to_num(nan=0.5)
+            memory.write(latents, room_depth(latent, pose[None]), latent, pose[None])
+            out.append(memory_state(memory))
+        return out
+
+    fast, oracle = run(True), run(False)
+    assert_same(fast, oracle)

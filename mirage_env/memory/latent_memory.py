@@ -52,6 +52,8 @@ from .shapes import (
 # Integer dtypes of each element size: the kernels copy features as bits, whatever their float dtype.
 _BITS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _NUMPY_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
+# The write kernels' "features to convert, not bits": empty, of the bits' dtype of each size.
+_NO_FEATURES = {size: np.zeros((0, 0, 0), dtype) for size, dtype in _NUMPY_BITS.items()}
 
 _MODULES = None  # the kernel modules, once imported (see _kernel_modules)
 
@@ -385,10 +387,15 @@ class LatentSpatialMemory:
         else:
             keep = keep_mask(keep, pixels, self.device, f"the latent grid {(batch, frames, h, w)}").reshape(-1).numpy()
         pool, index = self._pool, self._index
-        # The pool's dtype by torch's conversion (its rounding is the torch path's), then the bits as integers.
-        features = (latents.detach() if latents.requires_grad else latents).to(pool.features.dtype).contiguous()
-        features = (features.view(_BITS[features.element_size()]).numpy() if features.dtype == torch.bfloat16 else
-                    features.numpy().view(_NUMPY_BITS[features.element_size()])).reshape(views, self.channels, h * w)
+        latents = latents.detach() if latents.requires_grad else latents
+        if latents.dtype == torch.float32 and pool.features.dtype == torch.float16:
+            # The kernel converts what it stores, as torch would (a torch conversion of every latent cost
+            # more than the whole write kernel); it hands a NaN back, for torch to convert (see below).
+            features = _NO_FEATURES[2]
+            latents32 = (latents if latents.is_contiguous() else latents.contiguous()).numpy().view(np.uint32)
+            latents32 = latents32.reshape(views, self.channels, h * w)
+        else:
+            features, latents32 = self._pool_bits(latents, views, h, w), write_kernels.NO_LATENTS32
         scratch = self._write_scratch
         if scratch is None or scratch.shape != (views, h, w):
             scratch = self._write_scratch = write_kernels.WriteScratch(views, h, w)
@@ -411,9 +418,9 @@ class LatentSpatialMemory:
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
                 self.voxel_size, self.brick_size, store.table_keys, store.table_values, index.table.mask,
                 store.ticks, index.step + 1, store.entry_of, store.occupancy, store.brick_last_write, policy, closest,
-                self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features, store.features,
-                store.points, store.depth, store.origins, store.last_write, scratch.pixel, scratch.keys,
-                scratch.local, scratch.slot, scratch.points, scratch.origins)
+                self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features, latents32,
+                store.features, store.points, store.depth, store.origins, store.last_write, scratch.pixel,
+                scratch.keys, scratch.local, scratch.slot, scratch.points, scratch.origins)
         except ValueError:
             raise
         except Exception as error:  # it failed to compile, before changing anything
@@ -435,14 +442,16 @@ class LatentSpatialMemory:
             while True:
                 if status == write_kernels.SHORT:
                     pool.reserve(fresh)  # grown exactly as EntryPool.take would; nothing was changed yet
+                elif status == write_kernels.NAN_FEATURE:  # torch converts (NaN payloads as the torch path has them)
+                    features, latents32 = self._pool_bits(latents, views, h, w), write_kernels.NO_LATENTS32
                 store = self._storage()  # (allocation and growth replace storage tensors)
                 try:
                     written, taken, fresh = write_kernels.merge_and_store(
                         pixel, slot, local, observed, frames * h * w, frames, h * w, world_index, store.ticks,
                         store.entry_of, store.occupancy, store.brick_last_write, index.step, policy, closest,
                         self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features,
-                        scratch.points, scratch.origins, store.features, store.points, store.depth, store.origins,
-                        store.last_write)
+                        latents32, scratch.points, scratch.origins, store.features, store.points, store.depth,
+                        store.origins, store.last_write)
                 except Exception as error:  # it failed to compile, before changing anything: undo the clocks
                     index.step -= 1
                     store.ticks[np.unique(world_index)] -= 1
@@ -450,11 +459,19 @@ class LatentSpatialMemory:
                     return None  # (bricks allocated above are the ones the torch path's write allocates)
                 if written >= 0:
                     break
-                status = write_kernels.SHORT
+                status = write_kernels.SHORT if written == -1 else write_kernels.NAN_FEATURE
         if taken:
             pool.free = pool.free[taken:]
         pool.in_use += fresh
         return int(written)
+
+    def _pool_bits(self, latents: torch.Tensor, views: int, h: int, w: int) -> np.ndarray:
+        """(views, C, h*w) ``latents`` in the pool's dtype by torch's conversion (its rounding is the torch
+        path's), as integers of that size: the kernels copy the bits."""
+        features = latents.to(self._pool.features.dtype).contiguous()
+        bits = features.view(_BITS[features.element_size()]).numpy() if features.dtype == torch.bfloat16 else \
+            features.numpy().view(_NUMPY_BITS[features.element_size()])
+        return bits.reshape(views, self.channels, h * w)
 
     def clear(self, worlds=None) -> None:
         """Forget everything stored for ``worlds`` (default: all worlds)."""

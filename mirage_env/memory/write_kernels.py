@@ -17,7 +17,9 @@ Exactness (tests/test_compiled.py compares whole memories bit for bit): voxel co
 are ``floor(point / voxel_size)`` in float32, as torch divides a float32 tensor by a Python
 scalar; winners come out in ascending (brick slot, voxel) order, as ``torch.unique`` sorts
 them, so new entries take pool slots in the torch path's order; features are converted to
-the pool's dtype by torch before the kernel, which then only copies their bits.
+the pool's dtype by torch before the kernel, which then only copies their bits, except float32
+latents for a float16 pool, which the kernel converts as torch does (:func:`half_bits`), only
+those it stores, and leaves to torch if one of those is NaN.
 """
 
 from __future__ import annotations
@@ -32,8 +34,9 @@ _AXIS_BITS = 16
 _AXIS_OFFSET = 1 << (_AXIS_BITS - 1)
 
 # ``address`` status: everything found; some bricks missing (allocate, then merge); a point out of range.
-# ``write`` adds: depth holds NaN (nothing changed); the pool is too small for the new entries (grow, then merge).
-FOUND, MISSING, OUT_OF_RANGE, HAS_NAN, SHORT = 0, 1, 2, 3, 4
+# ``write`` adds: depth holds NaN (nothing changed); the pool is too small for the new entries (grow, then merge);
+# a feature to store is NaN, which the kernel does not convert (convert with torch, then merge).
+FOUND, MISSING, OUT_OF_RANGE, HAS_NAN, SHORT, NAN_FEATURE = 0, 1, 2, 3, 4, 5
 # ``merge_and_store`` policies, as :data:`~.merge.MERGE_POLICIES` names them.
 POLICY = {"first": 0, "closest": 1, "latest": 2}
 
@@ -95,10 +98,41 @@ def address(points, depth, keep, samples_per_world, world_index, voxel_size, bri
     return count, status
 
 
+@njit(cache=True, inline="always")
+def half_bits(f):
+    """The float16 bits (int16) of the float32 whose bits are ``f`` (int64), rounded to nearest, ties to even,
+    as torch's CPU conversion rounds (checked against it on every float32 but NaN, whose payload torch's
+    vector and scalar conversions treat differently: the caller keeps NaN away)."""
+    sign = (f >> 16) & 0x8000
+    a = f & 0x7FFFFFFF
+    if a >= 0x7F800000:
+        return np.int16(sign | 0x7C00)
+    e = (a >> 23) - 127
+    if e > 15:
+        return np.int16(sign | 0x7C00)
+    m = a & 0x7FFFFF
+    if e >= -14:
+        h = ((e + 15) << 10) | (m >> 13)
+        r = m & 0x1FFF
+        if r > 0x1000 or (r == 0x1000 and (h & 1) == 1):
+            h += 1  # a carry into the exponent is right: the next binade, or inf
+        return np.int16(sign | h)
+    shift = -e - 1  # a subnormal half (or zero): the 24-bit significand in units of 2**-24
+    if shift > 24:
+        return np.int16(sign)
+    full = m | 0x800000
+    q = full >> shift
+    r = full & ((np.int64(1) << shift) - 1)
+    half = np.int64(1) << (shift - 1)
+    if r > half or (r == half and (q & 1) == 1):
+        q += 1
+    return np.int16(sign | q)
+
+
 @njit(cache=True)
 def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels_per_frame, world_index, ticks,
                     entry_of, occupancy, brick_last_write, step, policy, closest_factor, free, in_use, capacity,
-                    entries_per_world, features, points, origins, pool_features, pool_points,
+                    entries_per_world, features, latents32, points, origins, pool_features, pool_points,
                     pool_depth, pool_origins, pool_last_write):
     """Keep the nearest sample of each voxel, merge it with what the voxel holds, store it.
 
@@ -109,13 +143,17 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
         entry_of, occupancy, brick_last_write: the brick index's arrays (changed in place).
         closest_factor: ``1 + closest_tolerance``, multiplied by as float32.
         free: int64 free pool entries, used first (lowest position first); then ``in_use`` onwards.
-        features: (B * T, C, h * w) latents in the pool's dtype (bits: any same-size integer view).
+        features: (B * T, C, h * w) latents in the pool's dtype (bits: any same-size integer view); or,
+            empty, ``latents32``: (B * T, C, h * w) float32 latents as uint32 bits, for a float16 pool,
+            converted here (only what is stored: a torch conversion of every latent cost more than the kernel).
         points: (P, 3) float32; origins: (B * T, 3) float32 camera origin of each frame.
 
     Returns:
         (written, taken_from_free, fresh): ``fresh`` new entries from ``in_use`` on. When
         those would not fit in ``capacity``, nothing is changed and ``written`` is -1: grow
-        the pool by ``fresh`` (as :meth:`~.pool.EntryPool.take` would) and call again.
+        the pool by ``fresh`` (as :meth:`~.pool.EntryPool.take` would) and call again. When a
+        latent to store from ``latents32`` is NaN, nothing is changed and ``written`` is -2:
+        convert the latents with torch and call again with ``features``.
     """
     n = pixel.shape[0]
     voxels_per_brick = entry_of.shape[1]
@@ -159,6 +197,16 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
     fresh = max(0, new - free.shape[0])
     if in_use + fresh > capacity:
         return -1, 0, fresh
+    convert = features.shape[0] == 0
+    channels = latents32.shape[1] if convert else features.shape[1]
+    if convert:
+        for k in range(count):
+            if accepted[k]:
+                p = pixel[winners[k]]
+                frame, q = p // pixels_per_frame, p % pixels_per_frame
+                for ch in range(channels):
+                    if (latents32[frame, ch, q] & 0x7FFFFFFF) > 0x7F800000:
+                        return -2, 0, fresh
     # A stored entry whose voxel this write observed again was seen now, whatever the merge keeps.
     for k in range(count):
         if entry[k] >= 0:
@@ -166,7 +214,6 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
             pool_last_write[entry[k]] = np.int32(ticks[world_index[pixel[c] // samples_per_world]])
     taken = 0
     written = 0
-    channels = features.shape[1]
     for k in range(count):
         if not accepted[k]:
             continue
@@ -181,8 +228,12 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
             occupancy[slot[c], local[c] >> 6] |= np.int64(1) << (local[c] & 63)
             entries_per_world[world] += 1
         frame, q = p // pixels_per_frame, p % pixels_per_frame
-        for ch in range(channels):
-            pool_features[e, ch] = features[frame, ch, q]
+        if convert:
+            for ch in range(channels):
+                pool_features[e, ch] = half_bits(np.int64(latents32[frame, ch, q]))
+        else:
+            for ch in range(channels):
+                pool_features[e, ch] = features[frame, ch, q]
         for a in range(3):
             pool_points[e, a] = points[p, a]
             pool_origins[e, a] = origins[frame, a]
@@ -221,8 +272,8 @@ def unproject(depth, c2w, intrinsics, points):
 @njit(cache=True)
 def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_index, voxel_size, brick_size, table_keys,
           table_values, mask, ticks, step, entry_of, occupancy, brick_last_write, policy, closest_factor, free, in_use, capacity,
-          entries_per_world, features, pool_features, pool_points, pool_depth, pool_origins, pool_last_write,
-          pixel, keys, local, slot, points, origins):
+          entries_per_world, features, latents32, pool_features, pool_points, pool_depth, pool_origins,
+          pool_last_write, pixel, keys, local, slot, points, origins):
     """A whole write after the lift, in one call, when every brick it needs exists.
 
     Args:
@@ -240,7 +291,7 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
         (status, count, written, taken, fresh). HAS_NAN: nothing changed. Otherwise the write
         clocks of ``world_index`` have advanced by one (once each, however often named) and
         ``count`` pixels are addressed in the scratch; FOUND: merged and stored, as
-        :func:`merge_and_store` returns; MISSING, OUT_OF_RANGE or SHORT: nothing else changed.
+        :func:`merge_and_store` returns; MISSING, OUT_OF_RANGE, SHORT or NAN_FEATURE: nothing else changed.
     """
     for i in range(checked_depth.shape[0]):
         if np.isnan(checked_depth[i]):
@@ -275,9 +326,9 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
     written, taken, fresh = merge_and_store(
         pixel[:count], slot[:count], local[:count], flat, frames * h * w, frames, h * w, world_index, ticks, entry_of,
         occupancy, brick_last_write, step, policy, closest_factor, free, in_use, capacity, entries_per_world, features,
-        points, origins, pool_features, pool_points, pool_depth, pool_origins, pool_last_write)
+        latents32, points, origins, pool_features, pool_points, pool_depth, pool_origins, pool_last_write)
     if written < 0:
-        return SHORT, count, 0, 0, fresh
+        return SHORT if written == -1 else NAN_FEATURE, count, 0, 0, fresh
     return FOUND, count, written, taken, fresh
 
 
@@ -295,3 +346,7 @@ class WriteScratch:
         self.pixel, self.keys, self.local, self.slot = (np.empty(pixels, np.int64) for _ in range(4))
         self.points, self.origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
         self.lifted, self.latent_depth = np.empty((views, h, w, 3), np.float64), np.empty((views, h, w), np.float32)
+
+
+# The kernels' "no float32 latents to convert" (the features come as the pool's bits).
+NO_LATENTS32 = np.zeros((0, 0, 0), np.uint32)
