@@ -463,3 +463,52 @@ def test_latents_with_nan_inf_and_out_of_range_values_are_stored_as_the_torch_pa
 
     fast, oracle = run(True), run(False)
     assert_same(fast, oracle)
+
+
+@pytest.mark.parametrize("kernels", [True, False])
+@pytest.mark.parametrize("bound,horizon", [(64, None), (4096, None), (4096, 2)])
+def test_entries_gained_is_what_entries_per_world_changed_by_in_the_last_write(monkeypatch, kernels, bound, horizon):
+    # Eviction (a bound of 64 bricks) and expiry (a horizon) take entries away within a write; a
+    # sub-batch leaves other worlds alone; a write that raises changes nothing; clear and load start at zero.
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+    image = Camera.from_fov(32, 32, 90)
+    latent = image.scaled(1 / 8)
+    poses = loop_poses(10, 2)
+    generator = torch.Generator().manual_seed(6)
+    memory = LatentSpatialMemory(3, voxel_size=0.05, num_worlds=2, max_bricks_per_world=bound, horizon=horizon)
+    assert memory.entries_gained().tolist() == [0, 0]
+    changes = []
+    for step, segment in enumerate(poses):
+        both = torch.stack([segment, segment.flip(0)])
+        camera = image if step % 2 else latent
+        depth = torch.stack([room_depth(camera, pose) for pose in both])
+        latents = torch.randn(2, 2, 3, 4, 4, generator=generator)
+        before = memory.entries_per_world()
+        if step % 3 == 2:
+            memory.write(latents[1:], depth[1:], latent, both[1:], worlds=[1])
+        else:
+            memory.write(latents, depth, latent, both)
+        gained = memory.entries_gained()
+        assert gained.dtype == torch.int64
+        torch.testing.assert_close(gained, memory.entries_per_world() - before, rtol=0, atol=0)
+        changes.append(gained)
+        with pytest.raises(ValueError):
+            memory.write(latents, torch.full_like(depth, float("nan")), latent, both)
+        torch.testing.assert_close(memory.entries_gained(), gained, rtol=0, atol=0)
+    if bound == 64:  # eviction outweighed what some writes added
+        assert any((c < 0).any() for c in changes)
+    assert copy_of(memory).entries_gained().tolist() == gained.tolist()
+    loaded = LatentSpatialMemory.from_state(memory.config(), memory.state_tensors(copy=True))
+    assert loaded.entries_gained().tolist() == [0, 0]
+    memory.clear()
+    assert memory.entries_gained().tolist() == [0, 0]
+
+
+def copy_of(memory):
+    import copy
+
+    return copy.deepcopy(memory)

@@ -195,6 +195,7 @@ class LatentSpatialMemory:
         # For the compiled kernels: numpy views of storage (see _storage), scratch and constants.
         self._drop_kernel_caches()
         self._every_world = np.arange(self.num_worlds, dtype=np.int64)
+        self._gained = np.zeros(self.num_worlds, np.int64)  # see entries_gained
         self._keep_all = np.zeros(0, np.bool_)  # the kernels' "no keep mask"
         self._none_lifted = np.zeros((0, 3), np.float64)  # the write kernel's "unproject along centre rays"
         # The world loop feeds it (World._remember) and composes its reads (World.step).
@@ -275,8 +276,11 @@ class LatentSpatialMemory:
         if latents.shape[2] != self.channels:
             raise ValueError(f"latents have {latents.shape[2]} channels, this memory stores {self.channels}")
         with torch.no_grad():
-            return self._torch_write(latents, torch.as_tensor(depth, device=self.device), camera, poses, lead, keep,
-                                     worlds, seen)
+            before = self._pool.entries_per_world.clone()
+            written = self._torch_write(latents, torch.as_tensor(depth, device=self.device), camera, poses, lead,
+                                        keep, worlds, seen)
+            self._gained = (self._pool.entries_per_world - before).cpu().numpy()
+            return written
 
     def _torch_write(self, latents, depth, camera, poses, lead, keep, worlds, seen) -> int:
         """The write in torch ops (any device, any options; the oracle of :mod:`.write_kernels`)."""
@@ -398,7 +402,7 @@ class LatentSpatialMemory:
             features, latents32 = self._pool_bits(latents, views, h, w), write_kernels.NO_LATENTS32
         scratch = self._write_scratch
         if scratch is None or scratch.shape != (views, h, w):
-            scratch = self._write_scratch = write_kernels.WriteScratch(views, h, w)
+            scratch = self._write_scratch = write_kernels.WriteScratch(views, h, w, self.num_worlds)
         policy, closest = write_kernels.POLICY[self.merge], 1 + self.closest_tolerance
         store = self._storage()
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
@@ -420,7 +424,7 @@ class LatentSpatialMemory:
                 store.ticks, index.step + 1, store.entry_of, store.occupancy, store.brick_last_write, policy, closest,
                 self._free_entries(), pool.in_use, pool.capacity, store.entries_per_world, features, latents32,
                 store.features, store.points, store.depth, store.origins, store.last_write, scratch.pixel,
-                scratch.keys, scratch.local, scratch.slot, scratch.points, scratch.origins)
+                scratch.keys, scratch.local, scratch.slot, scratch.points, scratch.origins, scratch.gained)
         except ValueError:
             raise
         except Exception as error:  # it failed to compile, before changing anything
@@ -460,6 +464,10 @@ class LatentSpatialMemory:
                 if written >= 0:
                     break
                 status = write_kernels.SHORT if written == -1 else write_kernels.NAN_FEATURE
+        if status == write_kernels.FOUND:
+            self._gained[:] = scratch.gained
+        else:  # (the kernel left the entries before the write there)
+            np.subtract(pool.entries_per_world.numpy(), scratch.gained, out=self._gained)
         if taken:
             pool.free = pool.free[taken:]
         pool.in_use += fresh
@@ -684,6 +692,17 @@ class LatentSpatialMemory:
     def entries_per_world(self) -> torch.Tensor:
         """(num_worlds,) number of stored entries of each world."""
         return self._pool.entries_per_world.clone()
+
+    def entries_gained(self) -> torch.Tensor:
+        """(num_worlds,) int64 change the last write made to :meth:`entries_per_world`: its new entries, less
+        those its evictions or expiry freed (zeros before the first write, and after ``clear()`` or a load;
+        a write that raises leaves it as it was).
+
+        What ``entries_per_world()`` after a write minus before it gives, without the two copies and the
+        subtraction around every write (the kernels keep it as they go).
+        """
+        gained = torch.from_numpy(self._gained.copy())
+        return gained if self.device.type == "cpu" else gained.to(self.device)
 
     def write_clock(self) -> torch.Tensor:
         """(num_worlds,) int64 writes that touched each world since it was last cleared."""

@@ -273,7 +273,7 @@ def unproject(depth, c2w, intrinsics, points):
 def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_index, voxel_size, brick_size, table_keys,
           table_values, mask, ticks, step, entry_of, occupancy, brick_last_write, policy, closest_factor, free, in_use, capacity,
           entries_per_world, features, latents32, pool_features, pool_points, pool_depth, pool_origins,
-          pool_last_write, pixel, keys, local, slot, points, origins):
+          pool_last_write, pixel, keys, local, slot, points, origins, gained):
     """A whole write after the lift, in one call, when every brick it needs exists.
 
     Args:
@@ -286,6 +286,8 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
         step: the brick index's write count after this write.
         The rest as :func:`address` and :func:`merge_and_store` take them; ``pixel``, ``keys``,
         ``local``, ``slot`` (V * h * w,) and ``points`` (V * h * w, 3), ``origins`` (V, 3) are scratch.
+        gained: (num_worlds,) int64; unless HAS_NAN, ``entries_per_world`` as it was before the write,
+        and with FOUND what the write changed it by (after another status: the caller subtracts).
 
     Returns:
         (status, count, written, taken, fresh). HAS_NAN: nothing changed. Otherwise the write
@@ -296,6 +298,7 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
     for i in range(checked_depth.shape[0]):
         if np.isnan(checked_depth[i]):
             return HAS_NAN, 0, 0, 0, 0
+    gained[:] = entries_per_world
     views, h, w = depth.shape
     flat = depth.reshape(-1)
     if lifted.shape[0] == 0:
@@ -329,6 +332,8 @@ def write(checked_depth, depth, keep, lifted, c2w, intrinsics, frames, world_ind
         latents32, points, origins, pool_features, pool_points, pool_depth, pool_origins, pool_last_write)
     if written < 0:
         return SHORT if written == -1 else NAN_FEATURE, count, 0, 0, fresh
+    for world in range(gained.shape[0]):
+        gained[world] = entries_per_world[world] - gained[world]
     return FOUND, count, written, taken, fresh
 
 
@@ -336,12 +341,14 @@ class WriteScratch:
     """What a write of ``views`` latent frames of (h, w) fills before it stores (kept between writes of that shape).
 
     ``pixel``, ``keys``, ``local``, ``slot``, ``points`` and ``origins``: the scratch of :func:`write`;
-    ``lifted`` (views, h, w, 3) float64 and ``latent_depth`` (views, h, w) float32: the lift's output.
+    ``lifted`` (views, h, w, 3) float64 and ``latent_depth`` (views, h, w) float32: the lift's output;
+    ``gained`` (num_worlds,): the entries each world gained (:func:`write`).
     Nothing in it outlives a write: a write fills what it reads.
     """
 
-    def __init__(self, views: int, h: int, w: int):
+    def __init__(self, views: int, h: int, w: int, num_worlds: int):
         pixels = views * h * w
+        self.gained = np.empty(num_worlds, np.int64)
         self.shape = (views, h, w)
         self.pixel, self.keys, self.local, self.slot = (np.empty(pixels, np.int64) for _ in range(4))
         self.points, self.origins = np.empty((pixels, 3), np.float32), np.empty((views, 3), np.float32)
