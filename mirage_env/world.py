@@ -206,7 +206,6 @@ class World:
             generator.set_state(rng)
 
     def _remember(self, segment: Segment, worlds: list[int], read: MemoryRead, views: int = 1) -> WorldStep:
-        before = self.memory.entries_per_world()
         keep = self.filters(FilterInputs(
             depth=segment.depth,
             poses=segment.poses,
@@ -234,7 +233,7 @@ class World:
                           self.latent_camera, segment.poses, keep=keep, seen=seen,
                           worlds=None if every_world else worlds,
                           median_hint=segment.depth if lifted_from_image else None)
-        gained = self.memory.entries_per_world() - before
+        gained = self.memory.entries_gained()
         if not every_world:
             gained = gained[worlds]
         frames = segment.frames if segment.frames is not None else self.model.decode(segment.latents)
