@@ -410,9 +410,9 @@ def test_the_write_kernels_float16_rounding_is_torchs():
     # Float32 latents are rounded to a float16 pool inside the write kernel: to nearest, ties to even,
     # overflow to inf, subnormals, signed zeros, exactly as torch rounds (checked offline on every
     # float32 but NaN; here every rounding boundary and a million random bit patterns).
-    from mirage_env.memory.write_kernels import half_bits
-
     from numba import njit
+
+    from mirage_env.memory.write_kernels import half_bits
 
     @njit(cache=False)
     def convert(bits):
@@ -512,3 +512,33 @@ def copy_of(memory):
     import copy
 
     return copy.deepcopy(memory)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_reads_of_some_worlds_in_any_order_are_the_torch_paths(monkeypatch, threads):
+    # The read kernel visits each view's own world's chunks (grouped once per read), not every chunk:
+    # sub-batches, reordered worlds and a world named twice (as on the torch path, only its last
+    # place in the batch reads it) must give the torch read, view for view.
+    from mirage_env.baselines.memory_bench import loop_poses, room_depth
+    from mirage_env.geometry import Camera
+    from mirage_env.memory import LatentSpatialMemory
+
+    latent = Camera.from_fov(8, 8, 90)
+    poses = loop_poses(6, 3)  # (6, 3, 4, 4)
+    generator = torch.Generator().manual_seed(1)
+    monkeypatch.setenv(compiled.KERNELS_ENV, "1")
+    memory = LatentSpatialMemory(4, voxel_size=0.1, num_worlds=3)
+    for segment in poses:
+        memory.write(torch.randn(3, 1, 4, 8, 8, generator=generator),
+                     torch.stack([room_depth(latent, pose[None]) for pose in segment]), latent, segment[:, None])
+    with torch_threads(threads):
+        for worlds in ([2, 0], [1], [2, 1, 0], [1, 1], [0, 2, 0]):
+            views = poses[1:3, worlds].transpose(0, 1)  # two frames each
+            reads = []
+            for kernels in ("1", "0"):
+                monkeypatch.setenv(compiled.KERNELS_ENV, kernels)
+                read = memory.read(latent, views, worlds=worlds)
+                reads.append([read.latents.numpy(), read.mask.numpy(), read.depth.numpy(), read.points.numpy()])
+            for fast, oracle in zip(*reads):
+                np.testing.assert_array_equal(fast, oracle)
+            assert reads[0][1][-1].any()

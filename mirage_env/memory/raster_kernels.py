@@ -23,7 +23,8 @@ and the caller grows the scratch and reads again (reads change nothing). A visib
 entries are found through its occupancy bits (:attr:`~.index.BrickIndex.occupancy`), not
 by scanning its voxel slots, 95% of them empty there (a third of the kernel's time once
 the samples were in fixed arrays). A visible chunk's bricks are found through its member
-bits likewise. The bricks of visible chunks are listed first and culled
+bits likewise, and a view visits only its own world's chunks (:func:`_chunks_by_batch`),
+not the chunk table of every world. The bricks of visible chunks are listed first and culled
 in a SIMD loop (10% of the kernel), and the samples likewise gathered, projected in a SIMD
 loop, then compacted.
 """
@@ -104,10 +105,10 @@ def _float32_bits(x, kind):
 
 
 @njit(cache=True)
-def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
-               points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
-               brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
-               out_latents, out_mask, out_depth, out_points):
+def _read_view(v, row, frames, c2w, chunk_order, chunk_start, chunk_keys, members, member_bits, brick_keys, entry_of,
+               occupancy, points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge,
+               chunk_frustum, brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry,
+               s_here, winner, out_latents, out_mask, out_depth, out_points):
     """Read view ``v`` with scratch row ``row``; returns its sample count (over the scratch's: nothing written)."""
     m = world_to_camera_one(c2w[v])
     origin0, origin1, origin2 = np.float32(c2w[v, 0, 3]), np.float32(c2w[v, 1, 3]), np.float32(c2w[v, 2, 3])
@@ -134,10 +135,9 @@ def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, member_
     # First the bricks of visible chunks, then their cull in a loop without branches (SIMD code,
     # as the projection below), then the entries of the visible ones through their occupancy bits.
     bricks = 0
-    for c in range(chunk_keys.shape[0]):
+    for i in range(chunk_start[b], chunk_start[b + 1]):
+        c = chunk_order[i]
         key = chunk_keys[c]
-        if key < 0 or batch_of_world[key >> (3 * _AXIS_BITS)] != b:
-            continue
         if not _cell_visible(m, key, chunk_size, offset, brick_edge, half_chunk, chunk_frustum):
             continue
         for word in range(member_bits.shape[1]):
@@ -254,6 +254,32 @@ def _read_view(v, row, frames, c2w, batch_of_world, chunk_keys, members, member_
 
 
 @njit(cache=True)
+def _chunks_by_batch(chunk_keys, batch_of_world, batches):
+    """Chunk slots grouped by the batch item that reads their world, in slot order within a group (the order a
+    view visits them in), and where each group starts: item b's are ``order[start[b]:start[b + 1]]``.
+
+    A view then visits its own world's chunks, not every slot of every world: with 64 worlds, a read
+    had scanned 64 times the chunk table, once per view.
+    """
+    start = np.zeros(batches + 1, np.int64)
+    for c in range(chunk_keys.shape[0]):
+        key = chunk_keys[c]
+        if key >= 0 and batch_of_world[key >> (3 * _AXIS_BITS)] >= 0:
+            start[batch_of_world[key >> (3 * _AXIS_BITS)] + 1] += 1
+    for b in range(batches):
+        start[b + 1] += start[b]
+    order = np.empty(start[batches], np.int64)
+    filled = start[:batches].copy()
+    for c in range(chunk_keys.shape[0]):
+        key = chunk_keys[c]
+        if key >= 0 and batch_of_world[key >> (3 * _AXIS_BITS)] >= 0:
+            b = batch_of_world[key >> (3 * _AXIS_BITS)]
+            order[filled[b]] = c
+            filled[b] += 1
+    return order, start
+
+
+@njit(cache=True)
 def _read_serial(frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
                  points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
                  brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
@@ -261,11 +287,12 @@ def _read_serial(frames, c2w, batch_of_world, chunk_keys, members, member_bits, 
     # The float arguments come as Python floats (numba types a numpy scalar argument in 0.7 us).
     brick_edge, max_depth = np.float32(brick_edge), np.float32(max_depth)
     revisit_radius, tolerance = np.float32(revisit_radius), np.float32(tolerance)
+    chunk_order, chunk_start = _chunks_by_batch(chunk_keys, batch_of_world, c2w.shape[0] // frames)
     needed = 0
     for v in range(c2w.shape[0]):  # one scratch row, reused view after view
         needed = max(needed, _read_view(
-            v, 0, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
-            points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+            v, 0, frames, c2w, chunk_order, chunk_start, chunk_keys, members, member_bits, brick_keys, entry_of,
+            occupancy, points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
             brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
             out_latents, out_mask, out_depth, out_points))
     return needed
@@ -278,11 +305,12 @@ def _read_parallel(frames, c2w, batch_of_world, chunk_keys, members, member_bits
                    winner, out_latents, out_mask, out_depth, out_points):
     brick_edge, max_depth = np.float32(brick_edge), np.float32(max_depth)
     revisit_radius, tolerance = np.float32(revisit_radius), np.float32(tolerance)
+    chunk_order, chunk_start = _chunks_by_batch(chunk_keys, batch_of_world, c2w.shape[0] // frames)
     counts = np.zeros(c2w.shape[0], np.int64)
     for v in prange(c2w.shape[0]):  # a scratch row per view
         counts[v] = _read_view(
-            v, v, frames, c2w, batch_of_world, chunk_keys, members, member_bits, brick_keys, entry_of, occupancy,
-            points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
+            v, v, frames, c2w, chunk_order, chunk_start, chunk_keys, members, member_bits, brick_keys, entry_of,
+            occupancy, points, origins, features, kind, intrinsics, width, height, chunk_size, brick_edge, chunk_frustum,
             brick_frustum, max_depth, revisit_radius, tolerance, s_pixel, s_z, s_u, s_v, s_entry, s_here, winner,
             out_latents, out_mask, out_depth, out_points)
     return counts.max()
