@@ -542,3 +542,21 @@ def test_reads_of_some_worlds_in_any_order_are_the_torch_paths(monkeypatch, thre
             for fast, oracle in zip(*reads):
                 np.testing.assert_array_equal(fast, oracle)
             assert reads[0][1][-1].any()
+
+
+def test_the_write_kernels_voxel_order_is_a_stable_argsort():
+    # Winners come out in ascending (brick slot, voxel) order with a voxel's samples in their order,
+    # as torch.unique sorts; the kernel's counting sort (many samples) and argsort (few) must both give it.
+    from mirage_env.memory.write_kernels import _voxel_order
+
+    rng = np.random.default_rng(0)
+    for trial in range(600):
+        voxels_per_brick = int(rng.choice([8, 64, 125]))
+        slots = int(rng.integers(1, 300))
+        n = int(rng.integers(0, 400)) if trial % 2 else int(rng.integers(0, max(1, slots // 16)))
+        slot, local = rng.integers(0, slots, n), rng.integers(0, voxels_per_brick, n)
+        if trial % 3 == 0:
+            slot = np.sort(slot)  # a frame's samples: runs of one brick
+        voxel = slot * voxels_per_brick + local
+        np.testing.assert_array_equal(_voxel_order(voxel, slot, local, voxels_per_brick, slots),
+                                      np.argsort(voxel, kind="mergesort"))

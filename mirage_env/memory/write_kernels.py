@@ -130,6 +130,40 @@ def half_bits(f):
 
 
 @njit(cache=True)
+def _voxel_order(voxel, slot, local, voxels_per_brick, slots):
+    """``np.argsort(voxel, kind="mergesort")`` of ``voxel = slot * voxels_per_brick + local``: samples by voxel,
+    the samples of one voxel in their order (the only permutation that is, so any stable sort gives it).
+
+    numba's mergesort takes 0.2 ms for the 4,096 samples of a 64-world write that keeps every pixel
+    (``memory_write="all"``; the default "unseen" keeps a few hundred): two counting passes, by voxel in
+    brick then by brick slot, take 20 us there. They pass over a count per slot, so they are used only
+    when there are enough samples to pay for that.
+    """
+    n = voxel.shape[0]
+    if 8 * n < slots:
+        return np.argsort(voxel, kind="mergesort")
+    by_local = np.empty(n, np.int64)
+    start = np.zeros(voxels_per_brick + 1, np.int64)
+    for i in range(n):
+        start[local[i] + 1] += 1
+    for k in range(voxels_per_brick):
+        start[k + 1] += start[k]
+    for i in range(n):
+        by_local[start[local[i]]] = i
+        start[local[i]] += 1
+    order = np.empty(n, np.int64)
+    start = np.zeros(slots + 1, np.int64)
+    for i in range(n):
+        start[slot[i] + 1] += 1
+    for k in range(slots):
+        start[k + 1] += start[k]
+    for i in by_local:
+        order[start[slot[i]]] = i
+        start[slot[i]] += 1
+    return order
+
+
+@njit(cache=True)
 def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels_per_frame, world_index, ticks,
                     entry_of, occupancy, brick_last_write, step, policy, closest_factor, free, in_use, capacity,
                     entries_per_world, features, latents32, points, origins, pool_features, pool_points,
@@ -161,7 +195,7 @@ def merge_and_store(pixel, slot, local, depth, samples_per_world, frames, pixels
     voxel = np.empty(n, np.int64)
     for i in range(n):
         voxel[i] = slot[i] * voxels_per_brick + local[i]
-    order = np.argsort(voxel, kind="mergesort")
+    order = _voxel_order(voxel, slot, local, voxels_per_brick, entry_of.shape[0])
     # The winner of each voxel: nearest observed depth, then the later frame, then the later sample.
     winners = np.empty(n, np.int64)
     count = 0
