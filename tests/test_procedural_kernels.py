@@ -256,7 +256,8 @@ def poses_hugging_boxes(rng, model, batch, frames) -> torch.Tensor:
 def cull_leaks(model, poses) -> tuple[int, int, int]:
     """For (B, T, 4, 4) ``poses`` at the model's current time: the ray-box pairs that pass the slab test among
     those the torch path tests but that the kernel's cull leaves out (none, or the output would differ), the
-    pairs it tests that torch does not (none, likewise), and how many pairs each tests."""
+    pairs it tests that torch does not (none, likewise), how many pairs each tests, and how many pairs with a
+    box straddling the camera plane pass (the boxes whose cull differs from torch's)."""
     from mirage_env.backends import procedural_kernels
     from mirage_env.backends.procedural import _rotate
 
@@ -310,7 +311,8 @@ def cull_leaks(model, poses) -> tuple[int, int, int]:
                 kernel_tests[b, t, span[k, 2]:span[k, 3] + 1, span[k, 0]:span[k, 1] + 1, k] = True
     dropped = int((hit & torch_tests & ~kernel_tests).sum())
     extra = int((kernel_tests & ~torch_tests).sum())
-    return dropped, extra, int(torch_tests.sum()), int(kernel_tests.sum())
+    straddling_hits = int((hit & whole[:, :, None, None]).sum())
+    return dropped, extra, int(torch_tests.sum()), int(kernel_tests.sum()), straddling_hits
 
 
 @pytest.mark.parametrize("options", [
@@ -327,14 +329,16 @@ def test_the_kernel_cull_keeps_every_pair_that_hits_at_cameras_hugging_boxes(opt
     rng = np.random.default_rng(5)
     batch, frames = 3, 4
     model.start(random_poses(rng, model, batch, 1), [torch.Generator().manual_seed(s) for s in range(batch)])
-    totals = np.zeros(2, np.int64)
+    totals = np.zeros(3, np.int64)
     for draw in range(12):
         model.time[:] = torch.from_numpy(rng.integers(0, 2000, batch))  # the moving boxes elsewhere
-        dropped, extra, torch_pairs, kernel_pairs = cull_leaks(model, poses_hugging_boxes(rng, model, batch, frames))
+        dropped, extra, *counts = cull_leaks(model, poses_hugging_boxes(rng, model, batch, frames))
         assert dropped == 0, f"the cull drops {dropped} ray-box pairs that hit (draw {draw})"
         assert extra == 0, f"the cull tests {extra} pairs the torch path does not (draw {draw})"
-        totals += (torch_pairs, kernel_pairs)
-    assert totals[1] < 0.5 * totals[0]  # it does cull the boxes that straddle the camera plane
+        totals += counts
+    torch_pairs, kernel_pairs, straddling_hits = totals
+    assert kernel_pairs < 0.5 * torch_pairs  # it does cull the boxes that straddle the camera plane
+    assert straddling_hits > 1000  # and those boxes are hit: the test reaches the pairs the new cull decides
 
 
 @pytest.mark.parametrize("options", [
