@@ -592,7 +592,10 @@ class ProceduralWorldModel:
 
         # The room (or the ground) is seen from inside: the exit face of its box.
         room_lo, room_hi = self.room_lo[index][:, None, None], self.room_hi[index][:, None, None]
-        exits = [(torch.where(step[a] > 0, room_hi[..., a], room_lo[..., a]) - o[..., a]) * inverse[a] for a in range(3)]
+        # The face on the side the guarded inverse points to: a direction within 1e-9 of zero (of either sign)
+        # then exits ~1e9 m away, never behind the camera, where a negative depth would give NaN colours.
+        exits = [(torch.where(inverse[a] > 0, room_hi[..., a], room_lo[..., a]) - o[..., a]) * inverse[a]
+                 for a in range(3)]
         depth, axis = _argmin3(*exits)
         positive = _pick3(axis, *step) > 0
         surface = axis * 2 + positive.long()  # room faces 0..5

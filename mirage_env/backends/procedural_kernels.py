@@ -260,10 +260,11 @@ def _cast_view(b, t, rays, poses, world, room_lo, room_hi, box_lo, box_hi, outdo
             i1 = _ONE / (_TINY if abs(d1) < _TINY else d1)
             i2 = _ONE / (_TINY if abs(d2) < _TINY else d2)
             v0[c], v1[c], v2[c] = i0, i1, i2
-            # The room, from inside: the exit face.
-            e0 = ((hi0 if d0 > 0 else lo0) - o0) * i0
-            e1 = ((hi1 if d1 > 0 else lo1) - o1) * i1
-            e2 = ((hi2 if d2 > 0 else lo2) - o2) * i2
+            # The room, from inside: the exit face, on the side the guarded inverse points to (a direction
+            # within 1e-9 of zero, whatever its sign, exits far away rather than behind the camera).
+            e0 = ((hi0 if i0 > 0 else lo0) - o0) * i0
+            e1 = ((hi1 if i1 > 0 else lo1) - o1) * i1
+            e2 = ((hi2 if i2 > 0 else lo2) - o2) * i2
             yz = min(e1, e2)
             exit_axis = np.int32(0) if e0 <= yz else (np.int32(1) if e1 <= e2 else np.int32(2))
             positive = (d0 if exit_axis == 0 else (d1 if exit_axis == 1 else d2)) > 0
