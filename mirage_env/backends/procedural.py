@@ -368,20 +368,40 @@ class ProceduralWorldModel:
 
         offsets = torch.arange(batch, device=self.device)[:, None] * surfaces
         continuing = self.in_view[index]
-        memory_used = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
+        # The latent pixels this model animates (any pixel on a moving box): its own motion mask.
+        movers = torch.tensor(self.moving_boxes(), device=self.device)
+        box_of = torch.div(surface - FACES, FACES, rounding_mode="floor")
+        moving = (surface >= FACES) & torch.isin(box_of, movers)
+        moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
+        agrees = torch.zeros(batch, frames, h, w, dtype=torch.bool, device=self.device)
         if memory is not None:
             memory_latents, memory_mask, memory_depth = memory
             # Memory that contradicts the geometry in view (a crate that has since moved, a
             # sample from an oblique view of another part of the surface) is not shown: an
             # ideal model resolves such conflicts in favour of what is there now.
-            agrees = (memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth
-            memory_used = memory_mask.to(self.device) & agrees
-        # Surfaces memory shows somewhere in view keep the look memory recorded for them.
+            agrees = memory_mask.to(self.device) & \
+                ((memory_depth.to(self.device) - latent_depth).abs() <= self.memory_depth_tolerance * latent_depth)
+        # Memory is reproduced exactly where it shows what stays put; what the model animates it
+        # draws where it is now (in the look memory recalls below): a remembered latent of a
+        # moving thing holds it where it was seen, with what stood behind it then.
+        memory_used = agrees & ~moving
         shown = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        shown[(centre_surface + offsets[:, :, None, None])[memory_used]] = True
-        recalled = shown.reshape(batch, surfaces) & ~continuing
-        appearance = torch.where(continuing[..., None], self.appearance[index],
-                                 torch.where(recalled[..., None], self.committed[index], fresh))
+        shown[(centre_surface + offsets[:, :, None, None])[agrees]] = True
+        shown = shown.reshape(batch, surfaces)
+        # A box is one thing: memory showing any face of it shows the box, so every face recalls
+        # its look (faces coming back into view, and slivers), as a model shown part of an object
+        # knows the rest of it.
+        whole = shown[:, FACES:FACES + NUM_OBJECTS * FACES].reshape(batch, NUM_OBJECTS, FACES).any(-1)
+        shown[:, FACES:FACES + NUM_OBJECTS * FACES] |= whole.repeat_interleave(FACES, dim=1)
+        committed = self.committed[index]
+        # A surface memory shows takes the look memory recorded for it, also while in view: a look
+        # memory never recorded (a sliver's: see below) does not hold against memory, and one it
+        # recorded is the same look. Only a recorded look is recalled (not the never-written 0.5
+        # of _draw_scene: fresh draws are never exactly that in all six channels); anything else
+        # continues from context or is drawn anew.
+        recalled = shown & (committed != 0.5).any(-1)
+        appearance = torch.where(recalled[..., None], committed,
+                                 torch.where(continuing[..., None], self.appearance[index], fresh))
         self.appearance[index] = appearance
 
         images = self._shade(directions, origin, depth, surface, face_axis, appearance)
@@ -396,19 +416,17 @@ class ProceduralWorldModel:
         last_of_each_view = surface[:, frames_per_view - 1 :: frames_per_view].reshape(batch, -1)
         in_view[(last_of_each_view + offsets).reshape(-1)] = True
         self.in_view[index] = in_view.reshape(batch, surfaces)
-        # What this segment shows goes to memory (the World writes every segment) with its current look.
-        seen = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
-        seen[(surface.reshape(batch, -1) + offsets).reshape(-1)] = True
-        self.committed[index] = torch.where(seen.reshape(batch, surfaces)[..., None], appearance,
-                                            self.committed[index])
+        # What this segment shows goes to memory (the World writes every segment) with its current look,
+        # but memory holds latent pixels: a surface records a look only where it owns one (the pixel's
+        # centre is on it). A sliver inside another surface's latent pixel records nothing, so it cannot
+        # overwrite the look memory holds for it.
+        owned = torch.zeros(batch * surfaces, dtype=torch.bool, device=self.device)
+        owned[(centre_surface + offsets[:, :, None, None]).reshape(-1)] = True
+        self.committed[index] = torch.where(owned.reshape(batch, surfaces)[..., None], appearance, committed)
         self.time[index] += frames_per_view
 
         # Ground truth for evaluation only (nothing in memory reads it): which moving box each
         # latent pixel's centre shows (its index in moving_boxes(), -1: none) and where each is.
-        movers = torch.tensor(self.moving_boxes(), device=self.device)
-        box_of = torch.div(surface - FACES, FACES, rounding_mode="floor")
-        moving = (surface >= FACES) & torch.isin(box_of, movers)
-        moving = moving.reshape(batch, frames, h, f, w, f).any(5).any(3)
         centre_box = torch.div(centre_surface - FACES, FACES, rounding_mode="floor")
         object_ids = torch.full_like(centre_box, -1)
         for k, box in enumerate(movers.tolist()):

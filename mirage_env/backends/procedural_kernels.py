@@ -384,45 +384,60 @@ def _latent_view(b, t, depth, surface, width, factor, moving_of, latent_depth, c
 
 @njit(cache=True)
 def _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
+                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, moving, memory_used, sky,
                  object_ids):
     """The per-surface bookkeeping of ``ProceduralWorldModel._generate`` for batch item ``b``, in place (see
     ``front``)."""
     frames, h, w = latent_depth.shape[1], latent_depth.shape[2], latent_depth.shape[3]
     surfaces = fresh.shape[1]
+    boxes = (surfaces - _FACES - 1) // _FACES  # room faces, then each box's faces, then the sky
     shown = np.zeros(surfaces, np.bool_)
-    seen = np.zeros(surfaces, np.bool_)
+    owned = np.zeros(surfaces, np.bool_)
     last = np.zeros(surfaces, np.bool_)
     wb = world[b]
     for t in range(frames):
         for i in range(h):
             for j in range(w):
                 d = latent_depth[b, t, i, j]
-                used = False
+                agrees = False
                 if use_memory and memory_mask[b, t, i, j]:
-                    used = abs(memory_depth[b, t, i, j] - d) <= tolerance * d
-                memory_used[b, t, i, j] = used
+                    agrees = abs(memory_depth[b, t, i, j] - d) <= tolerance * d
+                memory_used[b, t, i, j] = agrees and not moving[b, t, i, j]  # pasted only on what stays put
                 centre = centre_surface[b, t, i, j]
-                if used:
+                owned[centre] = True
+                if agrees:
                     shown[centre] = True
                 sky[b, t, i, j] = np.isinf(d)
                 object_ids[b, t, i, j] = object_of[centre]
-    # Surfaces still in view keep their look; surfaces memory shows keep the look it recorded.
+    # Memory showing any face of a box shows the box (see _generate_torch).
+    for k in range(boxes):
+        first = _FACES + k * _FACES
+        whole = False
+        for s in range(first, first + _FACES):
+            whole |= shown[s]
+        if whole:
+            for s in range(first, first + _FACES):
+                shown[s] = True
+    # A surface memory shows takes the look memory recorded for it, if it recorded one (not the never-written
+    # 0.5); else a surface still in view keeps its look and the rest are drawn anew.
     for s in range(surfaces):
-        if in_view[wb, s]:
-            continue
+        recorded = False
         for c in range(6):
-            appearance[wb, s, c] = committed[wb, s, c] if shown[s] else fresh[b, s, c]
+            recorded |= committed[wb, s, c] != np.float32(0.5)
+        if shown[s] and recorded:
+            for c in range(6):
+                appearance[wb, s, c] = committed[wb, s, c]
+        elif not in_view[wb, s]:
+            for c in range(6):
+                appearance[wb, s, c] = fresh[b, s, c]
     for t in range(frames):
-        is_last = (t % frames_per_view) == frames_per_view - 1
-        for p in range(surface.shape[2]):
-            s = surface[b, t, p]
-            seen[s] = True
-            if is_last:
-                last[s] = True
+        if (t % frames_per_view) == frames_per_view - 1:
+            for p in range(surface.shape[2]):
+                last[surface[b, t, p]] = True
+    # Only surfaces owning a latent pixel's centre record a look (memory holds latent pixels).
     for s in range(surfaces):
         in_view[wb, s] = last[s]
-        if seen[s]:
+        if owned[s]:
             for c in range(6):
                 committed[wb, s, c] = appearance[wb, s, c]
 
@@ -452,7 +467,7 @@ def _front_world(b, rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion
                     mover_lo, mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, moving_of,
                     depth, surface, face_axis, fog_arg, latent_depth, centre_surface, moving, centres)
     _bookkeeping(b, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
+                 use_memory, tolerance, fresh, appearance, committed, in_view, object_of, moving, memory_used, sky,
                  object_ids)
     clock[world[b]] += frames_per_view
 
@@ -491,8 +506,8 @@ def _front_parallel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion
                         mover_hi, movers, outdoor, sky_id, fx, fy, cx, cy, width, height, factor, moving_of, depth,
                         surface, face_axis, fog_arg, latent_depth, centre_surface, moving, centres)
         _bookkeeping(0, world, frames_per_view, surface, centre_surface, latent_depth, memory_mask, memory_depth,
-                     use_memory, tolerance, fresh, appearance, committed, in_view, object_of, memory_used, sky,
-                     object_ids)
+                     use_memory, tolerance, fresh, appearance, committed, in_view, object_of, moving, memory_used,
+                     sky, object_ids)
         clock[world[0]] += frames_per_view
 
 
@@ -523,7 +538,8 @@ def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mo
     Returns:
         depth (B, T, P) float32; surface and face axis (B, T, P) int8; the fog's exp argument
         ``-finite_depth / 25`` (B, T, P) float32; latent depth (median per patch, B, T, h, w) float32;
-        memory_used, moving (any pixel of the patch on a moving box) and sky (B, T, h, w) bool; object ids
+        memory_used (memory agrees with the geometry and the patch is not moving: pasted), moving (any pixel of
+        the patch on a moving box) and sky (B, T, h, w) bool; object ids
         (B, T, h, w) int64 (of the centre pixel); the movers' centres (B, T, N, 3) float32.
     """
     batch, frames = poses.shape[:2]
