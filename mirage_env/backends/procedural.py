@@ -15,11 +15,14 @@ It stands in for a video diffusion model, honestly:
   drawn from the world's generator per segment, and only two things carry an
   appearance over: the previous segment (a surface still in view keeps its look:
   short-term continuity from the clean context frames) and memory (wherever the
-  projected memory hits, the output latent *is* the memory latent, and a surface
-  memory shows anywhere in view keeps the look memory recorded, as a
-  memory-conditioned model continues the style of what it is shown). So without
-  memory a place that left the view looks different when the agent returns; with
-  memory it matches.
+  projected memory hits what stays put, the output latent *is* the memory latent;
+  a surface memory shows anywhere in view takes the look memory recorded for it,
+  and a box memory shows any face of takes it for all its faces, as a
+  memory-conditioned model continues the style of what it is shown; a moving box
+  is drawn where it is now in that look, not pasted where memory saw it). A look
+  is recorded only for a surface owning a latent pixel (memory holds latent
+  pixels), so a sliver's look is never recalled. So without memory a place that
+  left the view looks different when the agent returns; with memory it matches.
 - It works in a latent space like a real VAE (``codec.PatchDCTCodec``: 8x,
   48 channels); frames are always decoded from the latents, so what an agent
   sees is exactly what memory can store.
