@@ -131,3 +131,136 @@ def test_views_of_one_world_are_simultaneous():
     assert int(model.time[0]) == 1, "two views of one frame advance the world clock by one frame"
     with pytest.raises(ValueError, match="views"):
         model.start(pose.expand(1, 3, 4, 4), [torch.Generator()], views=2)
+
+
+# ---------------------------------------------------------------- looks: a box is one thing, slivers record nothing
+
+BOX = 6  # in seed 0's room a crate free on its +x and +z sides (faces 43 and 47)
+
+
+def look_at(eye, target) -> torch.Tensor:
+    """(1, 1, 4, 4) camera-to-world pose at ``eye`` looking at ``target`` (OpenCV: y down, world up is -y)."""
+    eye, target = torch.tensor(eye, dtype=torch.float64), torch.tensor(target, dtype=torch.float64)
+    z = (target - eye) / (target - eye).norm()
+    x = torch.linalg.cross(torch.tensor([0.0, 1.0, 0.0], dtype=torch.float64), z)
+    x = x / x.norm()
+    pose = torch.eye(4, dtype=torch.float64)
+    pose[:3, 0], pose[:3, 1], pose[:3, 2], pose[:3, 3] = x, torch.linalg.cross(z, x), z, eye
+    return pose[None, None]
+
+
+def box_cameras(model):
+    """Cameras around ``BOX``: facing its +x face (A), seeing +x and +z (A and B), turned away, and turned
+    until A is a sliver at the frame's edge (in view, owning no latent pixel's centre)."""
+    lo, hi = model.box_lo[0, BOX].double(), model.box_hi[0, BOX].double()
+    centre = [float(lo[0] + hi[0]) / 2, 1.0, float(lo[2] + hi[2]) / 2]
+    eye = [float(hi[0]) + 1.2, 1.0, centre[2]]
+    turned = math.radians(53)  # found by turning in 1 degree steps
+    dx, dz = centre[0] - eye[0], centre[2] - eye[2]
+    sliver = [eye[0] + dx * math.cos(turned) - dz * math.sin(turned), 1.0,
+              eye[2] + dx * math.sin(turned) + dz * math.cos(turned)]
+    return {"A": look_at(eye, centre), "AB": look_at([float(hi[0]) + 1.0, 1.0, float(hi[2]) + 1.0], centre),
+            "away": look_at(eye, [2 * e - c for e, c in zip(eye, centre)]), "sliver": look_at(eye, sliver)}
+
+
+def centre_surfaces(model, pose, world: int = 0) -> tuple[torch.Tensor, set, torch.Tensor]:
+    """What ``pose`` would show in ``world`` now: (h, w) surface at each latent pixel's centre, the set of
+    surfaces any pixel shows, and the (h, w) latent depth (the patch median, as the model computes it)."""
+    index = torch.tensor([world])
+    depth, surface, *_ = model._cast(pose.float(), index, model.time[index][:, None])
+    f, height, width = model.codec.factor, model.camera.height, model.camera.width
+    centres = surface.reshape(height // f, f, width // f, f)[:, f // 2, :, f // 2]
+    patches = depth.reshape(height // f, f, width // f, f).transpose(1, 2).reshape(height // f, width // f, f * f)
+    return centres, set(surface.flatten().tolist()), patches.sort(-1).values[..., (f * f) // 2]
+
+
+def memory_on(model, pose, gens, surface):
+    """A request at ``pose`` (B, 1, 4, 4) whose memory agrees with the geometry only at latent pixels centred on
+    ``surface`` (in each world)."""
+    found = [centre_surfaces(model, pose[b:b + 1], b) for b in range(pose.shape[0])]
+    req = request(model, pose, gens, mask=torch.stack([centres == surface for centres, _, _ in found])[:, None])
+    req.memory_depth = torch.stack([depth for _, _, depth in found])[:, None].clone()
+    return req
+
+
+def face(box: int, k: int) -> int:
+    return 6 + box * 6 + k
+
+
+def test_memory_showing_one_face_of_a_box_recalls_the_faces_it_remembers():
+    model = ProceduralWorldModel()
+    gens = generators(0)
+    model.start(torch.eye(4, dtype=torch.float64)[None, None], gens)
+    cameras = box_cameras(model)
+    a, b = face(BOX, 1), face(BOX, 5)  # its +x and +z faces
+    assert a in centre_surfaces(model, cameras["A"])[0] and b not in centre_surfaces(model, cameras["A"])[1]
+    model.generate(request(model, cameras["A"], gens))
+    remembered = model.committed[0, a].clone()
+    assert model.in_view[0, a] and torch.equal(model.appearance[0, a], remembered)
+    model.generate(request(model, cameras["away"], gens))
+    assert not model.in_view[0, a]
+    centres, _, _ = centre_surfaces(model, cameras["AB"])
+    assert (centres == a).any() and (centres == b).any()
+    out = model.generate(memory_on(model, cameras["AB"], gens, b))
+    assert out.info["memory_used"].any()
+    # Memory hit only face B (never seen, so its look is new), yet face A comes back as it was.
+    assert torch.equal(model.appearance[0, a], remembered)
+    assert not torch.equal(model.appearance[0, b], remembered)
+
+
+def test_a_sliver_records_no_look_and_memory_overrides_the_look_it_was_given():
+    model = ProceduralWorldModel()
+    gens = generators(0)
+    model.start(torch.eye(4, dtype=torch.float64)[None, None], gens)
+    cameras = box_cameras(model)
+    a = face(BOX, 1)
+    centres, seen, _ = centre_surfaces(model, cameras["sliver"])
+    assert a in seen and not (centres == a).any()  # a sliver: in view, no latent pixel of its own
+    model.generate(request(model, cameras["A"], gens))
+    remembered = model.committed[0, a].clone()
+    model.generate(request(model, cameras["away"], gens))
+    model.generate(request(model, cameras["sliver"], gens))
+    sliver_look = model.appearance[0, a].clone()
+    assert model.in_view[0, a] and not torch.equal(sliver_look, remembered)  # drawn anew, like any return
+    assert torch.equal(model.committed[0, a], remembered)  # but memory could not hold it: not recorded
+    # Back in full view with memory on the face: the remembered look wins over the sliver's unrecorded one.
+    model.generate(memory_on(model, cameras["A"], gens, a))
+    assert torch.equal(model.appearance[0, a], remembered)
+
+
+def box_return(kernels: bool, seeds) -> list:
+    """Segments and model states of the returns above (face A seen, away, back with memory on face B, away, a
+    sliver, back with memory on A) for worlds started from ``seeds``, every world at world 0's cameras."""
+    from mirage_env import compiled
+
+    model = ProceduralWorldModel()
+    gens = generators(*seeds)
+    both = lambda pose: pose.expand(len(seeds), -1, -1, -1)  # noqa: E731
+    model.start(both(torch.eye(4, dtype=torch.float64)[None, None]), gens)
+    cameras = box_cameras(model)
+    out = []
+    for name, surface in [("A", None), ("away", None), ("AB", face(BOX, 5)), ("away", None), ("sliver", None),
+                          ("A", face(BOX, 1))]:
+        pose = both(cameras[name])
+        req = request(model, pose, gens) if surface is None else memory_on(model, pose, gens, surface)
+        segment = model.generate(req)
+        out.append({"latents": segment.latents, "frames": segment.frames, "depth": segment.depth,
+                    **segment.info, **model.state_dict()})
+    assert compiled._broken is None  # the path asked for ran throughout
+    return out
+
+
+def test_box_returns_are_the_same_in_a_batch_as_alone_and_with_the_compiled_kernels(monkeypatch):
+    pytest.importorskip("numba")
+    from mirage_env import compiled
+
+    runs = {}
+    for kernels in (False, True):
+        monkeypatch.setenv(compiled.KERNELS_ENV, "1" if kernels else "0")
+        runs[kernels, "batch"] = box_return(kernels, (0, 5))
+        runs[kernels, "single"] = box_return(kernels, (0,))
+    for step, oracle in enumerate(runs[False, "batch"]):
+        for name, value in oracle.items():
+            assert torch.equal(runs[True, "batch"][step][name], value), f"compiled {name} differs at step {step}"
+            assert torch.equal(runs[False, "single"][step][name][0], value[0]), f"batch {name} differs at {step}"
+            assert torch.equal(runs[True, "single"][step][name][0], value[0]), f"{name} differs at step {step}"
