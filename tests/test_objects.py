@@ -8,7 +8,7 @@ import torch
 
 from mirage_env.geometry import Camera
 from mirage_env.memory import LatentSpatialMemory, MemoryFileError, MemoryRead
-from mirage_env.memory.objects import ObjectLayer
+from mirage_env.memory.objects import ObjectLayer, _likeness
 
 CHANNELS = 4
 CAMERA = Camera.from_fov(32, 32, 90.0)  # a latent grid of 32 x 32
@@ -281,3 +281,15 @@ def test_a_saved_object_layer_is_validated_and_a_refused_one_changes_nothing():
     with pytest.raises(MemoryFileError, match="objects"):
         LatentSpatialMemory.from_state({**config, "objects": False}, tensors)
     assert memory.objects.count() == 1  # the memory the state came from is untouched
+
+
+def test_a_new_look_in_near_colours_does_not_pass_for_the_remembered_one():
+    from mirage_env.backends.codec import PatchDCTCodec
+
+    codec = PatchDCTCodec()
+    latent = lambda rgb: codec.encode(torch.tensor(rgb)[:, None, None].expand(3, 8, 8).contiguous())[:, 0, 0]  # noqa: E731
+    remembered, new = latent((0.6, 0.45, 0.3)), latent((0.45, 0.5, 0.4))
+    # Their cosine cannot tell them apart (the per-colour means dominate); recall's likeness can.
+    assert torch.nn.functional.cosine_similarity(remembered, new, dim=0) > 0.95
+    assert _likeness(new[None], remembered[None]) < 0.8
+    assert _likeness((remembered * 1.02)[None], remembered[None]) > 0.95  # the kept look, a little off
