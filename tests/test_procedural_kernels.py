@@ -315,15 +315,18 @@ def cull_leaks(model, poses) -> tuple[int, int, int]:
     return dropped, extra, int(torch_tests.sum()), int(kernel_tests.sum()), straddling_hits
 
 
-@pytest.mark.parametrize("options", [
+# Scenes and image shapes the cameras hugging boxes are tried in.
+HUGGING_SCENES = [
     {"scene": "indoor"},
     {"scene": "outdoor"},
     {"scene": "indoor", "busy": True},
     {"scene": "indoor", "image_size": (32, 48)},
     {"scene": "indoor", "image_size": (128, 128)},
-    {"scene": "indoor", "fov_degrees": 30.0},
-    {"scene": "indoor", "fov_degrees": 150.0},
-])
+]
+
+
+@pytest.mark.parametrize("options", [*HUGGING_SCENES, {"scene": "indoor", "fov_degrees": 30.0},
+                                     {"scene": "indoor", "fov_degrees": 150.0}])
 def test_the_kernel_cull_keeps_every_pair_that_hits_at_cameras_hugging_boxes(options):
     model = ProceduralWorldModel(**options)
     rng = np.random.default_rng(5)
@@ -341,13 +344,7 @@ def test_the_kernel_cull_keeps_every_pair_that_hits_at_cameras_hugging_boxes(opt
     assert straddling_hits > 1000  # and those boxes are hit: the test reaches the pairs the new cull decides
 
 
-@pytest.mark.parametrize("options", [
-    {"scene": "indoor"},
-    {"scene": "outdoor"},
-    {"scene": "indoor", "busy": True},
-    {"scene": "indoor", "image_size": (32, 48)},
-    {"scene": "indoor", "image_size": (128, 128)},
-])
+@pytest.mark.parametrize("options", HUGGING_SCENES)
 def test_cameras_hugging_boxes_are_bit_exact_with_the_torch_path(monkeypatch, options):
     from mirage_env.agents.evaluate import torch_threads
 

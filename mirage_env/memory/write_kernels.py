@@ -142,25 +142,24 @@ def _voxel_order(voxel, slot, local, voxels_per_brick, slots):
     n = voxel.shape[0]
     if 8 * n < slots:
         return np.argsort(voxel, kind="mergesort")
-    by_local = np.empty(n, np.int64)
-    start = np.zeros(voxels_per_brick + 1, np.int64)
-    for i in range(n):
-        start[local[i] + 1] += 1
-    for k in range(voxels_per_brick):
+    by_local = _stable_by(local, np.arange(n), voxels_per_brick)
+    return _stable_by(slot, by_local, slots)
+
+
+@njit(cache=True)
+def _stable_by(key, indices, buckets):
+    """``indices`` reordered by ``key[index]`` in [0, buckets), keeping their order within a key (one
+    counting pass)."""
+    start = np.zeros(buckets + 1, np.int64)
+    for i in indices:
+        start[key[i] + 1] += 1
+    for k in range(buckets):
         start[k + 1] += start[k]
-    for i in range(n):
-        by_local[start[local[i]]] = i
-        start[local[i]] += 1
-    order = np.empty(n, np.int64)
-    start = np.zeros(slots + 1, np.int64)
-    for i in range(n):
-        start[slot[i] + 1] += 1
-    for k in range(slots):
-        start[k + 1] += start[k]
-    for i in by_local:
-        order[start[slot[i]]] = i
-        start[slot[i]] += 1
-    return order
+    out = np.empty(indices.shape[0], np.int64)
+    for i in indices:
+        out[start[key[i]]] = i
+        start[key[i]] += 1
+    return out
 
 
 @njit(cache=True)
