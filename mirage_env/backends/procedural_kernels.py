@@ -98,6 +98,21 @@ def _clipped_rectangle(r, o0, o1, o2, lo, hi, fx, fy, cx, cy):
             f_y * vmin + np.float64(cy) - _CLIP_MARGIN, f_y * vmax + np.float64(cy) + _CLIP_MARGIN)
 
 
+@njit(cache=True, inline="always")
+def _centres_within(lo, hi, count):
+    """The first and last of ``count`` pixels whose centre lies in [lo, hi] (count, -1: none). Centres increase
+    along a row or column, so those inside are one run. The bounds are float64: a float32 bound (the torch
+    cull's) widens exactly, and a centre c + 0.5 is exact in either width, so every comparison is the one the
+    float32 arithmetic makes."""
+    first, last = count, -1
+    for c in range(count):
+        centre = np.float64(c) + 0.5
+        if centre >= lo and centre <= hi:
+            first = min(first, c)
+            last = c
+    return first, last
+
+
 @njit(cache=True)
 def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, height, span, to_lo, to_hi):
     """Per box k, the first and last column (``span[k, 0:2]``) and row (``span[k, 2:4]``) of the rays tested
@@ -115,7 +130,6 @@ def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, heig
     of the clipped box, which lies inside the rectangle of that solid's projected vertices (computed in
     float64, so the rectangle's own rounding is negligible beside the margin). The margin is far from tight:
     the test that checks every hitting pair fails at -0.05 px and passes at 0."""
-    half = np.float32(0.5)
     for k in range(box_lo.shape[0]):
         all_front = True
         any_front = False
@@ -142,33 +156,15 @@ def _screen_intervals(r, o0, o1, o2, box_lo, box_hi, fx, fy, cx, cy, width, heig
             umax = max(umax, uu)
             vmin = min(vmin, vv)
             vmax = max(vmax, vv)
-        # Pixel centres increase along a row or column, so those inside a rectangle are one run.
-        span[k, 0], span[k, 1], span[k, 2], span[k, 3] = width, -1, height, -1
         if not all_front and any_front:  # straddles the camera plane: torch tests every ray
             u_lo, u_hi, v_lo, v_hi = _clipped_rectangle(r, o0, o1, o2, box_lo[k], box_hi[k], fx, fy, cx, cy)
-            for c in range(width):
-                centre = np.float64(c) + 0.5
-                if centre >= u_lo and centre <= u_hi:
-                    span[k, 0] = min(span[k, 0], c)
-                    span[k, 1] = c
-            for c in range(height):
-                centre = np.float64(c) + 0.5
-                if centre >= v_lo and centre <= v_hi:
-                    span[k, 2] = min(span[k, 2], c)
-                    span[k, 3] = c
         elif any_front:
-            u_lo, u_hi, v_lo, v_hi = umin - _ONE, umax + _ONE, vmin - _ONE, vmax + _ONE
-            for c in range(width):
-                centre = np.float32(c) + half
-                if centre >= u_lo and centre <= u_hi:
-                    span[k, 0] = min(span[k, 0], c)
-                    span[k, 1] = c
-            for c in range(height):
-                centre = np.float32(c) + half
-                if centre >= v_lo and centre <= v_hi:
-                    span[k, 2] = min(span[k, 2], c)
-                    span[k, 3] = c
-        # else wholly behind the camera: no ray
+            u_lo, u_hi, v_lo, v_hi = (np.float64(umin - _ONE), np.float64(umax + _ONE), np.float64(vmin - _ONE),
+                                      np.float64(vmax + _ONE))
+        else:  # wholly behind the camera: no ray
+            u_lo, u_hi, v_lo, v_hi = np.inf, -np.inf, np.inf, -np.inf
+        span[k, 0], span[k, 1] = _centres_within(u_lo, u_hi, width)
+        span[k, 2], span[k, 3] = _centres_within(v_lo, v_hi, height)
         for a in range(3):
             to_lo[k, a] = box_lo[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
             to_hi[k, a] = box_hi[k, a] - (o0 if a == 0 else (o1 if a == 1 else o2))
