@@ -99,7 +99,7 @@ def test_a_kernel_that_fails_when_first_called_falls_back_to_torch_with_the_same
     def broken(*args, **kwargs):
         raise RuntimeError("test: numba could not compile the kernel")
 
-    monkeypatch.setattr(procedural_kernels, "cast", broken)
+    monkeypatch.setattr(procedural_kernels, "front", broken)
     env = MirageEnv(image_size=32)
     with pytest.warns(RuntimeWarning, match="torch path"):
         observation = env.reset(seed=1)[0]

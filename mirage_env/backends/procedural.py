@@ -525,7 +525,7 @@ class ProceduralWorldModel:
         pose_array = np.ascontiguousarray(poses.numpy())
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path
             depth, surface, face_axis, fog_arg, latent_depth, memory_used, moving, sky, object_ids, centres = \
-                procedural_kernels.cast(
+                procedural_kernels.front(
                     host["rays"], pose_array, world, host["room_lo"], host["room_hi"], host["box_lo"],
                     host["box_hi"], host["motion"], sine, mover_lo, mover_hi, host["moving_boxes"], outdoor, sky_id,
                     camera, f, frames_per_view, mask, memory_depth, memory is not None,

@@ -640,10 +640,6 @@ def mover_boxes(world, time, parameters, room_hi, cos, sin):
     return lo, hi
 
 
-# The name the torch path's fallback test patches: the first kernel a segment calls.
-cast = front
-
-
 @njit(cache=True, inline="always")
 def _mod2(x):
     # ``x % 2`` of a whole float32 (below 2**24 in size, as surface coordinates times a pattern scale are):
