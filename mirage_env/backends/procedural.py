@@ -216,10 +216,7 @@ class ProceduralWorldModel:
             return None
         procedural_kernels = kernels[0]
         host = self._host()
-        # The crate's phase at each world's next frame, and torch's sin of it as _object_boxes takes it.
-        time, angle = procedural_kernels.phases(index, host["time"], host["motion"], 1, 1)
-        sine = torch.sin(torch.from_numpy(angle)).numpy()
-        mover_lo, mover_hi = self._mover_boxes_on_host(procedural_kernels, index, time)
+        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, index, 1, 1)  # at each world's next frame
         out = np.empty(index.size, np.bool_)
         try:
             procedural_kernels.blocked(index, host["room_lo"], host["room_hi"], host["box_lo"], host["box_hi"],
@@ -507,11 +504,7 @@ class ProceduralWorldModel:
         h, w = camera.height // f, camera.width // f
         host = self._host()
         world = np.asarray(worlds, dtype=np.int64)
-        # Each view's time and the sliding crate's phase then, and torch's sin of it on the (B, T) tensor the
-        # torch path takes it of (torch's sin rounds by position in the tensor: vectorised or not).
-        time, angle = procedural_kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
-        sine = torch.sin(torch.from_numpy(angle)).numpy()
-        mover_lo, mover_hi = self._mover_boxes_on_host(procedural_kernels, world, time)
+        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, world, frames, frames_per_view)
         scratch = host["scratch"]
         if memory is None:
             if scratch.get("no_memory", np.empty(0)).shape != (batch, frames, h, w):
@@ -573,15 +566,20 @@ class ProceduralWorldModel:
             },
         )
 
-    def _mover_boxes_on_host(self, kernels, world, time) -> tuple[np.ndarray, np.ndarray]:
-        """The busy scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them, by the kernels
-        with torch's cos and sin between (of the same (B, T) angles); (0, 0, 0, 3) arrays without movers."""
+    def _motion_on_host(self, kernels, world, frames, frames_per_view) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the kernels place the moving boxes from, for (B, T) views of worlds ``world`` (B,) from each
+        world's clock on: torch's sin of the sliding crate's phase (B, T) (torch's sin rounds by position in the
+        tensor, vectorised or not, so it is taken of the (B, T) array the torch path takes it of), and the busy
+        scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them (the kernels with torch's
+        cos and sin between; (0, 0, 0, 3) arrays without movers)."""
         host = self._host()
+        time, angle = kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
+        sine = torch.sin(torch.from_numpy(angle)).numpy()
         if not self.busy:
-            return host["no_movers"], host["no_movers"]
+            return sine, host["no_movers"], host["no_movers"]
         angle = torch.from_numpy(kernels.mover_angles(world, time, host["movers"]))
-        return kernels.mover_boxes(world, time, host["movers"], host["room_hi"], torch.cos(angle).numpy(),
-                                   torch.sin(angle).numpy())
+        return (sine, *kernels.mover_boxes(world, time, host["movers"], host["room_hi"], torch.cos(angle).numpy(),
+                                           torch.sin(angle).numpy()))
 
     def _shade_on_torch(self, poses, world, depth, surface, face_axis, memory, memory_used):
         """Latents and frames from the compiled cast by the torch shading and codec (a shading or codec kernel
