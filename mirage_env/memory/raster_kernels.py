@@ -333,15 +333,6 @@ def world_to_camera_one(c2w):
     return inverse
 
 
-@njit(cache=True)
-def world_to_camera(c2w):
-    """(V, 4, 4) float32 inverses of (V, 4, 4) float64 rigid poses, as :func:`world_to_camera_one`."""
-    inverse = np.empty((c2w.shape[0], 4, 4), np.float32)
-    for v in range(c2w.shape[0]):
-        inverse[v] = world_to_camera_one(c2w[v])
-    return inverse
-
-
 def frustum_constants(camera, radius: float, max_depth: float) -> np.ndarray:
     """The float32 numbers :func:`~.raster.spheres_in_frustum` compares with, for spheres of ``radius``
     (the last one: the offset from a cell's first corner to its centre is set by the caller)."""
