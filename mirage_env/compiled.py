@@ -20,14 +20,16 @@ forces the torch path. It also runs while the kernels are being compiled in the 
 
 from __future__ import annotations
 
+import importlib
 import os
 import warnings
+from types import ModuleType
 
 import torch
 
 from . import kernel_warmup
 
-__all__ = ["KERNELS_ENV", "kernels_enabled", "disable_kernels"]
+__all__ = ["KERNELS_ENV", "kernels_enabled", "kernel_module", "disable_kernels"]
 
 #: Environment variable: "0" turns the compiled kernels off (the torch path runs everywhere); "1" turns
 #: them on at once (a kernel compiles at its first call, a stall on a machine's first run: for benchmarks
@@ -61,6 +63,24 @@ def kernels_enabled(device: torch.device | str) -> bool:
         return True  # "1" asked for the kernels now: they compile at their first call, as numba does
     kernel_warmup.start()  # the torch path (the same bits) until the kernels are compiled in the background
     return False
+
+
+_modules: dict[str, ModuleType] = {}  # kernel modules imported so far, by name
+
+
+def kernel_module(name: str) -> ModuleType | None:
+    """The kernel module ``name`` (absolute: ``"mirage_env.memory.lift_kernels"``), imported once; None, with
+    the kernels given up (one warning), where it cannot be imported (numba missing or broken). Hot paths ask
+    for their modules every step: after the first import this is one dict lookup, not an import statement."""
+    module = _modules.get(name)
+    if module is None:
+        try:
+            module = importlib.import_module(name)
+        except Exception as error:
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        _modules[name] = module
+    return module
 
 
 def disable_kernels(reason: str) -> None:

@@ -86,6 +86,15 @@ def test_a_kernel_that_cannot_load_falls_back_to_torch_with_one_warning(monkeypa
     env.step(0)  # runs on the torch path, no error
 
 
+def test_a_kernel_module_that_cannot_be_imported_turns_the_kernels_off_with_one_warning(monkeypatch):
+    monkeypatch.setenv(compiled.KERNELS_ENV, "1")
+    monkeypatch.setattr(compiled, "_broken", None)
+    assert compiled.kernel_module("mirage_env.memory.lift_kernels") is compiled.kernel_module("mirage_env.memory.lift_kernels")
+    with pytest.warns(RuntimeWarning, match="torch path.*no_such_kernels"):
+        assert compiled.kernel_module("mirage_env.no_such_kernels") is None
+    assert not compiled.kernels_enabled("cpu")
+
+
 def test_a_kernel_that_fails_when_first_called_falls_back_to_torch_with_the_same_frames(monkeypatch):
     # numba compiles lazily, on the first call: a failure there must not reach the user either.
     from mirage_env.backends import procedural_kernels

@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 
 
 def dct_basis(size: int, keep: int) -> torch.Tensor:
@@ -96,10 +96,8 @@ class PatchDCTCodec:
         *lead, channels, h, w = latents.shape
         if channels != self.channels:
             raise ValueError(f"latents have {channels} channels, this codec makes {self.channels}")
-        try:
-            from . import codec_kernels
-        except Exception as error:  # numba missing or broken
-            disable_kernels(f"{type(error).__name__}: {error}")
+        codec_kernels = kernel_module(f"{__package__}.codec_kernels")
+        if codec_kernels is None:
             return None
         coefficients = latents.reshape(-1, 3, self.keep * self.keep, h, w).permute(0, 1, 3, 4, 2)
         patches = (coefficients @ self.basis.T).contiguous()  # (N, 3, h, w, f*f), as decode computes it

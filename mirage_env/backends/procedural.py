@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 from ..geometry import Camera
 from .base import LatentSpec, Segment, SegmentRequest
 from .codec import PatchDCTCodec
@@ -779,20 +779,11 @@ class ProceduralWorldModel:
         return torch.where(is_sky, sky, colour).clamp(0, 1)
 
 
-_KERNELS: tuple | None = None
-
-
 def _kernels() -> tuple | None:
-    """The compiled kernel modules, imported on first use (None, with one warning, where numba cannot load)."""
-    global _KERNELS
-    if _KERNELS is None:
-        try:
-            from . import codec_kernels, procedural_kernels
-        except Exception as error:  # numba missing or broken: the torch path
-            disable_kernels(f"{type(error).__name__}: {error}")
-            return None
-        _KERNELS = (procedural_kernels, codec_kernels)
-    return _KERNELS
+    """(procedural_kernels, codec_kernels); None where numba cannot load them (the torch path runs)."""
+    procedural_kernels = kernel_module(f"{__package__}.procedural_kernels")
+    codec_kernels = kernel_module(f"{__package__}.codec_kernels")
+    return None if procedural_kernels is None or codec_kernels is None else (procedural_kernels, codec_kernels)
 
 
 def _rotate(rotation: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:

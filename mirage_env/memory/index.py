@@ -23,7 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 from ..geometry import Camera
 from .chunks import ChunkIndex
 from .keys import AXIS_BITS, AXIS_OFFSET, EMPTY, KeyTable, bit_words, pack, unpack, world_of
@@ -179,9 +179,10 @@ class BrickIndex:
     def _compiled_slots_for(self, keys: torch.Tensor) -> torch.Tensor | None:
         """:meth:`slots_for` by :func:`.index_kernels.allocate` (None, nothing changed: it would evict, grow or
         rebuild a table, or the kernel could not be built; the torch code then runs)."""
+        index_kernels = kernel_module(f"{__package__}.index_kernels")
+        if index_kernels is None:
+            return None
         try:
-            from . import index_kernels
-
             chunks, slots = self.chunks, np.empty(keys.numel(), np.int64)
             done, taken, fresh, new_bricks, new_chunks = index_kernels.allocate(
                 keys.contiguous().numpy(), self.table.keys.numpy(), self.table.values.numpy(), self.table.mask,
@@ -190,7 +191,7 @@ class BrickIndex:
                 chunks.chunk_size, chunks.keys.numpy(), chunks.members.numpy(), chunks.member_bits.numpy(),
                 chunks.in_use, chunks.table.keys.numpy(),
                 chunks.table.values.numpy(), chunks.table.mask, chunks.table.count, slots)
-        except Exception as error:  # numba missing, or the kernel failed to compile (before changing anything)
+        except Exception as error:  # the kernel failed to compile (before changing anything)
             disable_kernels(f"{type(error).__name__}: {error}")
             return None
         if not done:

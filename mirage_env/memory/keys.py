@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 
 EMPTY = -1  # a free slot in a table, an unused key, an empty voxel
 AXIS_BITS = 16
@@ -134,14 +134,7 @@ class KeyTable:
 
 def _kernels(device: torch.device):
     """:mod:`.keys_kernels` when the compiled kernels run on ``device``, else None (the torch loops run)."""
-    if not kernels_enabled(device):
-        return None
-    try:
-        from . import keys_kernels
-    except Exception as error:  # numba missing or broken
-        disable_kernels(f"{type(error).__name__}: {error}")
-        return None
-    return keys_kernels
+    return kernel_module(f"{__package__}.keys_kernels") if kernels_enabled(device) else None
 
 
 def _ran(kernel, *args) -> bool:

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
@@ -55,20 +55,11 @@ _NUMPY_BITS = {1: np.uint8, 2: np.int16, 4: np.int32, 8: np.int64}
 # The write kernels' "features to convert, not bits": empty, of the bits' dtype of each size.
 _NO_FEATURES = {size: np.zeros((0, 0, 0), dtype) for size, dtype in _NUMPY_BITS.items()}
 
-_MODULES = None  # the kernel modules, once imported (see _kernel_modules)
-
-
-def _kernel_modules():
-    """(lift_kernels, raster_kernels, write_kernels), imported once; None (and the kernels off) if numba is broken."""
-    global _MODULES
-    if _MODULES is None:
-        try:
-            from . import lift_kernels, raster_kernels, write_kernels
-        except Exception as error:  # numba missing or broken
-            disable_kernels(f"{type(error).__name__}: {error}")
-            return None
-        _MODULES = (lift_kernels, raster_kernels, write_kernels)
-    return _MODULES
+def _write_modules():
+    """(lift_kernels, write_kernels); None where numba cannot load them (the torch path runs)."""
+    lift_kernels = kernel_module(f"{__package__}.lift_kernels")
+    write_kernels = kernel_module(f"{__package__}.write_kernels")
+    return None if lift_kernels is None or write_kernels is None else (lift_kernels, write_kernels)
 
 
 _NAN_DEPTH = "depth contains NaN; mark missing depth as +inf (it is then not written)"
@@ -355,11 +346,11 @@ class LatentSpatialMemory:
         tensors are tested with ``is_cpu`` (``device.type`` builds a device object), float constants go to
         the kernels as Python floats (a numpy scalar argument costs numba 0.7 us to type).
         """
-        kernels = _MODULES or _kernel_modules()
+        kernels = _write_modules()
         intake = None if kernels is None else kernel_poses(poses)
         if intake is None or not isinstance(latents, torch.Tensor) or not latents.is_cpu:
             return None
-        lift_kernels, _, write_kernels = kernels
+        lift_kernels, write_kernels = kernels
         c2w, lead, batch, frames = intake
         shape = latents.shape
         if len(shape) != len(lead) + 3 or shape[: len(lead)] != lead or shape[-3] != self.channels:
@@ -570,7 +561,7 @@ class LatentSpatialMemory:
         """The read by :mod:`.raster_kernels` of (B*T, 4, 4) float64 poses ``c2w``: latents (V, C, h*w), mask,
         depth (V*h*w,) and points (V*h*w, 3) as numpy arrays (None: the kernel could not be built, or the
         features' dtype is not one it widens, and the torch path runs)."""
-        raster_kernels = (_MODULES or _kernel_modules() or (None, None))[1]
+        raster_kernels = kernel_module(f"{__package__}.raster_kernels")
         if raster_kernels is None:
             return None
         if camera is not self._read_camera and camera != self._read_camera:

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..compiled import disable_kernels, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled
 from ..geometry import Camera
 
 # Relative depth band around a patch's median taken as its dominant surface (:func:`lift_dominant_surface`).
@@ -85,10 +85,8 @@ def lift_dominant_surface(depth: torch.Tensor, camera: Camera, c2w: torch.Tensor
 
 def _compiled_lift(depth, camera, c2w, factor, surface_tolerance):
     """:func:`lift_dominant_surface` by :mod:`.lift_kernels` (None: the kernel could not be built)."""
-    try:
-        from . import lift_kernels
-    except Exception as error:  # numba missing or broken
-        disable_kernels(f"{type(error).__name__}: {error}")
+    lift_kernels = kernel_module(f"{__package__}.lift_kernels")
+    if lift_kernels is None:
         return None
     *lead, height, width = depth.shape
     try:  # numba compiles on first call (or loads its cache); a failure there means the torch path

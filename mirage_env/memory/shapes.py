@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels
+from ..compiled import disable_kernels, kernel_module
 from ..geometry import check_pose
 
 
@@ -67,29 +67,15 @@ def kernel_poses(poses) -> tuple[np.ndarray, tuple[int, ...], int, int] | None:
     if not 2 <= len(shape) <= 4 or shape[-1] != 4 or shape[-2] != 4:
         return None
     c2w = array.reshape(-1, 4, 4) if array.flags.c_contiguous else np.ascontiguousarray(array).reshape(-1, 4, 4)
-    rigid_and_finite = _RIGID_AND_FINITE or _pose_kernel()
+    shape_kernels = kernel_module(f"{__package__}.shape_kernels")
     try:
-        if rigid_and_finite is None or not rigid_and_finite(c2w.reshape(-1, 16)):
+        if shape_kernels is None or not shape_kernels.rigid_and_finite(c2w.reshape(-1, 16)):
             return None
     except Exception as error:  # the kernel failed to compile: check_pose checks
         disable_kernels(f"{type(error).__name__}: {error}")
         return None
     batch, frames = (1, 1) if len(shape) == 2 else (1, shape[0]) if len(shape) == 3 else shape[:2]
     return c2w, shape[:-2], batch, frames
-
-
-_RIGID_AND_FINITE = None  # shape_kernels.rigid_and_finite once imported (an import statement per call costs 1.5 us)
-
-
-def _pose_kernel():
-    global _RIGID_AND_FINITE
-    try:
-        from .shape_kernels import rigid_and_finite
-    except Exception as error:  # numba missing or broken: check_pose checks
-        disable_kernels(f"{type(error).__name__}: {error}")
-        return None
-    _RIGID_AND_FINITE = rigid_and_finite
-    return rigid_and_finite
 
 
 def check_worlds(worlds, batch: int, num_worlds: int, device: torch.device) -> torch.Tensor:
