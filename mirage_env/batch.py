@@ -336,7 +336,7 @@ class AgentBatch:
         return observation
 
     def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
-        entries = self.world.memory.entries_per_world().numpy()
+        entries = _host(self.world.memory.entries_per_world())
         memory_bytes = self.world.memory.nbytes()
         infos = []
         for i, agent in enumerate(agents):
@@ -464,7 +464,7 @@ class AgentBatch:
         return PendingRestore(self, world, model_state, batch_state, check)
 
     def reset_infos(self, agents: np.ndarray) -> list[dict]:
-        entries = self.world.memory.entries_per_world().numpy()
+        entries = _host(self.world.memory.entries_per_world())
         return [{"memory_entries": int(entries[self.agent_world[a]]), "memory_hit": 0.0} for a in agents]
 
 

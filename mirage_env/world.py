@@ -81,7 +81,9 @@ class World:
             remembered content is never re-sampled at new points (each re-write of a
             projected sample would drift it); "all" writes everything back, as the
             published system does (useful when the model refines what memory shows).
-        device: where memory tensors live (the model manages its own device).
+        device: where memory tensors live (default: the model's ``device`` where it has one, else the
+            CPU, so a model on a GPU reads and writes a memory there). A model may hand its segments back
+            on another device (Wan returns host tensors): they are moved where each step needs them.
     """
 
     def __init__(
@@ -93,7 +95,7 @@ class World:
         filters: KeepFilter | None = None,
         memory_options: dict[str, Any] | None = None,
         write: str = "unseen",
-        device: str | torch.device = "cpu",
+        device: str | torch.device | None = None,
     ):
         if write not in ("unseen", "all"):
             raise ValueError(f"write must be 'unseen' or 'all', got {write!r}")
@@ -106,6 +108,7 @@ class World:
         self.camera = model.camera
         self.latent_camera = model.latent.latent_camera(model.camera)
         voxel_size = voxel_size or getattr(model, "suggested_voxel_size", 0.1)
+        device = getattr(model, "device", "cpu") if device is None else device
         self.memory = LatentSpatialMemory(
             model.latent.channels, voxel_size=voxel_size, num_worlds=num_worlds, device=device,
             **(memory_options or {}),
@@ -206,12 +209,14 @@ class World:
             generator.set_state(rng)
 
     def _remember(self, segment: Segment, worlds: list[int], read: MemoryRead, views: int = 1) -> WorldStep:
+        # The filters compare the segment with the read on the segment's device (no copy when they share one).
+        predicted_depth, predicted_mask = read.depth.to(segment.depth.device), read.mask.to(segment.depth.device)
         keep = self.filters(FilterInputs(
             depth=segment.depth,
             poses=segment.poses,
             camera=self.latent_camera,
-            predicted_depth=read.depth,
-            predicted_mask=read.mask,
+            predicted_depth=predicted_depth,
+            predicted_mask=predicted_mask,
             model_keep=segment.keep,
         ))
         # What memory showed the generator for this segment counts as observed now, so under a
@@ -225,7 +230,7 @@ class World:
                                                   animated=None if segment.keep is None else ~segment.keep)
             keep &= ~claimed.to(keep.device)  # a tracked moving thing leaves no copy in static memory
         if self.write == "unseen":
-            keep &= ~read.mask
+            keep &= ~predicted_mask
         lifted_from_image = segment.image_depth is not None
         # The model's latent depth is typically the image depth's median pool: a free hint for the lift.
         every_world = worlds == list(range(self.num_worlds))  # in order: nothing to check or pick
@@ -272,7 +277,7 @@ class World:
             if len(worlds) == self.num_worlds:
                 return
             # First reset of a sub-batch: fill the others with zeros until they start.
-            full = lambda t: torch.zeros((self.num_worlds, *t.shape[1:]), dtype=t.dtype)  # noqa: E731
+            full = lambda t: torch.zeros((self.num_worlds, *t.shape[1:]), dtype=t.dtype, device=t.device)  # noqa: E731
             self._tail = Segment(latents=full(latents), depth=full(depth), poses=full(poses))
         self._tail.latents[worlds] = latents
         self._tail.depth[worlds] = depth

@@ -61,7 +61,7 @@ class TaskView:
 
     def memory_entries_per_world(self) -> np.ndarray:
         """(num_worlds,) int64 entries in each world's memory."""
-        return self._batch.world.memory.entries_per_world().numpy()
+        return self._batch.world.memory.entries_per_world().cpu().numpy()
 
 
 @dataclass
