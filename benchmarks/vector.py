@@ -1,6 +1,7 @@
 """Batched worlds: aggregate steps/s of MirageVectorEnv against gymnasium's Sync- and AsyncVectorEnv of single envs.
 
     python benchmarks/vector.py [--json out.json] [--sizes 1,8,64] [--seconds 2] [--threads 1] [--async-envs 8] [--profile]
+    python benchmarks/vector.py --device cuda --sizes 64,256,1024 [--json out.json]
 
 Both run N worlds of the default procedural model at 64x64 with memory on and
 random moves (episodes of ``--max-episode-steps``, autoresets included). The
@@ -13,6 +14,11 @@ so more processes than cores add only contention, and 64 processes of torch do n
 fit a small machine's memory; ``speedup_vs_async_64`` divides the native rate at
 N = 64 by it.
 ``--profile`` prints where the native env spends its time at the largest N.
+
+``--device cuda`` times the native env alone with the model and its memory on the GPU (the torch
+path: the compiled kernels are CPU-only), synchronising the device before each clock reading; the
+Sync and Async comparisons are skipped there (N single GPU envs measure Python dispatch, not the
+GPU). The CPU figures are measured as without the option.
 """
 
 from __future__ import annotations
@@ -36,9 +42,10 @@ from mirage_env.env import MirageEnv
 from mirage_env.vector import MirageVectorEnv
 
 
-def make(kind: str, num_envs: int, image_size: int, max_episode_steps: int):
+def make(kind: str, num_envs: int, image_size: int, max_episode_steps: int, device: str = "cpu"):
     if kind == "native":
-        return MirageVectorEnv(num_envs, image_size=image_size, max_episode_steps=max_episode_steps)
+        on_device = {"backend_options": {"device": device}} if device != "cpu" else {}  # memory follows the model
+        return MirageVectorEnv(num_envs, image_size=image_size, max_episode_steps=max_episode_steps, **on_device)
     if kind == "async":
         return gym.vector.AsyncVectorEnv(
             [functools.partial(MirageEnv, image_size=image_size, max_episode_steps=max_episode_steps)
@@ -52,24 +59,28 @@ def make(kind: str, num_envs: int, image_size: int, max_episode_steps: int):
 
 
 def steps_per_second(kind: str, num_envs: int, image_size: int, seconds: float, max_episode_steps: int,
-                     seed: int = 0) -> tuple[float, int]:
+                     seed: int = 0, device: str = "cpu") -> tuple[float, int]:
     """Aggregate sub-environment steps per second over at least ``seconds`` (and 3 batched steps)."""
-    envs = make(kind, num_envs, image_size, max_episode_steps)
+    envs = make(kind, num_envs, image_size, max_episode_steps, device)
+    sync = torch.cuda.synchronize if device.startswith("cuda") else lambda: None
     envs.reset(seed=seed)
     rng = np.random.default_rng(seed)
     for _ in range(3):  # warm-up: allocation of memory bricks, first-call overheads
         envs.step(rng.integers(0, 9, num_envs))
+    sync()
     steps, start = 0, time.perf_counter()
     while steps < 3 or time.perf_counter() - start < seconds:
         envs.step(rng.integers(0, 9, num_envs))
         steps += 1
+        sync()
     elapsed = time.perf_counter() - start
     envs.close()
     return steps * num_envs / elapsed, steps
 
 
-def profile(num_envs: int, image_size: int, steps: int, max_episode_steps: int, top: int = 18) -> str:
-    envs = make("native", num_envs, image_size, max_episode_steps)
+def profile(num_envs: int, image_size: int, steps: int, max_episode_steps: int, top: int = 18,
+            device: str = "cpu") -> str:
+    envs = make("native", num_envs, image_size, max_episode_steps, device)
     envs.reset(seed=0)
     rng = np.random.default_rng(0)
     envs.step(rng.integers(0, 9, num_envs))
@@ -94,7 +105,11 @@ def main() -> None:
     parser.add_argument("--async-envs", type=int, default=8,
                         help="worker processes of the AsyncVectorEnv comparison (0: skip it)")
     parser.add_argument("--profile", action="store_true", help="cProfile the native env at the largest N")
+    parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: the native env alone on the GPU")
     args = parser.parse_args()
+    if args.device != "cpu":
+        gpu_main(args)
+        return
     torch.set_num_threads(args.threads)
     # Kernels on from the first call in this process and in the async workers it starts (they inherit
     # it), not warmed up in the background: every timed step runs the compiled path.
@@ -124,6 +139,27 @@ def main() -> None:
             print(f"native N=64 vs async: {results['speedup_vs_async_64']:.2f}x")
     if args.profile:
         report = profile(max(sizes), args.image_size, steps=10, max_episode_steps=args.max_episode_steps)
+        results["profile"] = report
+        print(f"\nwhere the native env spends its time at N={max(sizes)} (cProfile, 10 steps):\n{report}")
+    write_json(args.json, results)
+
+
+def gpu_main(args) -> None:
+    """Native env steps/s with the model and memory on ``args.device`` (no Sync/Async comparison)."""
+    torch.set_num_threads(args.threads)
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    results = header(args) | {"steps_per_s": {}}
+    print(f"N worlds at {args.image_size}x{args.image_size} (procedural, memory on, random moves) on "
+          f"{torch.cuda.get_device_name(args.device)} (torch path); aggregate sub-environment steps per second")
+    print(f"{'N':>5} {'native':>9} {'ms/step':>9}")
+    for n in sizes:
+        native, steps = steps_per_second("native", n, args.image_size, args.seconds, args.max_episode_steps,
+                                         device=args.device)
+        results["steps_per_s"][str(n)] = native
+        print(f"{n:>5} {native:>9.0f} {1e3 * n / native:>9.2f}", flush=True)
+    results["peak_gpu_memory_gib"] = torch.cuda.max_memory_allocated(args.device) / 2**30
+    if args.profile:  # host-side: on a GPU the time lands on the calls that wait for it (nonzero, item, copies)
+        report = profile(max(sizes), args.image_size, 10, args.max_episode_steps, device=args.device)
         results["profile"] = report
         print(f"\nwhere the native env spends its time at N={max(sizes)} (cProfile, 10 steps):\n{report}")
     write_json(args.json, results)
