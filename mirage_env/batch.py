@@ -336,20 +336,15 @@ class AgentBatch:
         return observation
 
     def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
-        entries = _host(self.world.memory.entries_per_world())
-        memory_bytes = self.world.memory.nbytes()
-        infos = []
-        for i, agent in enumerate(agents):
-            info = {
-                "memory_entries": int(entries[self.agent_world[agent]]),
-                "memory_bytes": int(memory_bytes),
-                "memory_hit": float(self.last_memory_hit[agent]),
-                "collided": bool(self.collided[agent]),
-                "path_length": float(self.path_length[agent]),
-            }
-            if metrics:
-                info.update(metrics[i])
-            infos.append(info)
+        # Each column becomes Python scalars in one tolist, not a conversion per agent and key.
+        entries = _host(self.world.memory.entries_per_world())[self.agent_world[agents]].tolist()
+        memory_bytes = int(self.world.memory.nbytes())
+        columns = zip(entries, self.last_memory_hit[agents].tolist(), self.collided[agents].tolist(),
+                      self.path_length[agents].tolist())
+        infos = [{"memory_entries": entry, "memory_bytes": memory_bytes, "memory_hit": hit, "collided": collided,
+                  "path_length": path} for entry, hit, collided, path in columns]
+        for info, measures in zip(infos, metrics):
+            info.update(measures)
         return infos
 
     # ------------------------------------------------------------------ persistence

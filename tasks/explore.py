@@ -28,8 +28,9 @@ class ExploreTask(Task):
         world = view.agent_world[agents]
         agents_per_world = np.bincount(view.agent_world, minlength=view.num_worlds)[world]
         pixels = view.latent_pixels_per_frame
-        gained = view.last_new_entries[world].astype(np.float64)
-        reward = self.reward_scale * gained / (pixels * agents_per_world)
+        gained = view.last_new_entries[world]
+        reward = self.reward_scale * gained.astype(np.float64) / (pixels * agents_per_world)
         entries = view.memory_entries_per_world()[world]
-        metrics = [{"coverage": int(e), "new_entries": int(g)} for e, g in zip(entries, gained)]
+        # tolist: Python ints in one call, not two numpy scalar conversions per agent
+        metrics = [{"coverage": e, "new_entries": g} for e, g in zip(entries.tolist(), gained.tolist())]
         return TaskStep(reward, np.zeros(len(agents), dtype=bool), metrics)

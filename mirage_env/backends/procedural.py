@@ -342,11 +342,12 @@ class ProceduralWorldModel:
             raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
         # Always draw, so every world consumes its generator the same way whatever it sees (and whichever
         # path runs: the compiled one hands these to the torch path if it cannot run).
-        surfaces = self._surface_count()
-        if len(generators) == 1:
-            fresh = torch.rand(surfaces, 6, generator=generators[0])[None].to(self.device)
-        else:
-            fresh = torch.stack([torch.rand(surfaces, 6, generator=g) for g in generators]).to(self.device)
+        # Drawn in place, a world's row at a time: torch.rand's bits from each generator, without 64 allocations
+        # and a stack at N = 64.
+        fresh = torch.empty(len(generators), self._surface_count(), 6)
+        for row, generator in zip(fresh, generators):
+            row.uniform_(generator=generator)
+        fresh = fresh.to(self.device)
         if kernels_enabled(self.device) and self._compiled_inputs_fit(poses, memory):
             segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
             if segment is not None:
