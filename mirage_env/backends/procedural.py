@@ -342,11 +342,13 @@ class ProceduralWorldModel:
             raise ValueError(f"{frames} frames cannot be split among views={views} cameras per world")
         # Always draw, so every world consumes its generator the same way whatever it sees (and whichever
         # path runs: the compiled one hands these to the torch path if it cannot run).
-        # Drawn in place, a world's row at a time: torch.rand's bits from each generator, without 64 allocations
-        # and a stack at N = 64.
-        fresh = torch.empty(len(generators), self._surface_count(), 6)
-        for row, generator in zip(fresh, generators):
-            row.uniform_(generator=generator)
+        surfaces = self._surface_count()
+        if len(generators) == 1:
+            fresh = torch.rand(surfaces, 6, generator=generators[0])[None]
+        else:  # in place, a world's row at a time: torch.rand's bits, without N allocations and a stack
+            fresh = torch.empty(len(generators), surfaces, 6)
+            for row, generator in zip(fresh.unbind(0), generators):
+                row.uniform_(generator=generator)
         fresh = fresh.to(self.device)
         if kernels_enabled(self.device) and self._compiled_inputs_fit(poses, memory):
             segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
