@@ -326,3 +326,19 @@ def test_eviction_never_reuses_a_brick_the_same_write_is_filling(tmp_path):
     LatentSpatialMemory.load(tmp_path / "m.safetensors")
     with pytest.raises(ValueError, match="max_bricks_per_world must be an integer >= 64"):
         LatentSpatialMemory(4, max_bricks_per_world=10)
+
+
+def test_the_same_cell_of_many_worlds_hashes_to_many_slots():
+    """A key's home slot depends on its world bits too: when it did not, the same brick of 64 worlds shared
+    one home slot and every lookup walked a probe chain as long as the number of worlds."""
+    from mirage_env.memory.keys import KeyTable, pack
+    from mirage_env.memory.keys_kernels import _home
+
+    table = KeyTable(capacity=4096, device=torch.device("cpu"))
+    coords = torch.tensor([[32768, 32770, 32767]]).expand(64, 3)
+    keys = pack(torch.arange(64), coords)
+    homes = KeyTable._hash(keys) & table.mask
+    assert homes.unique().numel() >= 48  # 64 random homes among 8192 slots: ~63.8 distinct
+    assert homes.tolist() == [int(_home(k)) & table.mask for k in keys.numpy()]  # the kernels probe the same slots
+    table.insert(keys, torch.arange(64))
+    assert table.lookup(keys).tolist() == list(range(64))

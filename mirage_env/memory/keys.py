@@ -68,9 +68,12 @@ class KeyTable:
 
     @staticmethod
     def _hash(keys: torch.Tensor) -> torch.Tensor:
-        # Fibonacci hashing; int64 multiplication wraps, which is what we want.
-        mixed = keys * -7046029254386353131
-        return mixed ^ (mixed >> 29)
+        # splitmix64's finaliser (int64 products wrap; >> is arithmetic here and in keys_kernels._home alike).
+        # Every key bit reaches the low bits that pick the slot: a single product does not carry the world
+        # (bits 48+) down, so the same cell of N worlds shared one home slot and probed ~N/2 slots at N = 64.
+        mixed = (keys ^ (keys >> 30)) * -4658895280553007687
+        mixed = (mixed ^ (mixed >> 27)) * -7723592293110705685
+        return mixed ^ (mixed >> 31)
 
     def fits(self, count: int) -> bool:
         """Whether ``count`` more keys keep the table at most half full."""

@@ -17,8 +17,10 @@ _EMPTY = -1
 
 @njit(cache=True, inline="always")
 def _home(key):
-    mixed = key * np.int64(-7046029254386353131)
-    return mixed ^ (mixed >> 29)
+    # KeyTable._hash, operation for operation (splitmix64's finaliser)
+    mixed = (key ^ (key >> 30)) * np.int64(-4658895280553007687)
+    mixed = (mixed ^ (mixed >> 27)) * np.int64(-7723592293110705685)
+    return mixed ^ (mixed >> 31)
 
 
 @njit(cache=True)
