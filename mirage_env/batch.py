@@ -153,6 +153,7 @@ class AgentBatch:
         self.last_memory_hit = np.zeros(n)
         self.last_new_entries = np.zeros(self.num_worlds, dtype=np.int64)
         self.last_step: WorldStep | None = None
+        self._last_arrays_borrowed = False  # last_frames/latents/depth are views of last_step's arrays (_absorb)
         self._rngs = [np.random.default_rng() for _ in range(n)]
 
     @staticmethod
@@ -308,13 +309,28 @@ class AgentBatch:
         per_agent = result.latents.shape[1] // a
         last = lambda t: _host(t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:])  # noqa: E731
         # one frame per latent frame (a video VAE decodes more: result.frames)
-        self.last_frames[agent_rows] = self.crop(last(result.pose_frames))
-        self.last_latents[agent_rows] = last(result.latents.float())
-        self.last_depth[agent_rows] = last(result.depth.float())
+        frames, latents, depth = self.crop(last(result.pose_frames)), last(result.latents.float()), last(result.depth.float())
+        if isinstance(world_rows, slice):
+            # Every world stepped: views of this step's own arrays, which nothing writes to, instead of three
+            # copies (0.18 ms at N = 64); an update of some worlds copies them first (_own_last_arrays).
+            self.last_frames, self.last_latents, self.last_depth = frames, latents, depth
+            self._last_arrays_borrowed = True
+        else:
+            self._own_last_arrays()
+            self.last_frames[agent_rows] = frames
+            self.last_latents[agent_rows] = latents
+            self.last_depth[agent_rows] = depth
         hit = result.memory_hit if per_agent == 1 else result.memory_hit.reshape(n, a, per_agent).mean(-1)
         self.last_memory_hit[agent_rows] = _host(hit).reshape(-1)
         self.last_new_entries[world_rows] = _host(result.new_entries)
         self.last_step = result
+
+    def _own_last_arrays(self) -> None:
+        """Copies of the last frames, latents and depth in place of views of a step's arrays (before a write)."""
+        if self._last_arrays_borrowed:
+            self.last_frames, self.last_latents, self.last_depth = (
+                self.last_frames.copy(), self.last_latents.copy(), self.last_depth.copy())
+            self._last_arrays_borrowed = False
 
     def crop(self, frames):
         """``frames`` (..., H, W, 3) as generated -> (..., h, w, 3) as shown (``image_size``)."""
@@ -429,6 +445,7 @@ class AgentBatch:
             raise
         for name, value in checked.arrays.items():
             setattr(self, name, value)
+        self._last_arrays_borrowed = False
         self._rngs = list(checked.rngs)
 
     # ------------------------------------------------------------------ snapshots

@@ -3,6 +3,7 @@
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.vector import AutoresetMode
 
 import mirage_env  # noqa: F401  (registers the ids)
@@ -131,6 +132,24 @@ def test_reset_mask_restarts_only_the_chosen_worlds():
     np.testing.assert_array_equal(observations["rgb"][[0, 2]], moved["rgb"][[0, 2]])
     np.testing.assert_array_equal(observations["rgb"][1], MirageEnv().reset(seed=1)[0]["rgb"])
     assert infos["_memory_entries"].tolist() == [False, True, False]
+
+
+def test_a_partial_reset_leaves_the_previous_steps_arrays_alone():
+    """The env keeps a step's frames, latents and depth as views of that step's arrays (no copy); resetting
+    some worlds then writes into copies, never into the arrays of the step that made them."""
+    venv = MirageVectorEnv(3, max_episode_steps=50, observations=("rgb", "latent", "depth"))
+    venv.reset(seed=0)
+    venv.step(np.full(3, 5))
+    step = venv.batch.last_step
+    held = [step.frames.clone(), step.latents.clone(), step.depth.clone()]
+    observations, _ = venv.reset(seed=[None, 1, None], options={"reset_mask": np.array([False, True, False])})
+    for before, after in zip(held, (step.frames, step.latents, step.depth)):
+        assert torch.equal(before, after)
+    fresh = MirageEnv(observations=("rgb", "latent", "depth")).reset(seed=1)[0]
+    for key in ("rgb", "latent", "depth"):
+        np.testing.assert_array_equal(observations[key][1], fresh[key])
+        np.testing.assert_array_equal(getattr(venv.batch, {"rgb": "last_frames", "latent": "last_latents",
+                                                            "depth": "last_depth"}[key])[1], fresh[key])
 
 
 @pytest.mark.parametrize("actions, message", [
