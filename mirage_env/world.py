@@ -117,6 +117,7 @@ class World:
         self.generators = [torch.Generator() for _ in range(num_worlds)]
         self.context_frames = int(getattr(model, "context_frames", 1))
         self._tail: Segment | None = None
+        self._tail_borrowed = False  # _tail's tensors are a segment's own (_set_tail)
         self.started = torch.zeros(num_worlds, dtype=torch.bool)
         self.segments_generated = torch.zeros(num_worlds, dtype=torch.int64)
 
@@ -272,13 +273,19 @@ class World:
             latents = torch.cat([latents[:, :1].expand(-1, pad, -1, -1, -1), latents], 1)
             depth = torch.cat([depth[:, :1].expand(-1, pad, -1, -1), depth], 1)
             poses = torch.cat([poses[:, :1].expand(-1, pad, -1, -1), poses], 1)
-        if self._tail is None or len(worlds) == self.num_worlds:
-            self._tail = Segment(latents=latents.clone(), depth=depth.clone(), poses=poses.clone())
-            if len(worlds) == self.num_worlds:
-                return
+        if len(worlds) == self.num_worlds:
+            # The segment's own tensors, which nothing writes to, not clones (0.1 ms at N = 64); an update of
+            # some worlds clones them first.
+            self._tail, self._tail_borrowed = Segment(latents=latents, depth=depth, poses=poses), True
+            return
+        if self._tail is None:
             # First reset of a sub-batch: fill the others with zeros until they start.
             full = lambda t: torch.zeros((self.num_worlds, *t.shape[1:]), dtype=t.dtype, device=t.device)  # noqa: E731
-            self._tail = Segment(latents=full(latents), depth=full(depth), poses=full(poses))
+            self._tail, self._tail_borrowed = Segment(latents=full(latents), depth=full(depth), poses=full(poses)), False
+        if self._tail_borrowed:
+            tail = self._tail
+            self._tail = Segment(latents=tail.latents.clone(), depth=tail.depth.clone(), poses=tail.poses.clone())
+            self._tail_borrowed = False
         self._tail.latents[worlds] = latents
         self._tail.depth[worlds] = depth
         self._tail.poses[worlds] = poses
@@ -443,7 +450,7 @@ class World:
                     filters=filters, write=write, device=device)
         world.memory = memory
         world.generators = generators
-        world._tail = tail
+        world._tail, world._tail_borrowed = tail, False
         world.started = started.clone()
         world.segments_generated = segments.clone()
         return world, model_state

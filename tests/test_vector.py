@@ -135,8 +135,8 @@ def test_reset_mask_restarts_only_the_chosen_worlds():
 
 
 def test_a_partial_reset_leaves_the_previous_steps_arrays_alone():
-    """The env keeps a step's frames, latents and depth as views of that step's arrays (no copy); resetting
-    some worlds then writes into copies, never into the arrays of the step that made them."""
+    """The env and the World keep a step's frames, latents, depth (and the World its tail) as views of that
+    step's arrays (no copy); resetting some worlds then writes into copies, never into the step's arrays."""
     venv = MirageVectorEnv(3, max_episode_steps=50, observations=("rgb", "latent", "depth"))
     venv.reset(seed=0)
     venv.step(np.full(3, 5))
