@@ -307,23 +307,39 @@ class AgentBatch:
             agent_rows = self.agents_of(world_rows)
         n, a = len(worlds), self.agents_per_world
         per_agent = result.latents.shape[1] // a
-        last = lambda t: _host(t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:])  # noqa: E731
+        last = lambda t: t.reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:])  # noqa: E731
         # one frame per latent frame (a video VAE decodes more: result.frames)
-        frames, latents, depth = self.crop(last(result.pose_frames)), last(result.latents.float()), last(result.depth.float())
+        frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(result.depth.float()))
+        latents = last(result.latents.float())
         if isinstance(world_rows, slice):
             # Every world stepped: views of this step's own arrays, which nothing writes to, instead of three
             # copies (0.18 ms at N = 64); an update of some worlds copies them first (_own_last_arrays).
-            self.last_frames, self.last_latents, self.last_depth = frames, latents, depth
+            self.last_frames, self.last_depth = frames, depth
+            if latents.device.type == "cpu":
+                self.last_latents = latents.numpy()
+            else:  # left on the device until something asks (the "latent" observation, a save): a GPU copy less
+                self._last_latents, self._latents_on_device = None, latents
             self._last_arrays_borrowed = True
         else:
             self._own_last_arrays()
             self.last_frames[agent_rows] = frames
-            self.last_latents[agent_rows] = latents
+            self.last_latents[agent_rows] = _host(latents)
             self.last_depth[agent_rows] = depth
         hit = result.memory_hit if per_agent == 1 else result.memory_hit.reshape(n, a, per_agent).mean(-1)
         self.last_memory_hit[agent_rows] = _host(hit).reshape(-1)
         self.last_new_entries[world_rows] = _host(result.new_entries)
         self.last_step = result
+
+    @property
+    def last_latents(self) -> np.ndarray:
+        """(agents, C, h, w) float32: each agent's last latent frame (on the host; taken there on first use)."""
+        if self._latents_on_device is not None:
+            self._last_latents, self._latents_on_device = _host(self._latents_on_device), None
+        return self._last_latents
+
+    @last_latents.setter
+    def last_latents(self, value: np.ndarray) -> None:
+        self._last_latents, self._latents_on_device = value, None
 
     def _own_last_arrays(self) -> None:
         """Copies of the last frames, latents and depth in place of views of a step's arrays (before a write)."""

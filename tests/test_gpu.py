@@ -184,7 +184,8 @@ def test_latent_memory_on_cuda_reads_back_what_it_wrote_and_reads_as_on_the_cpu(
 @pytest.mark.gpu
 def test_four_batched_worlds_on_cuda_equal_four_single_envs_on_cuda():
     seeds, steps = [3, 11, 5, 42], 8
-    options = {"backend_options": {"device": "cuda"}, "observations": OBSERVATIONS, "max_episode_steps": 100}
+    # With "latent": an env on a GPU leaves each step's latents there until an observation or a save asks.
+    options = {"backend_options": {"device": "cuda"}, "observations": (*OBSERVATIONS, "latent"), "max_episode_steps": 100}
     venv = MirageVectorEnv(len(seeds), **options)
     envs = [MirageEnv(**options) for _ in seeds]
     assert venv.world.memory.device.type == "cuda"
@@ -198,6 +199,9 @@ def test_four_batched_worlds_on_cuda_equal_four_single_envs_on_cuda():
             # Measured on an H200: every pixel, depth and reward equal (the maths rounds alike at any batch size).
             assert share_within_one(batched["rgb"][i], single["rgb"]) >= 0.999, f"rgb, step {t}, env {i}"
             assert share_close(batched["depth"][i], single["depth"]) >= 0.999, f"depth, step {t}, env {i}"
+            assert batched["latent"][i].shape == single["latent"].shape == (48, 8, 8)
+            np.testing.assert_allclose(batched["latent"][i], single["latent"], rtol=0, atol=1e-4,
+                                       err_msg=f"latent, step {t}, env {i}")
         if t == steps:
             break
         actions = rng.integers(0, venv.single_action_space.n, len(envs))
