@@ -307,7 +307,9 @@ class AgentBatch:
             agent_rows = self.agents_of(world_rows)
         n, a = len(worlds), self.agents_per_world
         per_agent = result.latents.shape[1] // a
-        last = lambda t: t.reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:])  # noqa: E731
+        # Contiguous before it leaves the device: a GPU tensor keeps its strides on the host, and frames there
+        # come channel-strided (movedim), which made each later read of them a byte-wise gather (0.4 GB/s).
+        last = lambda t: t.reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:]).contiguous()  # noqa: E731
         # one frame per latent frame (a video VAE decodes more: result.frames)
         frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(result.depth.float()))
         latents = last(result.latents.float())
