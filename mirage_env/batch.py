@@ -307,9 +307,13 @@ class AgentBatch:
             agent_rows = self.agents_of(world_rows)
         n, a = len(worlds), self.agents_per_world
         per_agent = result.latents.shape[1] // a
-        # Contiguous before it leaves the device: a GPU tensor keeps its strides on the host, and frames there
-        # come channel-strided (movedim), which made each later read of them a byte-wise gather (0.4 GB/s).
-        last = lambda t: t.reshape(n, a, per_agent, *t.shape[2:])[:, :, -1].reshape(n * a, *t.shape[2:]).contiguous()  # noqa: E731
+        def last(t):  # each agent's last view, (n * a, ...): numpy on the host (a torch op costs several of its)
+            picked = (t.numpy() if t.device.type == "cpu" else t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1]
+            # Contiguous before it leaves a device: a GPU tensor keeps its strides on the host, and frames there
+            # come channel-strided (movedim), which made each later read of them a byte-wise gather (0.4 GB/s).
+            return picked.reshape(n * a, *t.shape[2:]) if t.device.type == "cpu" else \
+                picked.reshape(n * a, *t.shape[2:]).contiguous()
+
         # one frame per latent frame (a video VAE decodes more: result.frames)
         frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(result.depth.float()))
         latents = last(result.latents.float())
@@ -317,8 +321,8 @@ class AgentBatch:
             # Every world stepped: views of this step's own arrays, which nothing writes to, instead of three
             # copies (0.18 ms at N = 64); an update of some worlds copies them first (_own_last_arrays).
             self.last_frames, self.last_depth = frames, depth
-            if latents.device.type == "cpu":
-                self.last_latents = latents.numpy()
+            if isinstance(latents, np.ndarray):
+                self.last_latents = latents
             else:  # left on the device until something asks (the "latent" observation, a save): a GPU copy less
                 self._last_latents, self._latents_on_device = None, latents
             self._last_arrays_borrowed = True
@@ -594,6 +598,8 @@ def generator_from_state(state, field: str, check: StateCheck) -> np.random.Gene
     return np.random.Generator(bit_generator)
 
 
-def _host(tensor: torch.Tensor) -> np.ndarray:
-    """A tensor's values as a numpy array (a view when it is already on the host)."""
+def _host(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
+    """A tensor's values as a numpy array (a view when it is already on the host; an array as it is)."""
+    if isinstance(tensor, np.ndarray):
+        return tensor
     return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
