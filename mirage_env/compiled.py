@@ -16,6 +16,13 @@ oracle the kernels are tested against, and it runs whenever numba is missing or 
 kernel fails to compile (with one warning, never an error). ``MIRAGE_ENV_KERNELS=0``
 forces the torch path. It also runs while the kernels are being compiled in the background
 (:mod:`mirage_env.kernel_warmup`), so a machine's first steps never wait for numba.
+
+For developers: numba's cache is keyed on each kernel module's own file, so editing a helper that
+another kernel module imports (``keys_kernels._home`` in ``index_kernels`` and ``write_kernels``,
+``lift_kernels.kth_smallest`` in ``procedural_kernels``) leaves the importers' cached machine code
+with the old helper. The compiled-versus-torch tests then fail; delete the ``*.nbi``/``*.nbc``
+files under ``mirage_env/**/__pycache__`` after such an edit. An installed release is not affected
+(every file of a new version is new).
 """
 
 from __future__ import annotations
