@@ -29,6 +29,8 @@ import numpy as np
 from numba import njit, prange
 
 from ..memory.lift_kernels import kth_smallest
+# numba caches this module's kernels by this file alone: an edit of the helper imported above must
+# come with an edit here, or a checkout keeps machine code with the old helper (compiled.py).
 from .movers import MOTIONS
 from .movers import SIDE as _MOVER_SIDE
 

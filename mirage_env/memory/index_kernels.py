@@ -19,6 +19,8 @@ import numpy as np
 from numba import njit
 
 from .keys_kernels import _home, insert
+# numba caches this module's kernels by this file alone: an edit of the helper imported above must
+# come with an edit here, or a checkout keeps machine code with the old helper (compiled.py).
 
 _EMPTY = -1
 _AXIS_BITS = 16
