@@ -541,9 +541,10 @@ class ProceduralWorldModel:
                 scratch["patches"] = torch.empty(batch * frames, 3, h, w, f * f)
                 scratch["decode_in"] = torch.empty(batch * frames, 3, h, w, codec.keep * codec.keep)
             patches, decode_in = scratch["patches"], scratch["decode_in"]
+            # Patches memory pastes are not shaded: latents_from_coefficients takes memory's latents there.
             procedural_kernels.shade(host["rays"], pose_array, world, depth, surface, face_axis, fog.numpy(),
                                      host["appearance"], host["ray_length"], outdoor, sky_id, camera.width, f,
-                                     parallel, patches.numpy())
+                                     parallel, patches.numpy(), memory_used.numpy() if memory is not None else None)
             codec_kernels.latents_from_coefficients(
                 (patches @ codec.basis).numpy(), memory_used.numpy(),
                 memory[0].contiguous().numpy() if memory is not None else latents.numpy(), memory is not None,

@@ -651,9 +651,12 @@ def _mod2(x):
 
 @njit(cache=True)
 def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
-                sky_id, width, factor, image):
+                sky_id, width, factor, pasted, use_memory, image):
     """One view a row at a time: each pixel's surface terms looked up, then its pattern in a loop without
-    lookups (the compiler vectorises it), then its colour from the surface's table."""
+    lookups (the compiler vectorises it), then its colour from the surface's table. Patches memory pastes
+    (``pasted``, when ``use_memory``) are not shaded: their latents are memory's, so their colours would
+    only be encoded and thrown away. They get zeros, and a row shades only the columns from its first
+    to its last patch that needs it (a pixel's colour never depends on another's: the same bits)."""
     b = v // frames
     t = v - b * frames
     wb = world[b]
@@ -699,21 +702,40 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
     elevation = np.empty(width, np.float32)
     top0, top1, top2 = sky_colour[0, 0], sky_colour[0, 1], sky_colour[0, 2]
     hor0, hor1, hor2 = sky_colour[1, 0], sky_colour[1, 1], sky_colour[1, 2]
+    skip = np.zeros(w, np.bool_)
+    lo, hi = 0, w
     for row in range(h * factor):
         i = row // factor
         a = row - i * factor
-        first = row * width
-        rx, ry, rz = rays[0, first:first + width], rays[1, first:first + width], rays[2, first:first + width]
-        row_depth, row_surface = depth[b, t, first:first + width], surface[b, t, first:first + width]
-        row_axis, row_fog = face_axis[b, t, first:first + width], fog[b, t, first:first + width]
-        row_length = ray_length[first:first + width]
+        if a == 0:  # a new row of patches: which of them memory pastes, and the span of columns to shade
+            lo, hi = w, 0
+            for j in range(w):
+                skip[j] = use_memory and pasted[b, t, i, j]
+                if not skip[j]:
+                    lo, hi = min(lo, j), j + 1
+        for j in range(w):
+            if skip[j]:
+                for bb in range(factor):
+                    image[v, 0, i, j, a * factor + bb] = zero
+                    image[v, 1, i, j, a * factor + bb] = zero
+                    image[v, 2, i, j, a * factor + bb] = zero
+        if lo >= hi:
+            continue
+        # The row's arrays from the span's first column on, indexed from 0: a loop from a variable start
+        # would index with a possibly negative number, whose wraparound check stops LLVM vectorising it.
+        start, span = lo * factor, (hi - lo) * factor
+        first = row * width + start
+        rx, ry, rz = rays[0, first:first + span], rays[1, first:first + span], rays[2, first:first + span]
+        row_depth, row_surface = depth[b, t, first:first + span], surface[b, t, first:first + span]
+        row_axis, row_fog = face_axis[b, t, first:first + span], fog[b, t, first:first + span]
+        row_length = ray_length[first:first + span]
         patterned = False
-        for c in range(width):
+        for c in range(span):
             s = row_surface[c]
             pixel_scale[c] = scale[s]
             pixel_kind[c] = kind[s]
             patterned |= kind[s] != 0
-        for c in range(width if patterned else 0):
+        for c in range(span if patterned else 0):
             d = row_depth[c]
             q = d if np.isfinite(d) else zero
             x, y, z = rx[c], ry[c], rz[c]
@@ -736,16 +758,19 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
             pattern[c] = checker if k == 1 else (stripes if k == 2 else (brick if k == 3 else one))
         if not patterned:  # plain surfaces only
             pattern[:] = one
-        for c in range(width):
+        for c in range(span):
             light = lit[row_axis[c]]
             entry = 2 * row_surface[c] + (0 if pattern[c] == zero else 1)
             red[c] = mixed[entry, 0] * light
             green[c] = mixed[entry, 1] * light
             blue[c] = mixed[entry, 2] * light
         if not outdoor:
-            for j in range(w):
+            for jj in range(hi - lo):
+                j = lo + jj
+                if skip[j]:
+                    continue
                 for bb in range(factor):
-                    c = j * factor + bb
+                    c = jj * factor + bb
                     f = row_fog[c]
                     haze = np.float32(0.6) * (one - f)
                     image[v, 0, i, j, a * factor + bb] = min(max(red[c] * f + haze, zero), one)
@@ -753,13 +778,16 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
                     image[v, 2, i, j, a * factor + bb] = min(max(blue[c] * f + haze, zero), one)
             continue
         # Outdoors the sky: a gradient between two colours by elevation (-y is up) where the sky shows.
-        for c in range(width):
+        for c in range(span):
             e = -(r10 * rx[c] + r11 * ry[c] + r12 * rz[c]) / row_length[c]
             e = min(max(e, -one), one)
             elevation[c] = min(max(e, zero), one)
-        for j in range(w):
+        for jj in range(hi - lo):
+            j = lo + jj
+            if skip[j]:
+                continue
             for bb in range(factor):
-                c = j * factor + bb
+                c = jj * factor + bb
                 f = row_fog[c]
                 haze = np.float32(0.6) * (one - f)
                 sky = row_surface[c] == sky_id
@@ -774,22 +802,22 @@ def _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, a
 
 @njit(cache=True)
 def _shade_serial(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id,
-                  width, factor, image):
+                  width, factor, pasted, use_memory, image):
     for v in range(image.shape[0]):
         _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
-                    sky_id, width, factor, image)
+                    sky_id, width, factor, pasted, use_memory, image)
 
 
 @njit(cache=True, parallel=True)
 def _shade_parallel(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
-                    sky_id, width, factor, image):
+                    sky_id, width, factor, pasted, use_memory, image):
     for v in prange(image.shape[0]):
         _shade_view(v, frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor,
-                    sky_id, width, factor, image)
+                    sky_id, width, factor, pasted, use_memory, image)
 
 
 def shade(rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id, width, factor,
-          parallel, image):
+          parallel, image, pasted=None):
     """``_shade``: images as codec patches into ``image`` (V, 3, H/f, W/f, f*f) float32 in [0, 1] (what
     ``PatchDCTCodec.encode_patches`` takes, so the codec copies no pixels).
 
@@ -797,11 +825,16 @@ def shade(rays, poses, world, depth, surface, face_axis, fog, appearance, ray_le
     (V = B * T); ``rays`` is (3, P) as ``front`` takes it; ``world`` (B,) is each batch item's row of
     ``appearance`` (W, S, 6). Ray directions are
     recomputed from ``rays`` and ``poses`` in the cast's order (the same bits), cheaper than storing them.
+    ``pasted`` (B, T, h, w) bool, ``front``'s ``memory_used``: patches left unshaded (zeros), as memory's
+    latents replace theirs; None shades every patch.
     """
     frames = poses.shape[1]
+    use_memory = pasted is not None
+    if pasted is None:
+        pasted = np.zeros((1, 1, 1, 1), np.bool_)
     kernel = _shade_parallel if parallel and image.shape[0] > 1 else _shade_serial
     kernel(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id, width,
-           factor, image)
+           factor, pasted, use_memory, image)
     return image
 
 
