@@ -406,8 +406,10 @@ class LatentSpatialMemory:
                     hint = (median_hint.detach() if median_hint.requires_grad else median_hint).numpy()
                     hint = np.ascontiguousarray(hint).reshape(views, h, w)
                 latent_depth, lifted = scratch.latent_depth, scratch.lifted
+                # Only the pixels this write keeps are lifted: the write reads no other (a write of the
+                # default env keeps about a third of them, the rest memory already holds or the filters drop).
                 lift_kernels.lift_into(given, c2w, lift_intrinsics, factor, DOMINANT_SURFACE_TOLERANCE,
-                                       torch.get_num_threads() > 1, hint, lifted, latent_depth)
+                                       torch.get_num_threads() > 1, hint, lifted, latent_depth, keep=keep)
                 lifted = lifted.reshape(-1, 3)
             status, count, written, taken, fresh = write_kernels.write(
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,

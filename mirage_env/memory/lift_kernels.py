@@ -74,7 +74,7 @@ def _band(patch, median, limit, f, near, row_count, column_count):
 
 
 @njit(cache=True)
-def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth):
+def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, keep, points, chosen_depth):
     fx, fy, cx, cy = intrinsics[0], intrinsics[1], intrinsics[2], intrinsics[3]
     f = factor
     middle = (f * f) // 2
@@ -89,8 +89,13 @@ def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, poi
     row_least = np.empty(f, np.float32)
     half = np.float32(0.5)
     m = c2w[v]
+    use_keep = keep.shape[0] > 0
     for i in range(h):
         for j in range(w):
+            if use_keep and not keep[(v * h + i) * w + j]:  # not written: NaN, never read (write_kernels.address)
+                chosen_depth[v, i, j] = np.nan
+                points[v, i, j, 0], points[v, i, j, 1], points[v, i, j, 2] = np.nan, np.nan, np.nan
+                continue
             for a in range(f):
                 source = depth[v, i * f + a]
                 for b in range(f):
@@ -159,17 +164,17 @@ def _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, poi
 
 
 @njit(cache=True)
-def _lift_serial(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, points, chosen_depth):
+def _lift_serial(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, keep, points, chosen_depth):
     tolerance = np.float32(surface_tolerance)  # (a Python float is typed faster than a numpy scalar)
     for v in range(depth.shape[0]):
-        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth)
+        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, keep, points, chosen_depth)
 
 
 @njit(cache=True, parallel=True)
-def _lift_parallel(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, points, chosen_depth):
+def _lift_parallel(depth, c2w, intrinsics, factor, surface_tolerance, hint, use_hint, keep, points, chosen_depth):
     tolerance = np.float32(surface_tolerance)
     for v in prange(depth.shape[0]):
-        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, points, chosen_depth)
+        _lift_view(v, depth, c2w, intrinsics, factor, tolerance, hint, use_hint, keep, points, chosen_depth)
 
 
 def lift_dominant_surface(depth, c2w, camera, factor, surface_tolerance, parallel, median_hint=None):
@@ -187,13 +192,16 @@ def lift_dominant_surface(depth, c2w, camera, factor, surface_tolerance, paralle
     return points, chosen_depth
 
 
-def lift_into(depth, c2w, intrinsics, factor, surface_tolerance, parallel, median_hint, points, chosen_depth):
+def lift_into(depth, c2w, intrinsics, factor, surface_tolerance, parallel, median_hint, points, chosen_depth,
+              keep=None):
     """:func:`lift_dominant_surface` into the caller's ``points`` and ``chosen_depth``, with the depth camera's
-    (fx, fy, cx, cy) as a float64 array (a memory write keeps all three between writes)."""
+    (fx, fy, cx, cy) as a float64 array (a memory write keeps all three between writes). ``keep``: (V * h * w,)
+    bool, the latent pixels the write will store; the others are not lifted (NaN). None or empty: all."""
     use_hint = median_hint is not None
     kernel = _lift_parallel if parallel and depth.shape[0] > 1 else _lift_serial
     kernel(depth, c2w, intrinsics, factor, float(surface_tolerance), median_hint if use_hint else _NO_HINT,
-           use_hint, points, chosen_depth)
+           use_hint, _ALL if keep is None else keep, points, chosen_depth)
 
 
 _NO_HINT = np.empty((0, 0, 0), np.float32)
+_ALL = np.empty(0, np.bool_)  # keep: lift every pixel
