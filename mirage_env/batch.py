@@ -307,12 +307,13 @@ class AgentBatch:
             agent_rows = self.agents_of(world_rows)
         n, a = len(worlds), self.agents_per_world
         per_agent = result.latents.shape[1] // a
-        def last(t):  # each agent's last view, (n * a, ...): numpy on the host (a torch op costs several of its)
-            picked = (t.numpy() if t.device.type == "cpu" else t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1]
+        def last(t):  # each agent's last view, (n * a, ...): in numpy on the host (a torch op costs several)
+            on_host = t.device.type == "cpu"
+            picked = (t.numpy() if on_host else t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1]
+            picked = picked.reshape(n * a, *t.shape[2:])
             # Contiguous before it leaves a device: a GPU tensor keeps its strides on the host, and frames there
             # come channel-strided (movedim), which made each later read of them a byte-wise gather (0.4 GB/s).
-            return picked.reshape(n * a, *t.shape[2:]) if t.device.type == "cpu" else \
-                picked.reshape(n * a, *t.shape[2:]).contiguous()
+            return picked if on_host else picked.contiguous()
 
         # one frame per latent frame (a video VAE decodes more: result.frames)
         frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(result.depth.float()))
