@@ -342,3 +342,25 @@ def test_the_same_cell_of_many_worlds_hashes_to_many_slots():
     assert homes.tolist() == [int(_home(k)) & table.mask for k in keys.numpy()]  # the kernels probe the same slots
     table.insert(keys, torch.arange(64))
     assert table.lookup(keys).tolist() == list(range(64))
+
+
+def test_torch_lookups_follow_probe_sequences_longer_than_one_batch_of_probes(monkeypatch):
+    """KeyTable.lookup on the torch path reads the first slots of every key at once and follows the longer
+    probe sequences one slot at a time: keys sharing one home slot, more of them than one batch reads, are
+    all found, and absent keys (also sharing it, or not) are not."""
+    from mirage_env import compiled
+    from mirage_env.memory import keys as keys_module
+    from mirage_env.memory.keys import KeyTable
+
+    monkeypatch.setenv(compiled.KERNELS_ENV, "0")
+    table = KeyTable(capacity=64, device=torch.device("cpu"))
+    candidates = torch.arange(1, 200_000, dtype=torch.int64)
+    homes = KeyTable._hash(candidates) & table.mask
+    crowded = candidates[homes == 5]
+    assert crowded.numel() > keys_module._PROBES + 4
+    stored, absent = crowded[: keys_module._PROBES + 3], crowded[keys_module._PROBES + 3:][:2]
+    others = candidates[(homes > 40) & (homes < 50)][:20]
+    table.insert(torch.cat([stored, others]), torch.arange(stored.numel() + others.numel()))
+    queries = torch.cat([stored, others, absent, torch.tensor([10**12, 10**13])])
+    expected = list(range(stored.numel() + others.numel())) + [-1] * 4
+    assert table.lookup(queries).tolist() == expected

@@ -15,6 +15,7 @@ import torch
 from ..compiled import disable_kernels, kernel_module, kernels_enabled
 
 EMPTY = -1  # a free slot in a table, an unused key, an empty voxel
+_PROBES = 8  # slots a lookup on the torch path reads at once per key (KeyTable.lookup)
 AXIS_BITS = 16
 AXIS_OFFSET = 1 << (AXIS_BITS - 1)
 WORLD_BITS = 63 - 3 * AXIS_BITS
@@ -92,8 +93,18 @@ class KeyTable:
                                         keys.contiguous().numpy(), result.numpy()):
             return result
         home = self._hash(keys)
-        pending = torch.arange(keys.numel(), device=keys.device)
-        probe = 0
+        # The first _PROBES slots of every key at once: a probe sequence ends at the key or at an empty slot,
+        # and in a table at most half full almost every one ends there. One round per probe would cost a
+        # device synchronisation each (the loop's test of what is left), which bounds a GPU step.
+        slots = (home[:, None] + torch.arange(_PROBES, device=keys.device)) & self.mask  # (N, _PROBES)
+        found_keys = self.keys[slots]
+        hit = found_keys == keys[:, None]
+        ends = hit | (found_keys == EMPTY)
+        first = ends.to(torch.uint8).argmax(1, keepdim=True)  # the first end (argmax: the first maximum)
+        ended, found = ends.gather(1, first).squeeze(1), hit.gather(1, first).squeeze(1)
+        result = torch.where(found, self.values[slots.gather(1, first).squeeze(1)], result)
+        pending = torch.nonzero(~ended).flatten()  # the rare longer sequences go on one probe at a time
+        probe = _PROBES
         while pending.numel() > 0:
             slot = (home[pending] + probe) & self.mask
             found_keys = self.keys[slot]
