@@ -830,12 +830,13 @@ def shade(rays, poses, world, depth, surface, face_axis, fog, appearance, ray_le
     """
     frames = poses.shape[1]
     use_memory = pasted is not None
-    if pasted is None:
-        pasted = np.zeros((1, 1, 1, 1), np.bool_)
     kernel = _shade_parallel if parallel and image.shape[0] > 1 else _shade_serial
     kernel(frames, rays, poses, world, depth, surface, face_axis, fog, appearance, ray_length, outdoor, sky_id, width,
-           factor, pasted, use_memory, image)
+           factor, pasted if use_memory else _NOTHING_PASTED, use_memory, image)
     return image
+
+
+_NOTHING_PASTED = np.zeros((1, 1, 1, 1), np.bool_)  # shade's ``pasted`` when no memory is offered
 
 
 @njit(cache=True, inline="always")
