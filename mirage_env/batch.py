@@ -17,8 +17,7 @@ import torch
 from gymnasium import spaces
 
 from .actions import check_actions
-from .geometry import (MotionConfig, Move, apply_checked_moves, apply_checked_velocities, interpolate_rigs,
-                       poses_from_rigs)
+from .geometry import MotionConfig, Move, apply_checked_moves, apply_checked_velocities, path_poses, poses_from_rigs
 from .memory import FORMAT_VERSION
 from .memory.fileformat import StateCheck
 from .world import World, WorldStep, load_model_state
@@ -233,8 +232,7 @@ class AgentBatch:
         after[blocked, :3] = before[blocked, :3]
         self._check_range(after, labels)
 
-        path = interpolate_rigs(before, after, self.frames_per_step)  # (N, F, 6)
-        poses = torch.from_numpy(poses_from_rigs(path.reshape(-1, 6))).reshape(
+        poses = torch.from_numpy(path_poses(before, after, self.frames_per_step)).reshape(
             self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4
         )
         result = self.world.step(poses, views=self.agents_per_world)

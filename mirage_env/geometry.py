@@ -28,6 +28,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from . import rig_motion
+
 __all__ = [
     "Camera",
     "CameraRig",
@@ -336,38 +338,26 @@ def apply_velocity(rig: CameraRig, velocity, motion: MotionConfig = MotionConfig
 
 
 # --------------------------------------------------------------------------- batched motion
-# The same motion as above, for (N, 6) arrays of rigs (x, y, z, yaw, pitch, roll):
-# vector and multi-agent envs move every camera in one numpy call.
+# The same motion as above, for (N, 6) arrays of rigs (x, y, z, yaw, pitch, roll): vector and
+# multi-agent envs move every camera in one call (mirage_env.rig_motion, compiled where numba runs).
 
 
 def poses_from_rigs(rigs: np.ndarray) -> np.ndarray:
     """(N, 6) rigs -> (N, 4, 4) float64 camera-to-world poses (same convention as pose_from_rig)."""
-    rigs = np.asarray(rigs, dtype=np.float64).reshape(-1, 6)
-    cy, sy = np.cos(rigs[:, 3]), np.sin(rigs[:, 3])
-    cp, sp = np.cos(rigs[:, 4]), np.sin(rigs[:, 4])
-    cr, sr = np.cos(rigs[:, 5]), np.sin(rigs[:, 5])
-    # Filled in place rather than stacked from 27 arrays: this runs every step for a handful of rigs.
-    r_yaw, r_pitch, r_roll = np.zeros((3, rigs.shape[0], 3, 3))
-    r_yaw[:, 0, 0], r_yaw[:, 0, 2], r_yaw[:, 1, 1], r_yaw[:, 2, 0], r_yaw[:, 2, 2] = cy, sy, 1.0, -sy, cy
-    r_pitch[:, 0, 0], r_pitch[:, 1, 1], r_pitch[:, 1, 2], r_pitch[:, 2, 1], r_pitch[:, 2, 2] = 1.0, cp, -sp, sp, cp
-    r_roll[:, 0, 0], r_roll[:, 0, 1], r_roll[:, 1, 0], r_roll[:, 1, 1], r_roll[:, 2, 2] = cr, -sr, sr, cr, 1.0
-    poses = np.zeros((rigs.shape[0], 4, 4))
-    poses[:, :3, :3] = r_yaw @ r_pitch @ r_roll
-    poses[:, :3, 3] = rigs[:, :3]
-    poses[:, 3, 3] = 1.0
+    rigs = np.ascontiguousarray(rigs, dtype=np.float64).reshape(-1, 6)
+    poses = np.empty((rigs.shape[0], 4, 4))
+    rig_motion.run(rig_motion.path_poses, rigs, rigs, 1, poses)
     return poses
 
 
-def _ground_axes(yaw: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(N, 3) forward and right unit vectors on the ground plane for headings ``yaw``."""
-    sin, cos = np.sin(yaw), np.cos(yaw)
-    forward, right = np.zeros((2, yaw.shape[0], 3))
-    forward[:, 0], forward[:, 2], right[:, 0], right[:, 2] = sin, cos, cos, -sin
-    return forward, right
+def path_poses(start: np.ndarray, end: np.ndarray, frames: int) -> np.ndarray:
+    """(N, 6) rigs -> (N * frames, 4, 4) poses at fractions 1/frames .. 1 of the way, yaw the short way round."""
+    poses = np.empty((start.shape[0] * frames, 4, 4))
+    rig_motion.run(rig_motion.path_poses, start, end, frames, poses)
+    return poses
 
 
-# Each move's sign along (forward, right, turn right, look up): one lookup per step instead of
-# eight comparisons (the same +-1.0 / 0.0 values they gave).
+# Each move's sign along (forward, right, turn right, look up).
 _MOVE_SIGNS = np.zeros((len(Move), 4))
 for _move, _axis, _sign in ((Move.FORWARD, 0, 1.0), (Move.BACKWARD, 0, -1.0), (Move.STRAFE_RIGHT, 1, 1.0),
                             (Move.STRAFE_LEFT, 1, -1.0), (Move.TURN_RIGHT, 2, 1.0), (Move.TURN_LEFT, 2, -1.0),
@@ -386,17 +376,11 @@ def apply_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig = Moti
 def apply_checked_moves(rigs: np.ndarray, moves: np.ndarray, motion: MotionConfig) -> np.ndarray:
     """``apply_moves`` for moves that :func:`~mirage_env.actions.check_actions` returned (int64 (N,)), on
     (N, 6) float64 rigs; returns new rigs (an env checks its actions once, not once per use)."""
-    rigs = np.array(rigs, dtype=np.float64)
-    yaw = rigs[:, 3]
-    forward, right = _ground_axes(yaw)
-    signs = _MOVE_SIGNS[moves]
-    along, across, turn, look = signs[:, 0:1], signs[:, 1:2], signs[:, 2], signs[:, 3]
-    rigs[:, :3] += motion.step_metres * (along * forward + across * right)
-    new_yaw = yaw + math.radians(motion.turn_degrees) * turn
-    rigs[:, 3] = np.arctan2(np.sin(new_yaw), np.cos(new_yaw))
-    limit = math.radians(motion.max_pitch_degrees)
-    rigs[:, 4] = np.clip(rigs[:, 4] + math.radians(motion.look_degrees) * look, -limit, limit)
-    return rigs
+    out = np.empty_like(rigs)
+    rig_motion.run(rig_motion.move_rigs, rigs, moves, _MOVE_SIGNS, motion.step_metres,
+                   math.radians(motion.turn_degrees), math.radians(motion.look_degrees),
+                   math.radians(motion.max_pitch_degrees), out)
+    return out
 
 
 def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionConfig = MotionConfig()) -> np.ndarray:
@@ -410,24 +394,8 @@ def apply_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionCon
 def apply_checked_velocities(rigs: np.ndarray, velocities: np.ndarray, motion: MotionConfig) -> np.ndarray:
     """``apply_velocities`` for velocities that :func:`~mirage_env.actions.check_actions` returned
     (float64 (N, 6)), on (N, 6) float64 rigs; returns new rigs."""
-    rigs = np.array(rigs, dtype=np.float64)
-    yaw = rigs[:, 3]
-    forward, right = _ground_axes(yaw)
-    up = np.array([0.0, -1.0, 0.0])
-    rigs[:, :3] += motion.max_speed_metres * (
-        velocities[:, :1] * forward + velocities[:, 1:2] * right + velocities[:, 2:3] * up
-    )
-    turn = math.radians(motion.max_turn_degrees)
-    new_yaw = yaw + turn * velocities[:, 3]
-    rigs[:, 3] = np.arctan2(np.sin(new_yaw), np.cos(new_yaw))
-    rigs[:, 4] = np.clip(rigs[:, 4] + turn * velocities[:, 4], -math.radians(motion.max_pitch_degrees), math.radians(motion.max_pitch_degrees))
-    rigs[:, 5] = np.clip(rigs[:, 5] + turn * velocities[:, 5], -math.radians(motion.max_roll_degrees), math.radians(motion.max_roll_degrees))
-    return rigs
-
-
-def interpolate_rigs(start: np.ndarray, end: np.ndarray, steps: int) -> np.ndarray:
-    """(N, 6) -> (N, steps, 6): rigs at fractions 1/steps .. 1 of the way, yaw the short way round."""
-    fractions = (np.arange(1, steps + 1) / steps)[None, :, None]
-    delta = end - start
-    delta[:, 3] = np.arctan2(np.sin(delta[:, 3]), np.cos(delta[:, 3]))
-    return start[:, None, :] + fractions * delta[:, None, :]
+    out = np.empty_like(rigs)
+    rig_motion.run(rig_motion.fly_rigs, rigs, velocities, motion.max_speed_metres,
+                   math.radians(motion.max_turn_degrees), math.radians(motion.max_pitch_degrees),
+                   math.radians(motion.max_roll_degrees), out)
+    return out
