@@ -15,6 +15,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
+from .compiled import disable_kernels, kernel_module, kernels_enabled
 from .geometry import Camera, invert_pose, unproject
 
 __all__ = [
@@ -204,6 +205,9 @@ class Composed:
     filters: tuple[KeepFilter, ...]
 
     def __call__(self, inputs: FilterInputs) -> torch.Tensor:
+        fused = self._fused_on_host(inputs)
+        if fused is not None:
+            return fused
         masks = [f(inputs) for f in self.filters if not _keeps_everything(f, inputs)]
         if not masks:
             return torch.ones_like(inputs.depth, dtype=torch.bool)
@@ -216,6 +220,40 @@ class Composed:
             result, rest = torch.ones_like(inputs.depth, dtype=torch.bool), masks
         for keep in rest:
             result &= keep
+        return result
+
+
+    def _fused_on_host(self, inputs: FilterInputs) -> torch.Tensor | None:
+        """The chain when it starts with ``valid_depth`` and ``consistent_with_memory`` (as the default does) on
+        host arrays: those two by one compiled kernel (mirage_env.filter_kernels), then the rest; None where
+        the kernels do not run or the inputs do not fit them (the filters run one by one)."""
+        if len(self.filters) < 2 or type(self.filters[0]) is not ValidDepth:
+            return None
+        valid, consistent = self.filters[0], self.filters[1]
+        if type(consistent) is not ConsistentWithMemory or consistent.keeps_everything(inputs):
+            return None
+        depth, predicted, known = inputs.depth, inputs.predicted_depth, inputs.predicted_mask
+        if not (depth.dtype == predicted.dtype == torch.float32 and known.dtype == torch.bool
+                and depth.device.type == predicted.device.type == known.device.type == "cpu"
+                and depth.shape == predicted.shape == known.shape and not depth.requires_grad
+                and kernels_enabled("cpu")):
+            return None
+        kernels = kernel_module("mirage_env.filter_kernels")
+        if kernels is None:
+            return None
+        out = np.empty(depth.shape, np.bool_)
+        try:
+            kernels.valid_and_consistent(
+                depth.contiguous().numpy().reshape(-1), predicted.contiguous().numpy().reshape(-1),
+                known.contiguous().numpy().reshape(-1), np.float32(valid.min_depth), np.float32(valid.max_depth),
+                valid.max_depth != float("inf"), np.float32(consistent.relative_tolerance), out.reshape(-1))
+        except Exception as error:  # numba broken: the filters one by one, for good
+            disable_kernels(f"{type(error).__name__}: {error}")
+            return None
+        result = torch.from_numpy(out)
+        for f in self.filters[2:]:
+            if not _keeps_everything(f, inputs):
+                result &= f(inputs)
         return result
 
 
