@@ -268,8 +268,8 @@ class AgentBatch:
         query = getattr(self.world.model, "blocked", None)
         if query is not None:
             if moving.size:
-                answer = query(torch.from_numpy(self.agent_world[moving]), torch.from_numpy(before[moving, :3]),
-                               torch.from_numpy(after[moving, :3]), float(self.collision_distance))
+                answer = query(self.agent_world[moving], before[moving, :3], after[moving, :3],
+                               float(self.collision_distance))
                 blocked[moving] = torch.as_tensor(answer).cpu().numpy().astype(bool)
             return blocked
         wants_forward = actions == Move.FORWARD if self.action_type == "discrete" else actions[:, 0] > 0

@@ -238,7 +238,10 @@ class World:
                                                   animated=None if segment.keep is None else ~segment.keep)
             keep &= ~claimed.to(keep.device)  # a tracked moving thing leaves no copy in static memory
         if self.write == "unseen":
-            keep &= ~predicted_mask
+            if keep.is_cpu and predicted_mask.is_cpu and keep.is_contiguous():  # numpy: torch ops cost more here
+                np.logical_and(keep.numpy(), np.logical_not(predicted_mask.numpy()), out=keep.numpy())
+            else:
+                keep &= ~predicted_mask
         lifted_from_image = segment.image_depth is not None
         # The model's latent depth is typically the image depth's median pool: a free hint for the lift.
         every_world = worlds == list(range(self.num_worlds))  # in order: nothing to check or pick
@@ -274,7 +277,9 @@ class World:
 
     def _set_tail(self, segment: Segment, worlds: list[int]) -> None:
         k = self.context_frames
-        latents, depth, poses = segment.latents[:, -k:], segment.depth[:, -k:], segment.poses[:, -k:]
+        latents, depth, poses = segment.latents, segment.depth, segment.poses
+        if latents.shape[1] > k:  # (slicing costs a few microseconds a tensor: only when there is more)
+            latents, depth, poses = latents[:, -k:], depth[:, -k:], poses[:, -k:]
         if latents.shape[1] < k:  # a start segment shorter than the context: repeat its first frame
             pad = k - latents.shape[1]
             latents = torch.cat([latents[:, :1].expand(-1, pad, -1, -1, -1), latents], 1)
@@ -543,5 +548,6 @@ def _fraction_true(mask: torch.Tensor) -> torch.Tensor:
     reduction over two dims costs tens of microseconds)."""
     if mask.device.type != "cpu":
         return mask.float().mean(dim=(-1, -2))
-    count = mask.numpy().sum(axis=(-1, -2), dtype=np.int64)
-    return torch.from_numpy(count.astype(np.float32) / np.float32(mask.shape[-1] * mask.shape[-2]))
+    # the ufuncs themselves: ndarray.sum and astype go through Python wrappers, a few microseconds a step
+    count = np.add.reduce(mask.numpy(), axis=(-1, -2), dtype=np.float32)  # exact: at most 2**24 pixels
+    return torch.from_numpy(np.true_divide(count, np.float32(mask.shape[-1] * mask.shape[-2])))

@@ -196,8 +196,8 @@ class KnowsGeometry(Protocol):
     def blocked(self, worlds, start, end, clearance: float) -> torch.Tensor:
         """(N,) bool: whether the scene stops camera i of world ``worlds[i]`` moving straight
         from ``start[i]`` to ``end[i]`` ((N, 3) world positions), keeping ``clearance`` metres
-        from walls and objects. A function of the model's per-world state only (no randomness),
-        so episodes stay reproducible."""
+        from walls and objects (numpy arrays or tensors, on the host: an env passes arrays). A function
+        of the model's per-world state only (no randomness), so episodes stay reproducible."""
         ...
 
 

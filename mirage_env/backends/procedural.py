@@ -34,6 +34,7 @@ against (B, K) boxes with a handful of tensor ops.
 from __future__ import annotations
 
 import math
+import operator
 from typing import Any
 
 import numpy as np
@@ -216,7 +217,7 @@ class ProceduralWorldModel:
             return None
         procedural_kernels = kernels[0]
         host = self._host()
-        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, index, 1, 1)  # at each world's next frame
+        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, host, index, 1, 1)  # at each world's next frame
         out = np.empty(index.size, np.bool_)
         try:
             procedural_kernels.blocked(index, host["room_lo"], host["room_hi"], host["box_lo"], host["box_hi"],
@@ -473,9 +474,9 @@ class ProceduralWorldModel:
     def _host(self) -> dict[str, np.ndarray]:
         """numpy views of the per-world state and the constant tables the kernels read, rebuilt when a state
         tensor is replaced (``_grow``, ``load_state_dict``); in-place updates show through the views."""
-        tensors = tuple(getattr(self, name) for name in self._HOST)
+        tensors = self._host_tensors(self)  # identities compared, C-level: this runs several times a step
         cached = getattr(self, "_host_cache", None)
-        if cached is None or any(a is not b for a, b in zip(cached[0], tensors)):
+        if cached is None or not all(map(operator.is_, cached[0], tensors)):
             views = {name: tensor.numpy() for name, tensor in zip(self._HOST, tensors)}
             views["rays"] = np.ascontiguousarray(self._rays.numpy().T)  # a row per axis: the kernels read rows
             views["ray_length"] = self._ray_length.numpy()
@@ -494,6 +495,7 @@ class ProceduralWorldModel:
 
     _HOST = ("room_lo", "room_hi", "box_lo", "box_hi", "motion", "time", "appearance", "committed", "in_view",
              "movers")
+    _host_tensors = operator.attrgetter(*_HOST)
 
     def _generate_compiled(self, poses, fresh, worlds, memory, frames_per_view) -> Segment | None:
         """``_generate_torch`` as three compiled kernels with torch's exp and the codec's two products between
@@ -507,7 +509,7 @@ class ProceduralWorldModel:
         h, w = camera.height // f, camera.width // f
         host = self._host()
         world = np.asarray(worlds, dtype=np.int64)
-        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, world, frames, frames_per_view)
+        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, host, world, frames, frames_per_view)
         scratch = host["scratch"]
         if memory is None:
             if scratch.get("no_memory", np.empty(0)).shape != (batch, frames, h, w):
@@ -570,13 +572,12 @@ class ProceduralWorldModel:
             },
         )
 
-    def _motion_on_host(self, kernels, world, frames, frames_per_view) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _motion_on_host(self, kernels, host, world, frames, frames_per_view) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """What the kernels place the moving boxes from, for (B, T) views of worlds ``world`` (B,) from each
-        world's clock on: torch's sin of the sliding crate's phase (B, T) (torch's sin rounds by position in the
+        world's clock on (``host``: :meth:`_host`): torch's sin of the sliding crate's phase (B, T) (torch's sin rounds by position in the
         tensor, vectorised or not, so it is taken of the (B, T) array the torch path takes it of), and the busy
         scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them (the kernels with torch's
         cos and sin between; (0, 0, 0, 3) arrays without movers)."""
-        host = self._host()
         time, angle = kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
         sine = torch.sin(torch.from_numpy(angle)).numpy()
         if not self.busy:

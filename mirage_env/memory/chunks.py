@@ -46,7 +46,7 @@ class ChunkIndex:
 
     def nbytes(self) -> int:
         held = (self.keys, self.members, self.member_bits)
-        return sum(t.numel() * t.element_size() for t in held) + self.table.nbytes()
+        return sum(t.nbytes for t in held) + self.table.nbytes()
 
     def add(self, slots: torch.Tensor, brick_keys: torch.Tensor) -> None:
         """Add newly allocated bricks (their ``slots`` and keys) to their chunks, allocating chunks as needed."""

@@ -49,7 +49,7 @@ class WriteClock:
         self.ticks = torch.zeros(num_worlds, dtype=torch.int64, device=device)
 
     def nbytes(self) -> int:
-        return self.ticks.numel() * self.ticks.element_size()
+        return self.ticks.nbytes
 
     def advance(self, touched: torch.Tensor) -> None:
         """One more write for the worlds where ``touched`` (num_worlds,) bool is True."""

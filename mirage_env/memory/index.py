@@ -80,7 +80,7 @@ class BrickIndex:
     def nbytes(self) -> int:
         """Bytes of the brick storage, its tables and the chunk index."""
         held = (self.entry_of, self.occupancy, self.keys, self.world, self.last_write)
-        return sum(t.numel() * t.element_size() for t in held) + self.table.nbytes() + self.chunks.nbytes()
+        return sum(t.nbytes for t in held) + self.table.nbytes() + self.chunks.nbytes()
 
     # ------------------------------------------------------------------ addressing
 

@@ -81,7 +81,7 @@ class KeyTable:
         return 2 * (self.count + count) <= self.mask + 1
 
     def nbytes(self) -> int:
-        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+        return self.keys.nbytes + self.values.nbytes
 
     def lookup(self, keys: torch.Tensor) -> torch.Tensor:
         """Slots of ``keys`` (N,), -1 where absent."""

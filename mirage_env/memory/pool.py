@@ -44,7 +44,7 @@ class EntryPool:
 
     def nbytes(self) -> int:
         held = (self.features, self.points, self.observed_depth, self.origins, self.last_write)
-        return sum(t.numel() * t.element_size() for t in held)
+        return sum(t.nbytes for t in held)
 
     def take(self, worlds: torch.Tensor) -> torch.Tensor:
         """Pool indices for new entries of ``worlds`` (one each): freed ones first, then fresh ones (growing the pool)."""
