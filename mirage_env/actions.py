@@ -21,6 +21,7 @@ __all__ = ["check_actions", "VELOCITY_SIZE"]
 VELOCITY_SIZE = 6
 # Velocities a hair outside [-1, 1] are float32 rounding of a clipped policy output, not mistakes.
 _VELOCITY_SLACK = 1e-6
+_MOVES = len(Move)
 
 
 def _moves_text() -> str:
@@ -42,6 +43,9 @@ def check_actions(actions: Sequence, action_type: str, count: int, labels: Seque
     Returns:
         int64 (N,) moves, or float64 (N, 6) velocities.
     """
+    if action_type == "discrete" and type(actions) is list and len(actions) == count \
+            and all(type(move) is int and 0 <= move < _MOVES for move in actions):
+        return np.array(actions, dtype=np.int64)  # plain ints in range (an env's own list): nothing to report
     try:
         array = np.asarray(actions)
     except ValueError as error:  # ragged nested sequences

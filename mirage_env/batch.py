@@ -307,9 +307,9 @@ class AgentBatch:
         n, a = len(worlds), self.agents_per_world
         per_agent = result.latents.shape[1] // a
         def last(t):  # each agent's last view, (n * a, ...): in numpy on the host (a torch op costs several)
-            on_host = t.device.type == "cpu"
-            picked = (t.numpy() if on_host else t).reshape(n, a, per_agent, *t.shape[2:])[:, :, -1]
-            picked = picked.reshape(n * a, *t.shape[2:])
+            on_host = t.is_cpu
+            # a world's views are agent-major, per_agent each: every per_agent-th from the first one's last
+            picked = (t.numpy() if on_host else t)[:, per_agent - 1 :: per_agent].reshape(n * a, *t.shape[2:])
             # Contiguous before it leaves a device: a GPU tensor keeps its strides on the host, and frames there
             # come channel-strided (movedim), which made each later read of them a byte-wise gather (0.4 GB/s).
             return picked if on_host else picked.contiguous()

@@ -38,9 +38,7 @@ class TaskView:
     def __init__(self, batch: "AgentBatch"):
         self._batch = batch
 
-    def __getattr__(self, name: str):
-        if name in TaskView._ARRAYS:
-            return _read_only(getattr(self._batch, name))
+    def __getattr__(self, name: str):  # only names the class does not define come here
         raise AttributeError(f"a task's view has no {name!r}; it offers {', '.join(sorted(self.names()))}")
 
     @classmethod
@@ -62,6 +60,12 @@ class TaskView:
     def memory_entries_per_world(self) -> np.ndarray:
         """(num_worlds,) int64 entries in each world's memory."""
         return self._batch.world.memory.entries_per_world().cpu().numpy()
+
+
+# The arrays as a property each, not a lookup in __getattr__ (which runs only after a failed one): tasks read
+# several every step.
+for _name in TaskView._ARRAYS:
+    setattr(TaskView, _name, property(lambda self, name=_name: _read_only(getattr(self._batch, name))))
 
 
 @dataclass
