@@ -16,14 +16,18 @@ from numba import njit
 
 
 @njit(cache=True)
-def valid_and_consistent(depth, predicted, known, min_depth, max_depth, check_max, tolerance, out):
-    """``out = valid_depth & consistent_with_memory`` on flat float32 ``depth`` and ``predicted``, bool
-    ``known``; ``min_depth``, ``max_depth`` and ``tolerance`` float32 (``check_max``: max_depth is finite)."""
+def valid_and_consistent(depth, predicted, known, min_depth, max_depth, tolerance, out):
+    """``out = valid_depth & consistent_with_memory`` on C-contiguous float32 ``depth`` and ``predicted``, bool
+    ``known`` and ``out``, all of one shape; ``min_depth``, ``max_depth`` and ``tolerance`` are the filters'
+    floats, compared in float32 (an infinite max_depth keeps every finite depth)."""
+    depth, predicted, known, out = depth.reshape(-1), predicted.reshape(-1), known.reshape(-1), out.reshape(-1)
+    check_max = max_depth != np.inf
+    least, most, share = np.float32(min_depth), np.float32(max_depth), np.float32(tolerance)
     for i in range(depth.size):
         d = depth[i]
-        valid = np.isfinite(d) and d > min_depth
+        valid = np.isfinite(d) and d > least
         if check_max:
-            valid = valid and d <= max_depth
+            valid = valid and d <= most
         # NaN (sky against sky: inf - inf) compares False, as in numpy: only an unknown pixel passes then
         p = predicted[i]
-        out[i] = valid and ((not known[i]) or abs(d - p) <= tolerance * p)
+        out[i] = valid and ((not known[i]) or abs(d - p) <= share * p)

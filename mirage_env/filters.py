@@ -234,8 +234,9 @@ class Composed:
             return None
         depth, predicted, known = inputs.depth, inputs.predicted_depth, inputs.predicted_mask
         if not (depth.dtype == predicted.dtype == torch.float32 and known.dtype == torch.bool
-                and depth.device.type == predicted.device.type == known.device.type == "cpu"
-                and depth.shape == predicted.shape == known.shape and not depth.requires_grad
+                and depth.is_cpu and predicted.is_cpu and known.is_cpu and not depth.requires_grad
+                and depth.shape == predicted.shape == known.shape
+                and depth.is_contiguous() and predicted.is_contiguous() and known.is_contiguous()
                 and kernels_enabled("cpu")):
             return None
         kernels = kernel_module("mirage_env.filter_kernels")
@@ -243,10 +244,8 @@ class Composed:
             return None
         out = np.empty(depth.shape, np.bool_)
         try:
-            kernels.valid_and_consistent(
-                depth.contiguous().numpy().reshape(-1), predicted.contiguous().numpy().reshape(-1),
-                known.contiguous().numpy().reshape(-1), np.float32(valid.min_depth), np.float32(valid.max_depth),
-                valid.max_depth != float("inf"), np.float32(consistent.relative_tolerance), out.reshape(-1))
+            kernels.valid_and_consistent(depth.numpy(), predicted.numpy(), known.numpy(), float(valid.min_depth),
+                                         float(valid.max_depth), float(consistent.relative_tolerance), out)
         except Exception as error:  # numba broken: the filters one by one, for good
             disable_kernels(f"{type(error).__name__}: {error}")
             return None

@@ -43,11 +43,12 @@ class TaskView:
 
     @classmethod
     def names(cls) -> list[str]:
-        return [*cls._ARRAYS, "num_agents", "num_worlds", "motion", "max_episode_steps", "latent_pixels_per_frame",
-                "latent_camera", "rng", "memory_entries_per_world"]
+        return [*cls._ARRAYS, "num_agents", "num_worlds", "agents_per_world", "motion", "max_episode_steps",
+                "latent_pixels_per_frame", "latent_camera", "rng", "memory_entries_per_world"]
 
     num_agents = property(lambda self: self._batch.num_agents)
     num_worlds = property(lambda self: self._batch.num_worlds)
+    agents_per_world = property(lambda self: self._batch.agents_per_world, doc="agents in each world (all the same)")
     motion = property(lambda self: self._batch.motion, doc="MotionConfig (frozen)")
     max_episode_steps = property(lambda self: self._batch.max_episode_steps)
     latent_pixels_per_frame = property(lambda self: self._batch.latent_pixels_per_frame)

@@ -26,10 +26,8 @@ class ExploreTask(Task):
 
     def step(self, view, agents: np.ndarray) -> TaskStep:
         world = view.agent_world[agents]
-        agents_per_world = np.bincount(view.agent_world, minlength=view.num_worlds)[world]
-        pixels = view.latent_pixels_per_frame
         gained = view.last_new_entries[world]
-        reward = self.reward_scale * gained.astype(np.float64) / (pixels * agents_per_world)
+        reward = self.reward_scale * gained.astype(np.float64) / (view.latent_pixels_per_frame * view.agents_per_world)
         entries = view.memory_entries_per_world()[world]
         # tolist: Python ints in one call, not two numpy scalar conversions per agent
         metrics = [{"coverage": e, "new_entries": g} for e, g in zip(entries.tolist(), gained.tolist())]
