@@ -546,8 +546,9 @@ def _fraction_true(mask: torch.Tensor) -> torch.Tensor:
     """(..., h, w) bool -> (...) float32 fraction of True: ``mask.float().mean((-1, -2))``'s value (an exact
     count, then one float32 division, as torch's mean does), counted in numpy for host masks (a torch
     reduction over two dims costs tens of microseconds)."""
-    if mask.device.type != "cpu":
+    if not mask.is_cpu:
         return mask.float().mean(dim=(-1, -2))
     # the ufuncs themselves: ndarray.sum and astype go through Python wrappers, a few microseconds a step
-    count = np.add.reduce(mask.numpy(), axis=(-1, -2), dtype=np.float32)  # exact: at most 2**24 pixels
-    return torch.from_numpy(np.true_divide(count, np.float32(mask.shape[-1] * mask.shape[-2])))
+    fraction = np.add.reduce(mask.numpy(), axis=(-1, -2), dtype=np.float32)  # exact: at most 2**24 pixels
+    fraction /= np.float32(mask.shape[-1] * mask.shape[-2])
+    return torch.from_numpy(fraction)

@@ -266,8 +266,8 @@ class ProceduralWorldModel:
         poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
-        host = poses.numpy() if poses.device.type == "cpu" and not poses.requires_grad else poses.detach().cpu().numpy()
-        if not np.isfinite(host).all():
+        host = poses.numpy() if poses.is_cpu and not poses.requires_grad else poses.detach().cpu().numpy()
+        if not np.logical_and.reduce(np.isfinite(host), axis=None):  # the ufunc: ndarray.all has a Python wrapper
             raise ValueError("poses contain NaN or inf; camera-to-world poses must be finite")
         if len(generators) != poses.shape[0]:
             raise ValueError(f"need one generator per world: {len(generators)} for {poses.shape[0]} worlds")
@@ -461,11 +461,10 @@ class ProceduralWorldModel:
     def _compiled_inputs_fit(self, poses, memory) -> bool:
         """Whether the request is on the CPU with the dtypes the kernels take (other dtypes promote in torch's
         maths, other devices are moved by the torch path)."""
-        if poses.device.type != "cpu" or poses.requires_grad:
+        if not poses.is_cpu or poses.requires_grad:
             return False
-        return memory is None or all(
-            tensor.device.type == "cpu" and tensor.dtype == dtype
-            for tensor, dtype in zip(memory, (torch.float32, torch.bool, torch.float32)))
+        return memory is None or (memory[0].is_cpu and memory[1].is_cpu and memory[2].is_cpu and memory[0].dtype
+                                  == memory[2].dtype == torch.float32 and memory[1].dtype == torch.bool)
 
     def __getstate__(self) -> dict:
         # Copies and pickles make their own host views: a copied view would not share the copied tensor's memory.
