@@ -261,9 +261,8 @@ class World:
                 f"with temporal factor {self.model.latent.temporal_factor} a segment decodes to {expected} "
                 f"(1 + factor x (T - 1)), so frames could not be matched to poses"
             )
-        indices = self.model.latent.frame_indices(latent_frames)
         # Without temporal compression every frame is a pose's frame: the same tensor, not a copy of it.
-        pose_frames = frames if indices == list(range(frames.shape[1])) else frames[:, indices]
+        pose_frames = frames if expected == latent_frames else frames[:, self.model.latent.frame_indices(latent_frames)]
         return WorldStep(
             frames=frames,
             pose_frames=pose_frames,

@@ -543,13 +543,14 @@ def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mo
     batch, frames = poses.shape[:2]
     pixels = rays.shape[1]
     h, w = camera.height // factor, camera.width // factor
-    key = (batch, frames, pixels, h, w)
-    if scratch.get("key") != key:  # what does not leave the model is kept between calls of one shape
+    key = (batch, frames, pixels, h, w, camera)
+    if scratch.get("key") != key:  # what does not leave the model is kept between calls of one shape and camera
         scratch.clear()
         scratch.update(key=key, surface=np.empty((batch, frames, pixels), np.int8),
                        face_axis=np.empty((batch, frames, pixels), np.int8),
                        fog_arg=np.empty((batch, frames, pixels), np.float32),
-                       centre_surface=np.empty((batch, frames, h, w), np.int8))
+                       centre_surface=np.empty((batch, frames, h, w), np.int8),
+                       intrinsics=(_F(camera.fx), _F(camera.fy), _F(camera.cx), _F(camera.cy)))
     surface, face_axis, fog_arg = scratch["surface"], scratch["face_axis"], scratch["fog_arg"]
     depth = np.empty((batch, frames, pixels), np.float32)
     latent_depth = np.empty((batch, frames, h, w), np.float32)
@@ -559,8 +560,9 @@ def front(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mo
     object_ids = np.empty((batch, frames, h, w), np.int64)
     centres = np.empty((batch, frames, movers.shape[0], 3), np.float32)
     kernel = _front_parallel if parallel and batch * frames > 1 else _front_serial
+    fx, fy, cx, cy = scratch["intrinsics"]
     kernel(rays, poses, world, room_lo, room_hi, box_lo, box_hi, motion, sine, mover_lo, mover_hi, movers, outdoor,
-           sky_id, _F(camera.fx), _F(camera.fy), _F(camera.cx), _F(camera.cy), camera.width, camera.height, factor,
+           sky_id, fx, fy, cx, cy, camera.width, camera.height, factor,
            frames_per_view, memory_mask, memory_depth, use_memory, tolerance, fresh, appearance, committed, in_view,
            clock, moving_of, object_of, depth, surface, face_axis, fog_arg, latent_depth, scratch["centre_surface"],
            memory_used, moving, sky, object_ids, centres)
