@@ -229,12 +229,11 @@ class AgentBatch:
         else:
             after = apply_checked_velocities(before, actions, self.motion)
         blocked = self._blocked(before, after, actions)
-        after[blocked, :3] = before[blocked, :3]
+        np.copyto(after[:, :3], before[:, :3], where=blocked[:, None])  # a blocked agent stays where it was
         self._check_range(after, labels)
 
-        poses = torch.from_numpy(path_poses(before, after, self.frames_per_step)).reshape(
-            self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4
-        )
+        poses = torch.from_numpy(path_poses(before, after, self.frames_per_step).reshape(
+            self.num_worlds, self.agents_per_world * self.frames_per_step, 4, 4))
         # The poses come from finite rigs whose range _check_range checked: the World need not check them again.
         result = self.world._advance(poses, views=self.agents_per_world)
         # The World took the step: from here on nothing refuses it.
@@ -247,7 +246,7 @@ class AgentBatch:
 
         all_agents = np.arange(self.num_agents)
         scored = self.task.step(self.view, all_agents)
-        limit = self.max_episode_steps if self.max_episode_steps is not None else np.iinfo(np.int64).max
+        limit = self.max_episode_steps if self.max_episode_steps is not None else _NO_LIMIT
         truncated = (self.steps >= limit) & ~scored.terminated
         infos = self._infos(all_agents, scored.metrics)
         return self.observe(all_agents), scored.reward.astype(np.float64), scored.terminated.astype(bool), truncated, infos
@@ -267,6 +266,9 @@ class AgentBatch:
         blocked = np.zeros(self.num_agents, dtype=bool)
         query = getattr(self.world.model, "blocked", None)
         if query is not None:
+            if moving.size == self.num_agents:  # every agent moved (one agent's moves mostly do): no subset copies
+                answer = query(self.agent_world, before[:, :3], after[:, :3], float(self.collision_distance))
+                return torch.as_tensor(answer).cpu().numpy().astype(bool)  # a copy: the batch writes to it
             if moving.size:
                 answer = query(self.agent_world[moving], before[moving, :3], after[moving, :3],
                                float(self.collision_distance))
@@ -280,6 +282,8 @@ class AgentBatch:
     def _check_range(self, rigs: np.ndarray, labels: list[str] | str) -> None:
         """Refuse, before anything moves, a step that would take a camera outside the world's range."""
         limit = self.world.position_limit
+        if np.maximum.reduce(np.abs(rigs[:, :3]), axis=None) < limit:  # one reduction when all is well
+            return
         outside = (np.abs(rigs[:, :3]) >= limit).any(axis=1)
         if outside.any():
             agents = np.flatnonzero(outside)
@@ -596,6 +600,9 @@ def generator_from_state(state, field: str, check: StateCheck) -> np.random.Gene
     except (TypeError, ValueError, KeyError, OverflowError) as error:
         check.fail(field, f"is not a valid {name} state ({type(error).__name__}: {error})")
     return np.random.Generator(bit_generator)
+
+
+_NO_LIMIT = np.iinfo(np.int64).max  # the step count no episode reaches (np.iinfo costs microseconds a call)
 
 
 def _host(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -182,7 +182,7 @@ class ProceduralWorldModel:
         if start.shape != end.shape or start.shape[0] != index.size:
             raise ValueError(f"blocked() needs one world index and one (3,) start and end per camera, got "
                              f"{index.size} worlds, start {start.shape}, end {end.shape}")
-        if index.size and (index.min() < 0 or index.max() >= self.time.numel()):
+        if index.size and (np.minimum.reduce(index) < 0 or np.maximum.reduce(index) >= self.time.numel()):
             raise ValueError(f"worlds {index.tolist()} include one that was never started "
                              f"({self.time.numel()} started)")
         if self.device.type == "cpu" and kernels_enabled("cpu"):
