@@ -489,6 +489,7 @@ class ProceduralWorldModel:
             views["moving_boxes"] = np.array(movers, dtype=np.int64)
             views["no_movers"] = np.zeros((0, 0, 0, 3))
             views["scratch"] = {}  # the kernels' buffers that never leave the model, by shape
+            views["last_sine"] = None  # _motion_on_host's last phases and their sine (the kernels only read it)
             self._host_cache = cached = (tensors, views)
         return cached[1]
 
@@ -578,7 +579,13 @@ class ProceduralWorldModel:
         scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them (the kernels with torch's
         cos and sin between; (0, 0, 0, 3) arrays without movers)."""
         time, angle = kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
-        sine = torch.sin(torch.from_numpy(angle)).numpy()
+        # A step asks twice for the same phases (its collision check, then its segment): the last answer is kept.
+        last = host["last_sine"]
+        if last is not None and last[0] == angle.shape and last[1] == angle.tobytes():
+            sine = last[2]
+        else:
+            sine = torch.sin(torch.from_numpy(angle)).numpy()
+            host["last_sine"] = (angle.shape, angle.tobytes(), sine)
         if not self.busy:
             return sine, host["no_movers"], host["no_movers"]
         angle = torch.from_numpy(kernels.mover_angles(world, time, host["movers"]))
