@@ -379,7 +379,7 @@ class AgentBatch:
 
     def _infos(self, agents: np.ndarray, metrics: list[dict]) -> list[dict]:
         # Each column becomes Python scalars in one tolist, not a conversion per agent and key.
-        entries = _host(self.world.memory.entries_per_world())[self.agent_world[agents]].tolist()
+        entries = _host(self.world.memory.entries_per_world(copy=False))[self.agent_world[agents]].tolist()
         memory_bytes = int(self.world.memory.nbytes())
         columns = zip(entries, self.last_memory_hit[agents].tolist(), self.collided[agents].tolist(),
                       self.path_length[agents].tolist())
@@ -609,4 +609,4 @@ def _host(tensor: torch.Tensor | np.ndarray) -> np.ndarray:
     """A tensor's values as a numpy array (a view when it is already on the host; an array as it is)."""
     if isinstance(tensor, np.ndarray):
         return tensor
-    return tensor.numpy() if tensor.device.type == "cpu" else tensor.cpu().numpy()
+    return tensor.numpy() if tensor.is_cpu else tensor.cpu().numpy()

@@ -682,9 +682,10 @@ class LatentSpatialMemory:
         entries = entries[entries >= 0].long()
         return self._pool.points[entries], self._pool.features[entries]
 
-    def entries_per_world(self) -> torch.Tensor:
-        """(num_worlds,) number of stored entries of each world."""
-        return self._pool.entries_per_world.clone()
+    def entries_per_world(self, copy: bool = True) -> torch.Tensor:
+        """(num_worlds,) number of stored entries of each world; ``copy=False``: the memory's own counts, to
+        read before the next write changes them (an env's infos and tasks, every step: no clone)."""
+        return self._pool.entries_per_world.clone() if copy else self._pool.entries_per_world
 
     def entries_gained(self) -> torch.Tensor:
         """(num_worlds,) int64 change the last write made to :meth:`entries_per_world`: its new entries, less
