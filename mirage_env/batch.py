@@ -262,13 +262,15 @@ class AgentBatch:
         is refused when the depth straight ahead is shorter than a step plus
         ``collision_distance``; backward, sideways and vertical moves cannot be checked there.
         """
-        moving = np.flatnonzero((after[:, :3] != before[:, :3]).any(axis=1))
-        blocked = np.zeros(self.num_agents, dtype=bool)
+        translated = np.logical_or.reduce(after[:, :3] != before[:, :3], axis=1)
         query = getattr(self.world.model, "blocked", None)
+        if query is not None and np.logical_and.reduce(translated):
+            # every agent moved (one agent's moves mostly do): no subset copies
+            answer = query(self.agent_world, before[:, :3], after[:, :3], float(self.collision_distance))
+            return torch.as_tensor(answer).cpu().numpy().astype(bool)  # a copy: the batch writes to it
+        moving = np.flatnonzero(translated)
+        blocked = np.zeros(self.num_agents, dtype=bool)
         if query is not None:
-            if moving.size == self.num_agents:  # every agent moved (one agent's moves mostly do): no subset copies
-                answer = query(self.agent_world, before[:, :3], after[:, :3], float(self.collision_distance))
-                return torch.as_tensor(answer).cpu().numpy().astype(bool)  # a copy: the batch writes to it
             if moving.size:
                 answer = query(self.agent_world[moving], before[moving, :3], after[moving, :3],
                                float(self.collision_distance))

@@ -263,7 +263,8 @@ class ProceduralWorldModel:
     # ------------------------------------------------------------------ scenes
 
     def _check(self, poses, generators) -> torch.Tensor:
-        poses = torch.as_tensor(poses, dtype=torch.float64)
+        if not isinstance(poses, torch.Tensor) or poses.dtype != torch.float64:  # (a World's are already)
+            poses = torch.as_tensor(poses, dtype=torch.float64)
         if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
         host = poses.numpy() if poses.is_cpu and not poses.requires_grad else poses.detach().cpu().numpy()
