@@ -346,12 +346,13 @@ class ProceduralWorldModel:
         # path runs: the compiled one hands these to the torch path if it cannot run).
         surfaces = self._surface_count()
         if len(generators) == 1:
-            fresh = torch.rand(surfaces, 6, generator=generators[0])[None]
+            fresh = torch.rand(1, surfaces, 6, generator=generators[0])  # the same draws as (surfaces, 6)
         else:  # in place, a world's row at a time: torch.rand's bits, without N allocations and a stack
             fresh = torch.empty(len(generators), surfaces, 6)
             for row, generator in zip(fresh.unbind(0), generators):
                 row.uniform_(generator=generator)
-        fresh = fresh.to(self.device)
+        if self.device.type != "cpu":
+            fresh = fresh.to(self.device)
         if kernels_enabled(self.device) and self._compiled_inputs_fit(poses, memory):
             segment = self._generate_compiled(poses, fresh, worlds, memory, frames // views)
             if segment is not None:
@@ -518,7 +519,7 @@ class ProceduralWorldModel:
                 scratch["no_memory_depth"] = np.zeros((batch, frames, h, w), np.float32)
             mask, memory_depth = scratch["no_memory"], scratch["no_memory_depth"]
         else:
-            mask, memory_depth = memory[1].contiguous().numpy(), memory[2].contiguous().numpy()
+            mask, memory_depth = _contiguous_array(memory[1]), _contiguous_array(memory[2])
         parallel = torch.get_num_threads() > 1
         outdoor, sky_id = self.scene == "outdoor", self._surface_count() - 1
         pose_array = np.ascontiguousarray(poses.numpy())
@@ -550,7 +551,7 @@ class ProceduralWorldModel:
                                      parallel, patches.numpy(), memory_used.numpy() if memory is not None else None)
             codec_kernels.latents_from_coefficients(
                 (patches @ codec.basis).numpy(), memory_used.numpy(),
-                memory[0].contiguous().numpy() if memory is not None else latents.numpy(), memory is not None,
+                _contiguous_array(memory[0]) if memory is not None else latents.numpy(), memory is not None,
                 latents.numpy(), decode_in.numpy(), parallel)
             images = codec_kernels.frames_from_patches((decode_in @ codec.basis.T).numpy(), f, parallel)
             images = torch.from_numpy(images).reshape(batch, frames, camera.height, camera.width, 3)
@@ -789,6 +790,12 @@ class ProceduralWorldModel:
         sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
         is_sky = (surface == sky_id)[..., None]
         return torch.where(is_sky, sky, colour).clamp(0, 1)
+
+
+def _contiguous_array(tensor: torch.Tensor) -> np.ndarray:
+    """A host tensor as a C-contiguous array: a view when it is one already (a memory read's always are; asking
+    is_contiguous costs less than a contiguous() that returns the tensor itself)."""
+    return (tensor if tensor.is_contiguous() else tensor.contiguous()).numpy()
 
 
 def _kernels() -> tuple | None:
