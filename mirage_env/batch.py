@@ -120,7 +120,8 @@ class AgentBatch:
         if shown[0] > camera.height or shown[1] > camera.width:
             raise ValueError(f"image_size {shown} exceeds the {camera.height}x{camera.width} frames the world makes")
         top, left = (camera.height - shown[0]) // 2, (camera.width - shown[1]) // 2
-        self._crop = (slice(top, top + shown[0]), slice(left, left + shown[1]))
+        full = shown == (camera.height, camera.width)
+        self._crop = None if full else (slice(top, top + shown[0]), slice(left, left + shown[1]))
         self.image_size = shown
         self.latent_pixels_per_frame = latent.height * latent.width
         self.action_space = (
@@ -362,6 +363,8 @@ class AgentBatch:
 
     def crop(self, frames):
         """``frames`` (..., H, W, 3) as generated -> (..., h, w, 3) as shown (``image_size``)."""
+        if self._crop is None:  # shown as generated
+            return frames
         return frames[..., self._crop[0], self._crop[1], :]
 
     def observe(self, agents: np.ndarray) -> dict[str, np.ndarray]:
