@@ -169,7 +169,7 @@ class World:
 
     def _advance(self, poses: torch.Tensor, views: int = 1) -> WorldStep:
         """``step`` along poses that need no checks: float64 (B, T, 4, 4), finite, in range (an AgentBatch's,
-        built from rigs it checked; 20 us a step for one env)."""
+        built from rigs it checked; the checks cost 20 us a step for one env)."""
         self._check_started()
         worlds = list(range(self.num_worlds))
         read = self.memory.read(self.latent_camera, poses)
@@ -202,7 +202,7 @@ class World:
                     request, memory_latents=again.latents, memory_mask=again.mask, memory_depth=again.depth))
         result = self._remember(segment, worlds, read, views)
         self._set_tail(segment, worlds)
-        self.segments_generated.add_(1)  # in place: cheaper than += (which rebinds through Python)
+        self.segments_generated.add_(1)  # one in-place call
         return result
 
     def _model_snapshot(self) -> tuple[dict, list]:
@@ -220,7 +220,8 @@ class World:
         # The filters compare the segment with the read on the segment's device (no copy when they share one).
         predicted_depth, predicted_mask = read.depth, read.mask
         if not (predicted_depth.is_cpu and segment.depth.is_cpu):  # (asking is cheaper than a no-op .to)
-            predicted_depth, predicted_mask = predicted_depth.to(segment.depth.device), predicted_mask.to(segment.depth.device)
+            device = segment.depth.device
+            predicted_depth, predicted_mask = predicted_depth.to(device), predicted_mask.to(device)
         keep = self.filters(FilterInputs(
             depth=segment.depth,
             poses=segment.poses,
@@ -264,7 +265,8 @@ class World:
                 f"(1 + factor x (T - 1)), so frames could not be matched to poses"
             )
         # Without temporal compression every frame is a pose's frame: the same tensor, not a copy of it.
-        pose_frames = frames if expected == latent_frames else frames[:, self.model.latent.frame_indices(latent_frames)]
+        pose_frames = frames if expected == latent_frames else \
+            frames[:, self.model.latent.frame_indices(latent_frames)]
         return WorldStep(
             frames=frames,
             pose_frames=pose_frames,

@@ -217,7 +217,8 @@ class ProceduralWorldModel:
             return None
         procedural_kernels = kernels[0]
         host = self._host()
-        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, host, index, 1, 1)  # at each world's next frame
+        # at each world's next frame
+        sine, mover_lo, mover_hi = self._motion_on_host(procedural_kernels, host, index, 1, 1)
         out = np.empty(index.size, np.bool_)
         try:
             procedural_kernels.blocked(index, host["room_lo"], host["room_hi"], host["box_lo"], host["box_hi"],
@@ -574,12 +575,14 @@ class ProceduralWorldModel:
             },
         )
 
-    def _motion_on_host(self, kernels, host, world, frames, frames_per_view) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What the kernels place the moving boxes from, for (B, T) views of worlds ``world`` (B,) from each
-        world's clock on (``host``: :meth:`_host`): torch's sin of the sliding crate's phase (B, T) (torch's sin rounds by position in the
-        tensor, vectorised or not, so it is taken of the (B, T) array the torch path takes it of), and the busy
-        scene's movers (B, T, M, 3) float64 as :func:`.movers.mover_boxes` places them (the kernels with torch's
-        cos and sin between; (0, 0, 0, 3) arrays without movers)."""
+    def _motion_on_host(self, kernels, host, world, frames,
+                        frames_per_view) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What the kernels place the moving boxes from, for (B, T) views of worlds ``world`` (B,) from
+        each world's clock on (``host``: :meth:`_host`): torch's sin of the sliding crate's phase (B, T)
+        (torch's sin rounds by position in the tensor, vectorised or not, so it is taken of the (B, T) array
+        the torch path takes it of), and the busy scene's movers (B, T, M, 3) float64 as
+        :func:`.movers.mover_boxes` places them (the kernels with torch's cos and sin between; (0, 0, 0, 3)
+        arrays without movers)."""
         time, angle = kernels.phases(world, host["time"], host["motion"], frames, frames_per_view)
         # A step asks twice for the same phases (its collision check, then its segment): the last answer is kept.
         last = host["last_sine"]
