@@ -77,12 +77,14 @@ def _run() -> None:
 
 def _exercise() -> None:
     """Step tiny private worlds through every kernel a default env calls: the procedural model's cast,
-    shade and codec, the memory's lift, write, read and keys, the collision check; one world for the
-    serial kernels and, when torch runs on several threads, two for the parallel ones."""
+    shade and codec, the memory's lift, write, read and keys, the filters, the collision check and the
+    camera motion (continuous moves too); one world for the serial kernels and, when torch runs on
+    several threads, two for the parallel ones."""
+    import numpy as np
     import torch
 
     from .env import MirageEnv
-    from .geometry import Move
+    from .geometry import Move, apply_velocities
     from .vector import MirageVectorEnv
 
     # The envs draw from their own generators only: the user's global RNG streams do not move.
@@ -92,6 +94,8 @@ def _exercise() -> None:
     for move in moves:
         env.step(move)
     env.close()
+    # Continuous actions move cameras by their own compiled function (mirage_env.rig_motion).
+    apply_velocities(np.zeros((1, 6)), np.zeros((1, 6)))
     if torch.get_num_threads() > 1:
         vector = MirageVectorEnv(2, image_size=32, max_episode_steps=None)
         vector.reset(seed=0)
