@@ -222,7 +222,6 @@ class Composed:
             result &= keep
         return result
 
-
     def _fused_on_host(self, inputs: FilterInputs) -> torch.Tensor | None:
         """The chain when it starts with ``valid_depth`` and ``consistent_with_memory`` (as the default does) on
         host arrays: those two by one compiled kernel (mirage_env.filter_kernels), then the rest; None where

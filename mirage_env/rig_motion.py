@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import math
 
-import numpy as np
-
 from .compiled import disable_kernels, kernels_enabled
 
 __all__ = ["move_rigs", "fly_rigs", "path_poses", "run"]

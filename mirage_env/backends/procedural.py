@@ -520,7 +520,7 @@ class ProceduralWorldModel:
                 scratch["no_memory_depth"] = np.zeros((batch, frames, h, w), np.float32)
             mask, memory_depth = scratch["no_memory"], scratch["no_memory_depth"]
         else:
-            mask, memory_depth = _contiguous_array(memory[1]), _contiguous_array(memory[2])
+            mask, memory_depth = (np.ascontiguousarray(tensor.numpy()) for tensor in memory[1:])
         parallel = torch.get_num_threads() > 1
         outdoor, sky_id = self.scene == "outdoor", self._surface_count() - 1
         pose_array = np.ascontiguousarray(poses.numpy())
@@ -552,7 +552,7 @@ class ProceduralWorldModel:
                                      parallel, patches.numpy(), memory_used.numpy() if memory is not None else None)
             codec_kernels.latents_from_coefficients(
                 (patches @ codec.basis).numpy(), memory_used.numpy(),
-                _contiguous_array(memory[0]) if memory is not None else latents.numpy(), memory is not None,
+                np.ascontiguousarray(memory[0].numpy()) if memory is not None else latents.numpy(), memory is not None,
                 latents.numpy(), decode_in.numpy(), parallel)
             images = codec_kernels.frames_from_patches((decode_in @ codec.basis.T).numpy(), f, parallel)
             images = torch.from_numpy(images).reshape(batch, frames, camera.height, camera.width, 3)
@@ -793,12 +793,6 @@ class ProceduralWorldModel:
         sky = sky_horizon + (sky_top - sky_horizon) * elevation.clamp(0, 1)
         is_sky = (surface == sky_id)[..., None]
         return torch.where(is_sky, sky, colour).clamp(0, 1)
-
-
-def _contiguous_array(tensor: torch.Tensor) -> np.ndarray:
-    """A host tensor as a C-contiguous array: a view when it is one already (a memory read's always are; asking
-    is_contiguous costs less than a contiguous() that returns the tensor itself)."""
-    return (tensor if tensor.is_contiguous() else tensor.contiguous()).numpy()
 
 
 def _kernels() -> tuple | None:
