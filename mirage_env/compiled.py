@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import threading
 import warnings
 from types import ModuleType
 
@@ -36,7 +37,7 @@ import torch
 
 from . import kernel_warmup
 
-__all__ = ["KERNELS_ENV", "kernels_enabled", "kernel_module", "disable_kernels"]
+__all__ = ["KERNELS_ENV", "kernels_enabled", "kernel_module", "disable_kernels", "parallel_kernels"]
 
 #: Environment variable: "0" turns the compiled kernels off (the torch path runs everywhere); "1" turns
 #: them on at once (a kernel compiles at its first call, a stall on a machine's first run: for benchmarks
@@ -86,6 +87,29 @@ def _setting() -> str | None:
         return os.environ.get(KERNELS_ENV)
     value = _ENVIRON.get(_KEY)
     return None if value is None else _VALUES.get(value, "other")
+
+
+# Torch thread count that numba's was last matched to, per Python thread (numba's count is thread-local).
+_matched_threads: dict[int, int] = {}
+
+
+def parallel_kernels() -> bool:
+    """True when the kernels should run their parallel form: torch is given more than one thread.
+
+    numba's own pool defaults to every core, so a process told ``torch.set_num_threads(2)`` on a
+    16-core machine would still run the kernels on 16 threads; its count is matched to torch's here
+    (capped at ``NUMBA_NUM_THREADS``), so one setting bounds every thread a step uses.
+    """
+    threads = torch.get_num_threads()
+    if threads == 1:
+        return False
+    thread = threading.get_ident()
+    if _matched_threads.get(thread) != threads:
+        import numba
+
+        numba.set_num_threads(min(threads, numba.config.NUMBA_NUM_THREADS))
+        _matched_threads[thread] = threads
+    return True
 
 
 _modules: dict[str, ModuleType] = {}  # kernel modules imported so far, by name

@@ -75,6 +75,20 @@ def test_kernels_run_on_cpu_only_and_can_be_turned_off(monkeypatch):
     assert not compiled.kernels_enabled("cpu")
 
 
+def test_the_kernels_threads_follow_torchs_thread_count(monkeypatch):
+    numba = pytest.importorskip("numba")
+    monkeypatch.setattr(compiled, "_matched_threads", {})
+    before = numba.get_num_threads()  # restored after, so the real record of matched counts stays true
+    numba.set_num_threads(1)  # as if numba had been left at another count than torch's
+    try:
+        with torch_threads(1):
+            assert not compiled.parallel_kernels()
+        with torch_threads(2):
+            assert compiled.parallel_kernels()
+            assert numba.get_num_threads() == min(2, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        numba.set_num_threads(before)
+
 def test_a_kernel_that_cannot_load_falls_back_to_torch_with_one_warning(monkeypatch):
     monkeypatch.setenv(compiled.KERNELS_ENV, "1")
     monkeypatch.setattr(compiled, "_broken", None)

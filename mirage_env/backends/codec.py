@@ -18,7 +18,7 @@ import math
 
 import torch
 
-from ..compiled import disable_kernels, kernel_module, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels
 
 
 def dct_basis(size: int, keep: int) -> torch.Tensor:
@@ -102,7 +102,7 @@ class PatchDCTCodec:
         coefficients = latents.reshape(-1, 3, self.keep * self.keep, h, w).permute(0, 1, 3, 4, 2)
         patches = (coefficients @ self.basis.T).contiguous()  # (N, 3, h, w, f*f), as decode computes it
         try:
-            frames = codec_kernels.frames_from_patches(patches.numpy(), self.factor, torch.get_num_threads() > 1)
+            frames = codec_kernels.frames_from_patches(patches.numpy(), self.factor, parallel_kernels())
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None

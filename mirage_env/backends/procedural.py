@@ -40,7 +40,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernel_module, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels
 from ..geometry import Camera
 from .base import LatentSpec, Segment, SegmentRequest
 from .codec import PatchDCTCodec
@@ -521,7 +521,7 @@ class ProceduralWorldModel:
             mask, memory_depth = scratch["no_memory"], scratch["no_memory_depth"]
         else:
             mask, memory_depth = (np.ascontiguousarray(tensor.numpy()) for tensor in memory[1:])
-        parallel = torch.get_num_threads() > 1
+        parallel = parallel_kernels()
         outdoor, sky_id = self.scene == "outdoor", self._surface_count() - 1
         pose_array = np.ascontiguousarray(poses.numpy())
         try:  # numba compiles on first call (or loads its cache); a failure there means the torch path

@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernel_module, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels, parallel_kernels
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
@@ -409,7 +409,7 @@ class LatentSpatialMemory:
                 # Only the pixels this write keeps are lifted: the write reads no other (a write of the
                 # default env's 64 worlds keep 6.5% of them, the rest memory already holds or the filters drop).
                 lift_kernels.lift_into(given, c2w, lift_intrinsics, factor, DOMINANT_SURFACE_TOLERANCE,
-                                       torch.get_num_threads() > 1, hint, lifted, latent_depth, keep=keep)
+                                       parallel_kernels(), hint, lifted, latent_depth, keep=keep)
                 lifted = lifted.reshape(-1, 3)
             status, count, written, taken, fresh = write_kernels.write(
                 given.reshape(-1), latent_depth, keep, lifted, c2w, intrinsics, frames, world_index,
@@ -590,7 +590,7 @@ class LatentSpatialMemory:
                 frames, c2w, batch_of_world, store.chunk_keys, store.members, store.member_bits, store.brick_keys,
                 store.entry_of, store.occupancy, store.points, store.origins, store.features, kind, camera, constants,
                 self.chunk_size, self.brick_size * self.voxel_size, self.max_read_depth, self.revisit_radius,
-                self.surface_tolerance, self._read_scratch, torch.get_num_threads() > 1)
+                self.surface_tolerance, self._read_scratch, parallel_kernels())
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             return None

@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from ..compiled import disable_kernels, kernel_module, kernels_enabled
+from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels
 from ..geometry import Camera
 
 # Relative depth band around a patch's median taken as its dominant surface (:func:`lift_dominant_surface`).
@@ -93,7 +93,7 @@ def _compiled_lift(depth, camera, c2w, factor, surface_tolerance):
         points, chosen = lift_kernels.lift_dominant_surface(
             depth.reshape(-1, height, width).to(torch.float32).contiguous().numpy(),
             c2w.reshape(-1, 4, 4).to(torch.float64).contiguous().numpy(), camera, factor, surface_tolerance,
-            torch.get_num_threads() > 1)
+            parallel_kernels())
     except Exception as error:
         disable_kernels(f"{type(error).__name__}: {error}")
         return None
