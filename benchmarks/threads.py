@@ -42,19 +42,19 @@ def main() -> None:
     results = header(args) | {"cores": cores, "steps_per_s": {}, "efficiency": {}}
     print(f"MirageVectorEnv, {args.image_size}x{args.image_size}, compiled kernels, {cores} cores; "
           "aggregate steps/s (efficiency: per-thread rate over the 1-thread rate)")
-    print(f"{'threads':>7} " + " ".join(f"{'N=' + str(n):>16}" for n in sizes))
-    for threads in counts:
+    print(f"{'threads':>7} " + " ".join(f"{'N=' + str(n):>9}" for n in sizes))
+    for threads in counts:  # in the order given: rerun a count later in the list to see the machine drift
         torch.set_num_threads(threads)
-        row = {}
-        for n in sizes:
-            row[str(n)], _ = steps_per_second("native", n, args.image_size, args.seconds, args.max_episode_steps)
-        results["steps_per_s"][str(threads)] = row
-        base = results["steps_per_s"].get("1")
-        if base:
-            results["efficiency"][str(threads)] = {n: rate / (threads * base[n]) for n, rate in row.items()}
-        cells = [f"{row[str(n)]:>9.0f}" + (f" ({results['efficiency'][str(threads)][str(n)]:.2f})" if base else "")
-                 for n in sizes]
-        print(f"{threads:>7} " + " ".join(f"{c:>16}" for c in cells), flush=True)
+        row = {str(n): steps_per_second("native", n, args.image_size, args.seconds, args.max_episode_steps)[0]
+               for n in sizes}
+        results["steps_per_s"][str(threads)] = row  # a repeated count keeps its last run
+        print(f"{threads:>7} " + " ".join(f"{row[str(n)]:>9.0f}" for n in sizes), flush=True)
+    base = results["steps_per_s"].get("1")
+    if base:
+        for threads, row in results["steps_per_s"].items():
+            results["efficiency"][threads] = {n: rate / (int(threads) * base[n]) for n, rate in row.items()}
+        print("efficiency: " + "; ".join(
+            f"{t} threads " + " ".join(f"{e:.2f}" for e in row.values()) for t, row in results["efficiency"].items()))
     write_json(args.json, results)
 
 
