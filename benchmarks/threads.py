@@ -17,12 +17,11 @@ import sys
 
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from mirage_env.benchreport import header, write_json
+from mirage_env.compiled import KERNELS_ENV
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # the timing of benchmarks/vector.py, shared
 from vector import steps_per_second  # noqa: E402
-
-from mirage_env.benchreport import header, write_json  # noqa: E402
-from mirage_env.compiled import KERNELS_ENV  # noqa: E402
 
 
 def main() -> None:

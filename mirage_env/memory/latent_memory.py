@@ -19,7 +19,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels, parallel_kernels
+from ..compiled import disable_kernels, kernel_module, kernels_enabled, parallel_kernels
 from ..geometry import Camera, invert_pose, unproject
 from .fileformat import (
     FORMAT_VERSION,
