@@ -12,7 +12,8 @@ The compiled CPU kernels (mirage_env/compiled.py) are timed against the torch pa
 whose load wanders still gives a fair ratio (``speedup_vs_torch_64``); the reported
 rate is the median round. ``gymnasium_benchmark_step_64`` is Gymnasium's own
 ``gymnasium.utils.performance.benchmark_step`` on the same env (random actions from
-the action space, resets included): the figure a user would measure.
+the action space, resets included): the figure a user would measure. The JSON also
+keeps every round's rate (``rounds_steps_per_s_*``).
 """
 
 from __future__ import annotations
@@ -122,6 +123,8 @@ def main() -> None:
         results[f"steps_per_s_{size}"] = rate
         results[f"torch_path_steps_per_s_{size}"] = torch_rate
         results[f"speedup_vs_torch_{size}"] = rate / torch_rate
+        # every round, in order: the spread shows how much the machine wandered during the run
+        results[f"rounds_steps_per_s_{size}"] = {"compiled": rates[True], "torch": rates[False]}
         for name, r in (("compiled", rate), ("torch", torch_rate)):
             print(f"{size:>4}x{size:<4} {name:>8} {r:>9.0f} {1e3 / r:>8.3f}")
     with_kernels(True)
