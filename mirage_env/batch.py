@@ -268,14 +268,14 @@ class AgentBatch:
         if query is not None and np.logical_and.reduce(translated):
             # every agent moved (one agent's moves mostly do): no subset copies
             answer = query(self.agent_world, before[:, :3], after[:, :3], float(self.collision_distance))
-            return torch.as_tensor(answer).cpu().numpy().astype(bool)  # a copy: the batch writes to it
+            return _bools(answer)
         moving = np.flatnonzero(translated)
         blocked = np.zeros(self.num_agents, dtype=bool)
         if query is not None:
             if moving.size:
                 answer = query(self.agent_world[moving], before[moving, :3], after[moving, :3],
                                float(self.collision_distance))
-                blocked[moving] = torch.as_tensor(answer).cpu().numpy().astype(bool)
+                blocked[moving] = _bools(answer)
             return blocked
         wants_forward = actions == Move.FORWARD if self.action_type == "discrete" else actions[:, 0] > 0
         blocked[moving] = (wants_forward & (self._free_distance_ahead() < self.motion.step_metres
@@ -322,8 +322,8 @@ class AgentBatch:
             return picked if on_host else picked.contiguous()
 
         # one frame per latent frame (a video VAE decodes more: result.frames)
-        frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(result.depth.float()))
-        latents = last(result.latents.float())
+        frames, depth = self.crop(_host(last(result.pose_frames))), _host(last(_float32(result.depth)))
+        latents = last(_float32(result.latents))
         if isinstance(world_rows, slice):
             # Every world stepped: views of this step's own arrays, which nothing writes to, instead of three
             # copies (0.18 ms at N = 64); an update of some worlds copies them first (_own_last_arrays).
@@ -608,6 +608,19 @@ def generator_from_state(state, field: str, check: StateCheck) -> np.random.Gene
 
 
 _NO_LIMIT = np.iinfo(np.int64).max  # the step count no episode reaches (np.iinfo costs microseconds a call)
+
+
+def _bools(answer) -> np.ndarray:
+    """A model's ``blocked`` answer (a tensor on any device, an array or a sequence) as a bool array of its own
+    (the batch writes to it)."""
+    if not isinstance(answer, (torch.Tensor, np.ndarray)):
+        answer = torch.as_tensor(answer)
+    return _host(answer).astype(bool)  # astype copies
+
+
+def _float32(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor.float()``, without the call when it is float32 already (a torch call run once a step is a cold one)."""
+    return tensor if tensor.dtype == torch.float32 else tensor.float()
 
 
 def _host(tensor: torch.Tensor | np.ndarray) -> np.ndarray:

@@ -60,7 +60,8 @@ class TaskView:
 
     def memory_entries_per_world(self) -> np.ndarray:
         """(num_worlds,) int64 entries in each world's memory (read-only)."""
-        return _read_only(self._batch.world.memory.entries_per_world(copy=False).cpu().numpy())
+        entries = self._batch.world.memory.entries_per_world(copy=False)
+        return _read_only(entries.numpy() if entries.is_cpu else entries.cpu().numpy())
 
 
 # The arrays as a property each, not a lookup in __getattr__ (which runs only after a failed one): tasks read

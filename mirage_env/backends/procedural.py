@@ -266,7 +266,7 @@ class ProceduralWorldModel:
     def _check(self, poses, generators) -> torch.Tensor:
         if not isinstance(poses, torch.Tensor) or poses.dtype != torch.float64:  # (a World's are already)
             poses = torch.as_tensor(poses, dtype=torch.float64)
-        if poses.dim() != 4 or poses.shape[-2:] != (4, 4):
+        if len(poses.shape) != 4 or poses.shape[-2:] != (4, 4):
             raise ValueError(f"poses must have shape (B, T, 4, 4), got {tuple(poses.shape)}")
         host = poses.numpy() if poses.is_cpu and not poses.requires_grad else poses.detach().cpu().numpy()
         if not np.logical_and.reduce(np.isfinite(host), axis=None):  # the ufunc: ndarray.all has a Python wrapper
@@ -555,7 +555,7 @@ class ProceduralWorldModel:
                 np.ascontiguousarray(memory[0].numpy()) if memory is not None else latents.numpy(), memory is not None,
                 latents.numpy(), decode_in.numpy(), parallel)
             images = codec_kernels.frames_from_patches((decode_in @ codec.basis.T).numpy(), f, parallel)
-            images = torch.from_numpy(images).reshape(batch, frames, camera.height, camera.width, 3)
+            images = torch.from_numpy(images.reshape(batch, frames, camera.height, camera.width, 3))
         except Exception as error:
             disable_kernels(f"{type(error).__name__}: {error}")
             latents, images = self._shade_on_torch(poses, world, depth, surface, face_axis, memory, memory_used)
@@ -563,7 +563,7 @@ class ProceduralWorldModel:
             latents=latents,
             depth=torch.from_numpy(latent_depth),
             poses=poses,
-            image_depth=torch.from_numpy(depth).reshape(batch, frames, camera.height, camera.width),
+            image_depth=torch.from_numpy(depth.reshape(batch, frames, camera.height, camera.width)),
             keep=~torch.from_numpy(moving) if self.motion_mask else None,
             frames=images,
             info={
