@@ -2,6 +2,7 @@
 
     python benchmarks/vector.py [--json out.json] [--sizes 1,8,64] [--seconds 2] [--threads 1] [--async-envs 8] [--profile]
     python benchmarks/vector.py --device cuda --sizes 64,256,1024 [--json out.json]
+    python benchmarks/vector.py --scaling 1,2,4,8 --sizes 64,256 [--json out.json]
 
 Both run N worlds of the default procedural model at 64x64 with memory on and
 random moves (episodes of ``--max-episode-steps``, autoresets included). The
@@ -19,6 +20,11 @@ N = 64 by it.
 path: the compiled kernels are CPU-only), synchronising the device before each clock reading; the
 Sync and Async comparisons are skipped there (N single GPU envs measure Python dispatch, not the
 GPU). The CPU figures are measured as without the option.
+
+``--scaling`` times the native env alone at each thread count, in one process and in the order
+given (repeat a count to see how far the machine drifted): ``torch.set_num_threads`` also bounds
+the kernels' numba threads (:func:`mirage_env.compiled.parallel_kernels`). A count above the
+machine's cores is left out; ``efficiency`` is the rate per thread over the one-thread rate.
 """
 
 from __future__ import annotations
@@ -106,6 +112,7 @@ def main() -> None:
                         help="worker processes of the AsyncVectorEnv comparison (0: skip it)")
     parser.add_argument("--profile", action="store_true", help="cProfile the native env at the largest N")
     parser.add_argument("--device", default="cpu", help="cpu (default), or cuda: the native env alone on the GPU")
+    parser.add_argument("--scaling", help="thread counts, comma-separated: the native env alone at each")
     args = parser.parse_args()
     # Kernels on from the first call in this process and in the async workers it starts (they inherit
     # it), not warmed up in the background: every timed step runs the compiled path (on a GPU, the
@@ -113,6 +120,9 @@ def main() -> None:
     os.environ[KERNELS_ENV] = "1"
     if args.device != "cpu":
         gpu_main(args)
+        return
+    if args.scaling:
+        scaling_main(args)
         return
     torch.set_num_threads(args.threads)
     sizes = [int(n) for n in args.sizes.split(",") if n]
@@ -163,6 +173,29 @@ def gpu_main(args) -> None:
         report = profile(max(sizes), args.image_size, 10, args.max_episode_steps, device=args.device)
         results["profile"] = report
         print(f"\nwhere the native env spends its time at N={max(sizes)} (cProfile, 10 steps):\n{report}")
+    write_json(args.json, results)
+
+
+def scaling_main(args) -> None:
+    """Native env steps/s at each thread count of ``args.scaling`` (no Sync/Async comparison)."""
+    cores = os.cpu_count() or 1
+    counts = [t for t in (int(c) for c in args.scaling.split(",") if c) if t <= cores]
+    sizes = [int(n) for n in args.sizes.split(",") if n]
+    results = header(args) | {"cores": cores, "steps_per_s": {}, "efficiency": {}}
+    print(f"MirageVectorEnv, {args.image_size}x{args.image_size}, compiled kernels, {cores} cores; aggregate steps/s")
+    print(f"{'threads':>7} " + " ".join(f"{'N=' + str(n):>9}" for n in sizes))
+    for threads in counts:
+        torch.set_num_threads(threads)
+        row = {str(n): steps_per_second("native", n, args.image_size, args.seconds, args.max_episode_steps)[0]
+               for n in sizes}
+        results["steps_per_s"][str(threads)] = row  # a repeated count keeps its last run
+        print(f"{threads:>7} " + " ".join(f"{row[str(n)]:>9.0f}" for n in sizes), flush=True)
+    base = results["steps_per_s"].get("1")
+    if base:
+        for threads, row in results["steps_per_s"].items():
+            results["efficiency"][threads] = {n: rate / (int(threads) * base[n]) for n, rate in row.items()}
+        print("efficiency (per-thread rate over the 1-thread rate): " + "; ".join(
+            f"{t} threads " + " ".join(f"{e:.2f}" for e in row.values()) for t, row in results["efficiency"].items()))
     write_json(args.json, results)
 
 
