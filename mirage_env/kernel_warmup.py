@@ -81,8 +81,8 @@ def _exercise() -> None:
     camera motion (continuous moves too); one world for the serial kernels and, when torch runs on
     several threads, two for the parallel ones."""
     import numpy as np
-    import torch
 
+    from .compiled import parallel_kernels
     from .env import MirageEnv
     from .geometry import Move, apply_velocities
     from .vector import MirageVectorEnv
@@ -96,7 +96,7 @@ def _exercise() -> None:
     env.close()
     # Continuous actions move cameras by their own compiled function (mirage_env.rig_motion).
     apply_velocities(np.zeros((1, 6)), np.zeros((1, 6)))
-    if torch.get_num_threads() > 1:
+    if parallel_kernels():  # the envs' own rule for the parallel variants
         vector = MirageVectorEnv(2, image_size=32, max_episode_steps=None)
         vector.reset(seed=0)
         for move in moves:
